@@ -1,0 +1,107 @@
+"""The `mixquant` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mixquant.errors import MixquantError
+
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize (default recipe: unsloth)")
+    p.add_argument("--q-bits", type=int, default=None,
+                   help="bits: uniform width, or the unsloth base B in 2..8 (default: 4 uniform, 3 unsloth)")
+    p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128), help="group size (default 64)")
+    p.add_argument("--q-recipe", default=None, help="uniform | unsloth | RULES.toml (implies -q)")
+    p.add_argument("--q-out-proj-8bit", action="store_true",
+                   help="unsloth: pin self_attn.o_proj and linear_attn.out_proj to 8 bits instead of keeping them")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="dtype of unquantized tensors, scales and biases (default bfloat16)")
+    p.add_argument("--drop-vision", action="store_true", help="leave the vision tower out")
+    p.add_argument("--drop-mtp", action="store_true", help="leave the MTP head out (default: mtp.safetensors sidecar)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest model shard (default 5GB)")
+
+
+def _options(args):
+    from mixquant.convert import ConvertOptions, parse_size
+    from mixquant.quant.recipe import recipe_from_options
+
+    wants_q = args.quantize or args.q_recipe is not None or args.q_bits is not None or args.q_out_proj_8bit
+    recipe = None
+    if wants_q:
+        recipe = recipe_from_options(args.q_recipe or "unsloth", args.q_bits, args.q_group_size, args.q_out_proj_8bit)
+    return ConvertOptions(
+        recipe=recipe,
+        dtype=args.dtype,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        keep_vision=not args.drop_vision,
+        keep_mtp=not args.drop_mtp,
+        force=getattr(args, "force", False),
+    )
+
+
+def cmd_plan(args) -> int:
+    from mixquant.convert import build_plan
+
+    options = _options(args)
+    _, plan = build_plan(Path(args.input), options)
+    if args.json:
+        print(json.dumps(plan.to_json(options.max_shard_bytes), indent=2))
+    else:
+        print(plan.format_table(options.max_shard_bytes))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from mixquant.convert import convert
+
+    options = _options(args)
+    plan = convert(Path(args.input), Path(args.output), options)
+    s = plan.summary(options.max_shard_bytes)
+    print(
+        f"wrote {args.output}: {s['recipe']}, {s['bits_per_weight']:.3f} bits per weight, "
+        f"{s['file_bytes'] / 1e9:.4f} GB in {len(s['files'])} file(s)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixquant", description="Mixed-precision MLX quants of Qwen3.5 models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to an MLX model folder")
+    p.add_argument("-i", "--input", required=True, help="Hugging Face model folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (must not exist, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _add_recipe_flags(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plan", help="print the per-tensor plan and sizes without converting")
+    p.add_argument("-i", "--input", required=True, help="Hugging Face model folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_recipe_flags(p)
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MixquantError as e:
+        print(f"mixquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mixquant: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The README.md written beside a converted model: what was done, and every tensor's bits."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from mixquant.quant.plan import MTP_FILE, Plan
+
+
+def _bits_label(bits, dtype) -> str:
+    return f"{bits}-bit" if bits else dtype.lower()
+
+
+def model_card(plan: Plan, source_name: str, max_shard_bytes: int) -> str:
+    s = plan.summary(max_shard_bytes)
+    lines = [
+        f"# {source_name} — mixquant {s['recipe']}",
+        "",
+        "Converted with mixquant for MLX; loads with `mlx_lm.load`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| recipe | {s['recipe']} |",
+        f"| float dtype | {s['dtype']} |",
+        f"| text model | {s['model_params']:,} params, {s['model_bytes'] / 1e9:.4f} GB |",
+        f"| bits per weight | {s['bits_per_weight']:.3f} (scales and biases included) |",
+        f"| files | {', '.join(s['files'])} ({s['file_bytes'] / 1e9:.4f} GB) |",
+    ]
+    if s["mtp_bytes"]:
+        lines.append(f"| MTP head | `{MTP_FILE}` sidecar, {s['mtp_bytes'] / 1e9:.4f} GB |")
+    if s["vision_bytes"]:
+        lines.append(f"| vision tower | kept unquantized, {s['vision_bytes'] / 1e9:.4f} GB |")
+    if plan.arch.dropped:
+        lines.append(f"| dropped | {len(plan.arch.dropped)} source tensors |")
+
+    by_role: dict[str, Counter] = defaultdict(Counter)
+    role_bytes: Counter = Counter()
+    for e in plan.entries:
+        by_role[e.tensor.role.name][_bits_label(e.bits, e.dtype)] += 1
+        role_bytes[e.tensor.role.name] += e.nbytes
+    lines += ["", "## Bits by role", "", "| role | bits (tensors) | bytes |", "|---|---|---:|"]
+    for role, counts in by_role.items():
+        bits = ", ".join(f"{b} ({n})" for b, n in counts.items())
+        lines.append(f"| {role} | {bits} | {role_bytes[role]:,} |")
+
+    lines += ["", "## Every tensor", "", "| tensor | role | shape | bits | group | bytes |", "|---|---|---|---|---:|---:|"]
+    for r in plan.rows():
+        shape = "×".join(map(str, r["shape"]))
+        bits = r["bits"] if r["bits"] else r["dtype"].lower()
+        lines.append(f"| `{r['name']}` | {r['role']} | {shape} | {bits} | {r['group_size'] or '–'} | {r['bytes']:,} |")
+    return "\n".join(lines) + "\n"

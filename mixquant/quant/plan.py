@@ -1,0 +1,224 @@
+"""The conversion plan: per output tensor, its role, shape, bits, group size and bytes.
+
+Built from an architecture's tensor list and a recipe without reading a weight; the writer
+follows it exactly, so its byte counts are what lands on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from math import prod
+
+from mixquant.arch.tensors import ArchPlan, LogicalTensor
+from mixquant.errors import MixquantError
+from mixquant.io.safetensors import OutSpec, file_size
+from mixquant.quant.recipe import Recipe
+
+DTYPE_TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+MODEL_FILE = "model"  # model.safetensors or model-0000K-of-0000N.safetensors
+MTP_FILE = "mtp.safetensors"  # sidecar: mlx-lm loads only model*.safetensors, so it never sees it
+
+
+@dataclass
+class TensorPlan:
+    tensor: LogicalTensor
+    bits: int | None
+    group_size: int | None
+    dtype: str  # safetensors tag of the float data (unquantized weight, or scales and biases)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def params(self) -> int:
+        return prod(self.tensor.shape)
+
+    def out_specs(self) -> list[OutSpec]:
+        t = self.tensor
+        if not self.quantized:
+            return [OutSpec(t.name, self.dtype, t.shape)]
+        *lead, in_features = t.shape
+        base = t.module
+        groups = in_features // self.group_size
+        return [
+            OutSpec(f"{base}.weight", "U32", (*lead, in_features * self.bits // 32)),
+            OutSpec(f"{base}.scales", self.dtype, (*lead, groups)),
+            OutSpec(f"{base}.biases", self.dtype, (*lead, groups)),
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.out_specs())
+
+    @property
+    def file_kind(self) -> str:
+        return MTP_FILE if self.tensor.scope == "mtp" else MODEL_FILE
+
+
+@dataclass
+class Plan:
+    entries: list[TensorPlan]
+    arch: ArchPlan
+    recipe: Recipe | None
+    dtype: str  # bfloat16 | float16 | float32
+
+    # -- totals ---------------------------------------------------------------------------------
+    def scope_totals(self, scope: str) -> tuple[int, int]:
+        es = [e for e in self.entries if e.tensor.scope == scope]
+        return sum(e.params for e in es), sum(e.nbytes for e in es)
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per weight of the text model (scales and biases counted; MTP and vision not)."""
+        params, nbytes = self.scope_totals("model")
+        return 8 * nbytes / params if params else 0.0
+
+    # -- file layout ----------------------------------------------------------------------------
+    def shards(self, max_shard_bytes: int) -> dict[str, list[TensorPlan]]:
+        """File name -> entries, in order. Model tensors fill shards up to max_shard_bytes."""
+        groups: list[list[TensorPlan]] = [[]]
+        size = 0
+        for e in self.entries:
+            if e.file_kind != MODEL_FILE:
+                continue
+            if groups[-1] and size + e.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(e)
+            size += e.nbytes
+        n = len(groups)
+        files = {}
+        for i, g in enumerate(groups):
+            files["model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"] = g
+        mtp = [e for e in self.entries if e.file_kind == MTP_FILE]
+        if mtp:
+            files[MTP_FILE] = mtp
+        return files
+
+    def file_bytes(self, max_shard_bytes: int) -> int:
+        """Exact bytes of all safetensors files the writer will produce (headers included)."""
+        return sum(
+            file_size([s for e in es for s in e.out_specs()], SAFETENSORS_METADATA)
+            for es in self.shards(max_shard_bytes).values()
+        )
+
+    # -- config ---------------------------------------------------------------------------------
+    def quantization_config(self) -> dict | None:
+        """mlx-lm's `quantization` block: defaults plus an entry for every quantizable module."""
+        if self.recipe is None:
+            return None
+        quantized = [e for e in self.entries if e.quantized]
+        base_bits = self.recipe.bits or (quantized[0].bits if quantized else 4)
+        q: dict = {"group_size": self.recipe.group_size, "bits": base_bits, "mode": "affine"}
+        for e in self.entries:
+            if not e.tensor.role.quantizable:
+                continue
+            q[e.tensor.module] = (
+                {"group_size": e.group_size, "bits": e.bits, "mode": "affine"} if e.quantized else False
+            )
+        return q
+
+    def output_config(self) -> dict:
+        config = json.loads(json.dumps(self.arch.config))
+        q = self.quantization_config()
+        if q is not None:
+            config["quantization"] = q
+            config["quantization_config"] = q
+        return config
+
+    # -- presentation ---------------------------------------------------------------------------
+    def rows(self) -> list[dict]:
+        return [
+            {
+                "name": e.tensor.name,
+                "role": e.tensor.role.name,
+                "scope": e.tensor.scope,
+                "shape": list(e.tensor.shape),
+                "bits": e.bits,
+                "group_size": e.group_size,
+                "dtype": "U32" if e.quantized else e.dtype,
+                "bytes": e.nbytes,
+            }
+            for e in self.entries
+        ]
+
+    def summary(self, max_shard_bytes: int) -> dict:
+        params, nbytes = self.scope_totals("model")
+        return {
+            "recipe": self.recipe.name if self.recipe else "none",
+            "dtype": self.dtype,
+            "tensors": len(self.entries),
+            "model_params": params,
+            "model_bytes": nbytes,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "mtp_bytes": self.scope_totals("mtp")[1],
+            "vision_bytes": self.scope_totals("vision")[1],
+            "file_bytes": self.file_bytes(max_shard_bytes),
+            "files": list(self.shards(max_shard_bytes)),
+        }
+
+    def to_json(self, max_shard_bytes: int) -> dict:
+        return {"summary": self.summary(max_shard_bytes), "tensors": self.rows(), "dropped": self.arch.dropped}
+
+    def format_table(self, max_shard_bytes: int) -> str:
+        rows = self.rows()
+        header = ("name", "role", "shape", "bits", "group", "bytes")
+        cells = [
+            (
+                r["name"],
+                r["role"],
+                "x".join(map(str, r["shape"])),
+                str(r["bits"]) if r["bits"] else r["dtype"].lower(),
+                str(r["group_size"] or "-"),
+                f"{r['bytes']:,}",
+            )
+            for r in rows
+        ]
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+        right = {2, 3, 4, 5}
+
+        def line(c):
+            return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths)))
+
+        s = self.summary(max_shard_bytes)
+        out = [line(header), line(["-" * w for w in widths]), *map(line, cells), ""]
+        out.append(f"recipe: {s['recipe']}   dtype: {s['dtype']}   tensors: {s['tensors']}")
+        out.append(
+            f"text model: {s['model_params']:,} params, {s['model_bytes'] / 1e9:.4f} GB, "
+            f"{s['bits_per_weight']:.3f} bits per weight"
+        )
+        if s["mtp_bytes"]:
+            out.append(f"mtp head: {s['mtp_bytes'] / 1e9:.4f} GB (sidecar {MTP_FILE})")
+        if s["vision_bytes"]:
+            out.append(f"vision tower: {s['vision_bytes'] / 1e9:.4f} GB (unquantized)")
+        out.append(f"files: {', '.join(s['files'])}   total {s['file_bytes'] / 1e9:.4f} GB on disk")
+        return "\n".join(out)
+
+
+SAFETENSORS_METADATA = {"format": "mlx"}
+
+
+def make_plan(arch: ArchPlan, recipe: Recipe | None, dtype: str = "bfloat16") -> Plan:
+    if dtype not in DTYPE_TAGS:
+        raise MixquantError(f"--dtype: unsupported {dtype!r} (use bfloat16, float16 or float32)")
+    tag = DTYPE_TAGS[dtype]
+    entries = []
+    for t in arch.tensors:
+        float_tag = "F32" if t.role.keep_float32 else tag
+        decision = recipe.decide(t) if recipe else None
+        if decision is None or decision.bits is None:
+            entries.append(TensorPlan(t, None, None, float_tag))
+            continue
+        if t.in_features % decision.group_size:
+            raise MixquantError(
+                f"group size {decision.group_size} does not divide the input dimension {t.in_features} "
+                f"of {t.name} (shape {list(t.shape)})"
+            )
+        entries.append(TensorPlan(t, decision.bits, decision.group_size, float_tag))
+    return Plan(entries, arch, recipe, dtype)

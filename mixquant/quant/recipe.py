@@ -1,0 +1,222 @@
+"""Recipes: an ordered list of rules that turns each tensor into a quantization decision.
+
+A rule matches a tensor by role, by glob or regex on its output name, within a scope (the text
+model, the MTP head, the vision tower). Rules are applied in order and the last one that
+matches decides, so a rules file can start from a built-in recipe and override parts of it.
+Nothing here touches weights: a recipe can be printed, diffed and tested on its own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mixquant.arch.tensors import LogicalTensor
+from mixquant.errors import MixquantError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+SCOPES = ("model", "mtp", "vision", "any")
+
+# Role families the built-in recipes speak of.
+FFN_GATE_UP = ("ffn_gate", "ffn_up", "moe_gate_exps", "moe_up_exps", "shexp_gate", "shexp_up")
+FFN_DOWN = ("ffn_down", "moe_down_exps", "shexp_down")
+ATTN_IN = ("attn_q", "attn_k", "attn_v", "ssm_in_qkv", "ssm_in_z")
+ATTN_OUT = ("attn_o", "ssm_out")
+SSM_GATES = ("ssm_in_a", "ssm_in_b")
+ROUTERS = ("moe_router", "shexp_router")
+EMBED = ("embed",)
+LM_HEAD = ("lm_head",)
+ROUTER_BITS = 8
+
+
+@dataclass(frozen=True)
+class Rule:
+    roles: tuple[str, ...] = ()
+    glob: str | None = None
+    regex: str | None = None
+    scope: str = "model"
+    bits: int | None = None
+    group_size: int | None = None
+    keep: bool = False  # leave unquantized
+    note: str = ""
+
+    def matches(self, t: LogicalTensor) -> bool:
+        if self.scope != "any" and t.scope != self.scope:
+            return False
+        if self.roles and t.role.name not in self.roles:
+            return False
+        if self.glob is not None and not fnmatch.fnmatchcase(t.name, self.glob):
+            return False
+        if self.regex is not None and not re.search(self.regex, t.name):
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Decision:
+    bits: int | None  # None: not quantized
+    group_size: int | None
+
+
+UNQUANTIZED = Decision(None, None)
+
+
+@dataclass
+class Recipe:
+    name: str
+    rules: list[Rule] = field(default_factory=list)
+    group_size: int = DEFAULT_GROUP_SIZE
+    bits: int | None = None  # the base bits, recorded as the config's default
+
+    def decide(self, t: LogicalTensor) -> Decision:
+        decision = UNQUANTIZED
+        if not t.role.quantizable:
+            return decision
+        for rule in self.rules:
+            if not rule.matches(t):
+                continue
+            if rule.keep:
+                decision = UNQUANTIZED
+            else:
+                bits = rule.bits if rule.bits is not None else (decision.bits or self.bits)
+                group = rule.group_size or decision.group_size or self.group_size
+                decision = UNQUANTIZED if bits is None else Decision(bits, group)
+        return decision
+
+    def describe(self) -> str:
+        return f"{self.name} (group size {self.group_size})"
+
+
+def snap_bits(bits: int) -> int:
+    """The smallest supported width at or above `bits`, capped at 8."""
+    for b in SUPPORTED_BITS:
+        if b >= bits:
+            return b
+    return SUPPORTED_BITS[-1]
+
+
+def check_bits(bits: int, where: str) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise MixquantError(f"{where}: unsupported bits {bits} (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+    return bits
+
+
+def check_group_size(group_size: int, where: str) -> int:
+    if group_size not in GROUP_SIZES:
+        raise MixquantError(f"{where}: unsupported group size {group_size} (supported: 32, 64, 128)")
+    return group_size
+
+
+def uniform(bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> Recipe:
+    """Every linear, the embedding and lm_head at `bits`; MoE routers at 8 bits, as mlx_lm.convert does."""
+    check_bits(bits, "--q-bits")
+    rules = [
+        Rule(roles=FFN_GATE_UP + FFN_DOWN + ATTN_IN + ATTN_OUT + SSM_GATES + EMBED + LM_HEAD, bits=bits),
+        Rule(roles=ROUTERS, bits=ROUTER_BITS, note="routers stay at 8 bits"),
+    ]
+    return Recipe(f"uniform-{bits}", rules, group_size, bits)
+
+
+def unsloth(base_bits: int = 3, group_size: int = DEFAULT_GROUP_SIZE, out_proj_8bit: bool = False) -> Recipe:
+    """The Unsloth-Dynamic per-tensor rules, for base bits B in 2..8."""
+    if not 2 <= base_bits <= 8:
+        raise MixquantError(f"--q-bits: unsloth base bits must be 2..8, got {base_bits}")
+    b = base_bits
+    rules = [
+        Rule(roles=FFN_GATE_UP, bits=snap_bits(b)),
+        Rule(roles=FFN_DOWN, bits=snap_bits(b + 1)),
+        Rule(roles=ATTN_IN, bits=snap_bits(b + 2)),
+        Rule(roles=EMBED, bits=snap_bits(b + 2)),
+        Rule(roles=LM_HEAD, bits=snap_bits(b + 3)),
+        Rule(roles=ATTN_OUT, bits=8) if out_proj_8bit else Rule(roles=ATTN_OUT, keep=True),
+        Rule(roles=SSM_GATES, keep=True),
+        Rule(roles=ROUTERS, bits=ROUTER_BITS),
+    ]
+    return Recipe(f"unsloth-{b}", rules, group_size, b)
+
+
+RULE_KEYS = {"name", "regex", "role", "roles", "scope", "bits", "group_size", "keep"}
+FILE_KEYS = {"recipe", "bits", "group_size", "out_proj_8bit", "rules"}
+
+
+def from_file(path: Path, bits: int | None, group_size: int, out_proj_8bit: bool) -> Recipe:
+    """A TOML rules file: an optional base recipe, then [[rules]] applied after it, in order."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MixquantError(f"{path}: rules file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MixquantError(f"{path}: invalid TOML ({e})") from None
+    unknown = set(data) - FILE_KEYS
+    if unknown:
+        raise MixquantError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(FILE_KEYS))})")
+    group_size = check_group_size(int(data.get("group_size", group_size)), f"{path}: group_size")
+    bits = data.get("bits", bits)
+    base = data.get("recipe")
+    out_proj_8bit = bool(data.get("out_proj_8bit", out_proj_8bit))
+    if base is None:
+        recipe = Recipe(path.stem, [], group_size, check_bits(bits, f"{path}: bits") if bits is not None else None)
+    elif base == "uniform":
+        recipe = uniform(4 if bits is None else bits, group_size)
+    elif base == "unsloth":
+        recipe = unsloth(3 if bits is None else bits, group_size, out_proj_8bit)
+    else:
+        raise MixquantError(f"{path}: unknown base recipe {base!r} (use uniform or unsloth)")
+    rules = data.get("rules", [])
+    if not isinstance(rules, list):
+        raise MixquantError(f"{path}: rules must be an array of tables ([[rules]])")
+    for i, entry in enumerate(rules):
+        recipe.rules.append(_rule_from_table(entry, f"{path}: rules[{i}]"))
+    recipe.name = path.stem if base is None else f"{path.stem} (on {recipe.name})"
+    return recipe
+
+
+def _rule_from_table(entry: dict, where: str) -> Rule:
+    if not isinstance(entry, dict):
+        raise MixquantError(f"{where}: must be a table")
+    unknown = set(entry) - RULE_KEYS
+    if unknown:
+        raise MixquantError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(RULE_KEYS))})")
+    roles = entry.get("roles", [])
+    if isinstance(roles, str):
+        roles = [roles]
+    if "role" in entry:
+        roles = [*roles, entry["role"]]
+    if not roles and "name" not in entry and "regex" not in entry:
+        raise MixquantError(f"{where}: needs one of name (glob), regex or role")
+    if "regex" in entry:
+        try:
+            re.compile(entry["regex"])
+        except re.error as e:
+            raise MixquantError(f"{where}: bad regex ({e})") from None
+    scope = entry.get("scope", "model")
+    if scope not in SCOPES:
+        raise MixquantError(f"{where}: scope must be one of {', '.join(SCOPES)}")
+    keep = bool(entry.get("keep", False))
+    bits = entry.get("bits")
+    if bits is not None:
+        check_bits(bits, f"{where}: bits")
+    if not keep and bits is None and "group_size" not in entry:
+        raise MixquantError(f"{where}: says neither bits, group_size nor keep")
+    group = entry.get("group_size")
+    if group is not None:
+        check_group_size(group, f"{where}: group_size")
+    return Rule(tuple(roles), entry.get("name"), entry.get("regex"), scope, bits, group, keep)
+
+
+def recipe_from_options(recipe: str, bits: int | None, group_size: int, out_proj_8bit: bool = False) -> Recipe:
+    check_group_size(group_size, "--q-group-size")
+    if recipe == "uniform":
+        return uniform(4 if bits is None else bits, group_size)
+    if recipe == "unsloth":
+        return unsloth(3 if bits is None else bits, group_size, out_proj_8bit)
+    path = Path(recipe)
+    if path.suffix != ".toml":
+        raise MixquantError(f"--q-recipe: {recipe!r} is neither uniform, unsloth nor a .toml rules file")
+    return from_file(path, bits, group_size, out_proj_8bit)
