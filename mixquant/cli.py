@@ -69,6 +69,45 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from mixquant.runtime.generate import generate_text
+
+    for piece in generate_text(Path(args.model), args.prompt, args.max_tokens):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "qwen35-tiny"
+
+
+def cmd_demo(args) -> int:
+    """The whole job on the bundled model: plan, convert with the Unsloth-Dynamic recipe, generate."""
+    from mixquant.convert import build_plan, convert
+    from mixquant.runtime.generate import generate_text
+
+    model = Path(args.model) if args.model else DEMO_MODEL
+    if not model.is_dir():
+        raise MixquantError(f"{model}: demo model not found (run from a source checkout or pass --model)")
+    out = Path(args.out)
+    args.quantize, args.q_recipe, args.q_bits, args.q_group_size = True, "unsloth", args.q_bits, 64
+    args.q_out_proj_8bit, args.dtype, args.drop_vision, args.drop_mtp = False, "bfloat16", False, False
+    args.max_shard_size, args.force = "5GB", True
+    options = _options(args)
+    _, plan = build_plan(model, options)
+    print(f"== plan: {model} with {plan.recipe.name}\n")
+    print(plan.format_table(options.max_shard_bytes))
+    convert(model, out, options)
+    on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(f"\n== converted to {out}: {on_disk / 1e6:.2f} MB on disk\n")
+    print(f"== generate: {args.prompt!r}\n")
+    print(args.prompt, end="")
+    for piece in generate_text(out, args.prompt, args.max_tokens):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixquant", description="Mixed-precision MLX quants of Qwen3.5 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_recipe_flags(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")
+    p.add_argument("model", help="converted model folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="plan, convert and run the bundled demo model")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled qwen35-tiny)")
+    p.add_argument("--out", default="demo-out/qwen35-tiny-unsloth3", help="where the quant goes (replaced)")
+    p.add_argument("--q-bits", type=int, default=3, help="unsloth base bits (default 3)")
+    p.add_argument("--prompt", default="def fibonacci(n):\n")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -101,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mixquant: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

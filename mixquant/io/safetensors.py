@@ -150,8 +150,8 @@ def header_bytes(specs: list[OutSpec], metadata: dict[str, str] | None = None) -
 class StreamingWriter:
     """Writes one safetensors file whose tensor list is known before any data is.
 
-    `write(name, data, start)` places bytes at `start` within the tensor's range; `close()` checks
-    that every byte of every tensor was written exactly once.
+    `write(name, data)` appends to the tensor's byte range (or places it at `start`); `close()`
+    checks that every tensor received exactly its size in bytes.
     """
 
     def __init__(self, path: Path, specs: list[OutSpec], metadata: dict[str, str] | None = None):
@@ -160,23 +160,29 @@ class StreamingWriter:
         self._data_start = len(head)
         self._ranges: dict[str, tuple[int, int]] = {}
         self._written: dict[str, int] = {}
+        self._cursor: dict[str, int] = {}
         offset = 0
         for s in specs:
             self._ranges[s.name] = (offset, s.nbytes)
             self._written[s.name] = 0
+            self._cursor[s.name] = 0
             offset += s.nbytes
         self._f = open(self.path, "wb")
         self._f.write(head)
         self._f.truncate(self._data_start + offset)
 
-    def write(self, name: str, data: bytes | memoryview | np.ndarray, start: int = 0) -> None:
+    def write(self, name: str, data: bytes | memoryview | np.ndarray, start: int | None = None) -> None:
+        """Place `data` at byte `start` of the tensor; by default right after what was written last."""
         offset, nbytes = self._ranges[name]
+        if start is None:
+            start = self._cursor[name]
         buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
         if start + len(buf) > nbytes:
             raise ValueError(f"{name}: write of {len(buf)} bytes at {start} overruns its {nbytes} bytes")
         self._f.seek(self._data_start + offset + start)
         self._f.write(buf)
         self._written[name] += len(buf)
+        self._cursor[name] = start + len(buf)
 
     def close(self) -> None:
         self._f.close()
