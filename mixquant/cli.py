@@ -69,6 +69,59 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _progress(label: str):
+    """A callback (done, total) drawing a progress bar on a terminal; None when not a tty."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    state = {}
+
+    def update(done, total):
+        if "task" not in state:
+            bar.start()
+            state["task"] = bar.add_task(label, total=total)
+        bar.update(state["task"], completed=done)
+        if done >= total:
+            bar.stop()
+
+    return update
+
+
+def load_reference(args):
+    from mixquant.eval.kld import Reference, compute_reference
+
+    ref = Path(args.reference)
+    if ref.is_file():
+        if args.text or args.chunks is not None:
+            print("mixquant: note: a saved reference fixes the text and windows; --text/--chunks ignored",
+                  file=sys.stderr)
+        return Reference.load(ref)
+    return compute_reference(ref, args.text, args.ctx, args.chunks, args.topk, _progress("reference"))
+
+
+def cmd_eval(args) -> int:
+    from mixquant.eval.kld import evaluate, format_report
+
+    if args.model is None and args.save_reference is None:
+        raise MixquantError("eval: give --model to evaluate, or --save-reference to only save the reference")
+    reference = load_reference(args)
+    if args.save_reference:
+        reference.save(Path(args.save_reference))
+        print(f"saved reference: {args.save_reference} ({len(reference.windows)} windows, "
+              f"{'full distributions' if reference.topk == 0 else f'top-{reference.topk}'})")
+    if args.model is None:
+        return 0
+    report = evaluate(Path(args.model), reference, dequantize=False if args.native else None,
+                      progress=_progress("evaluating"))
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from mixquant.runtime.generate import generate_text
 
@@ -124,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_recipe_flags(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("eval", help="KL divergence and perplexity of a model against a reference")
+    p.add_argument("--model", default=None, help="the model folder to measure")
+    p.add_argument("--reference", required=True,
+                   help="unquantized model folder (HF or MLX), or a file saved with --save-reference")
+    p.add_argument("--text", default=None, help="UTF-8 text to evaluate on (default: the bundled held-out text)")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="number of windows (default: all the text gives)")
+    p.add_argument("--topk", default="auto",
+                   help="reference log-probs kept: 0 = full, K = top-K + tail mass, auto = full up to 1 GiB")
+    p.add_argument("--save-reference", default=None, help="save the reference's log-probs here (.npz)")
+    p.add_argument("--native", action="store_true",
+                   help="use the quantized kernels even on CPU (default there: dequantize to float32)")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")
     p.add_argument("model", help="converted model folder")

@@ -1,0 +1,226 @@
+"""KL divergence and perplexity of a candidate against a reference, llama-perplexity style.
+
+The text is cut into consecutive windows of `ctx` tokens; in each, the second half is scored
+(positions ctx/2 .. ctx-2, each predicting the next token), so every scored token has at least
+ctx/2 tokens of context. The reference's log-probabilities for those positions are computed once
+and can be saved (full, or top-K with the tail mass) so that many candidates reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mixquant.errors import MixquantError
+from mixquant.eval import metrics
+from mixquant.eval.models import count_parameters, default_dequantize, load_model, mlx_folder, text_weight_bytes
+
+BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "eval_heldout.txt"
+REFERENCE_FORMAT = "mixquant-reference-v1"
+AUTO_FULL_LIMIT_BYTES = 1 << 30  # keep full reference distributions while they fit in 1 GiB
+AUTO_TOPK = 256
+
+
+def scored_slice(ctx: int) -> slice:
+    return slice(ctx // 2, ctx - 1)
+
+
+def forward_logits(model, window: np.ndarray) -> np.ndarray:
+    """Logits [ctx, V] of one window. Every model forward of the evaluation goes through here."""
+    import mlx.core as mx
+
+    out = model(mx.array(window[None].astype(np.int32)))
+    return np.array(out[0].astype(mx.float32))
+
+
+def window_logprobs(model, window: np.ndarray, ctx: int) -> np.ndarray:
+    return metrics.log_softmax(forward_logits(model, window)[scored_slice(ctx)])
+
+
+def make_windows(tokens: list[int] | np.ndarray, ctx: int, chunks: int | None) -> np.ndarray:
+    if ctx < 4:
+        raise MixquantError(f"--ctx must be at least 4, got {ctx}")
+    tokens = np.asarray(tokens, dtype=np.int32)
+    n = len(tokens) // ctx
+    if chunks is not None:
+        n = min(n, chunks)
+    if n == 0:
+        raise MixquantError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
+    return tokens[: n * ctx].reshape(n, ctx)
+
+
+def read_text(path: Path | None) -> tuple[str, str]:
+    path = Path(path) if path else BUNDLED_TEXT
+    try:
+        return path.read_text(encoding="utf-8"), path.name
+    except FileNotFoundError:
+        raise MixquantError(f"{path}: text file not found") from None
+    except UnicodeDecodeError:
+        raise MixquantError(f"{path}: not UTF-8 text") from None
+
+
+@dataclass
+class Reference:
+    """The reference side of an evaluation, per window: full log-probs, or top-K + target log-prob."""
+
+    windows: np.ndarray  # [n, ctx] int32
+    n_params: int
+    source: str
+    text: str
+    topk: int  # 0: full distributions
+    full: list[np.ndarray] = field(default_factory=list)  # [n_scored, V] float32
+    top_ids: list[np.ndarray] = field(default_factory=list)  # [n_scored, K] int32
+    top_lp: list[np.ndarray] = field(default_factory=list)  # [n_scored, K] float32
+    target_lp: list[np.ndarray] = field(default_factory=list)  # [n_scored] float32
+
+    @property
+    def ctx(self) -> int:
+        return int(self.windows.shape[1])
+
+    def add(self, lp: np.ndarray, targets: np.ndarray) -> None:
+        if self.topk == 0:
+            self.full.append(lp.astype(np.float32))
+            return
+        k = min(self.topk, lp.shape[-1])
+        ids = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
+        order = np.argsort(-np.take_along_axis(lp, ids, -1), axis=-1)
+        ids = np.take_along_axis(ids, order, -1)
+        self.top_ids.append(ids.astype(np.int32))
+        self.top_lp.append(np.take_along_axis(lp, ids, -1).astype(np.float32))
+        self.target_lp.append(lp[np.arange(len(targets)), targets].astype(np.float32))
+
+    def compare(self, i: int, q_lp: np.ndarray) -> dict[str, np.ndarray]:
+        targets = self.windows[i][scored_slice(self.ctx).start + 1 :]
+        if self.topk == 0:
+            return metrics.token_metrics(self.full[i].astype(np.float64), q_lp, targets)
+        return metrics.token_metrics_topk(
+            self.top_ids[i], self.top_lp[i].astype(np.float64), self.target_lp[i], q_lp, targets
+        )
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        arrays = {
+            "format": np.array(REFERENCE_FORMAT),
+            "meta": np.array(json.dumps({"n_params": self.n_params, "source": self.source, "text": self.text,
+                                         "topk": self.topk})),
+            "windows": self.windows,
+        }
+        if self.topk == 0:
+            arrays["full"] = np.stack(self.full)
+        else:
+            arrays.update(top_ids=np.stack(self.top_ids), top_lp=np.stack(self.top_lp),
+                          target_lp=np.stack(self.target_lp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".partial.npz", dir=path.parent)
+        os.close(fd)
+        try:
+            np.savez_compressed(tmp, **arrays)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> "Reference":
+        path = Path(path)
+        try:
+            data = np.load(path, allow_pickle=False)
+            if str(data["format"]) != REFERENCE_FORMAT:
+                raise MixquantError(f"{path}: not a mixquant reference file ({data['format']})")
+            meta = json.loads(str(data["meta"]))
+            ref = cls(data["windows"], meta["n_params"], meta["source"], meta["text"], meta["topk"])
+            if ref.topk == 0:
+                ref.full = list(data["full"])
+            else:
+                ref.top_ids, ref.top_lp, ref.target_lp = list(data["top_ids"]), list(data["top_lp"]), list(
+                    data["target_lp"])
+        except (OSError, ValueError, KeyError) as e:
+            raise MixquantError(f"{path}: not a readable mixquant reference file ({e})") from None
+        return ref
+
+
+def resolve_topk(topk: str | int, n_windows: int, ctx: int, vocab: int) -> int:
+    if topk == "auto":
+        full_bytes = n_windows * len(range(*scored_slice(ctx).indices(ctx))) * vocab * 4
+        return 0 if full_bytes <= AUTO_FULL_LIMIT_BYTES else AUTO_TOPK
+    try:
+        k = int(topk)
+    except ValueError:
+        raise MixquantError(f"--topk: expected auto or a number, got {topk!r}") from None
+    if k < 0:
+        raise MixquantError(f"--topk: must be >= 0, got {k}")
+    return k
+
+
+def compute_reference(ref_path: Path, text_path: Path | None, ctx: int, chunks: int | None,
+                      topk: str | int = "auto", progress=None) -> Reference:
+    """Run the reference model (float32) over the text's windows."""
+    text, text_name = read_text(text_path)
+    with mlx_folder(ref_path, "float32") as folder:
+        model, tokenizer = load_model(folder, dequantize=True)
+        windows = make_windows(tokenizer.encode(text), ctx, chunks)
+        vocab = None
+        ref = None
+        for i, window in enumerate(windows):
+            lp = window_logprobs(model, window, ctx)
+            if ref is None:
+                vocab = lp.shape[-1]
+                ref = Reference(windows, count_parameters(model), str(ref_path), text_name,
+                                resolve_topk(topk, len(windows), ctx, vocab))
+            ref.add(lp, window[scored_slice(ctx).start + 1 :])
+            if progress:
+                progress(i + 1, len(windows))
+    return ref
+
+
+def evaluate(model_path: Path, reference: Reference, dequantize: bool | None = None, progress=None) -> dict:
+    """The candidate's report against the reference, in the JSON shape `mixquant eval --json` writes."""
+    model_path = Path(model_path)
+    if dequantize is None:
+        dequantize = default_dequantize()
+    model, _ = load_model(model_path, dequantize)
+    chunks = []
+    for i, window in enumerate(reference.windows):
+        q_lp = window_logprobs(model, window, reference.ctx)
+        if q_lp.shape[-1] < reference.windows.max() + 1:
+            raise MixquantError(f"{model_path}: vocabulary of {q_lp.shape[-1]} does not cover the reference's tokens")
+        chunks.append(reference.compare(i, q_lp))
+        if progress:
+            progress(i + 1, len(reference.windows))
+    report = metrics.summarize(metrics.concat(chunks))
+    size = text_weight_bytes(model_path)
+    report.update(
+        model=str(model_path),
+        reference=reference.source,
+        text=reference.text,
+        ctx=reference.ctx,
+        chunks=len(reference.windows),
+        reference_topk=reference.topk,
+        compute="float32 (dequantized weights)" if dequantize else "native kernels",
+        size_bytes=size,
+        bpw=8 * size / reference.n_params,
+    )
+    return report
+
+
+def format_report(r: dict) -> str:
+    k = r["kld"]
+    return "\n".join([
+        f"model: {r['model']}",
+        f"reference: {r['reference']}   text: {r['text']}   {r['chunks']} x {r['ctx']} tokens, {r['tokens']} scored",
+        f"size: {r['size_bytes'] / 1e9:.4f} GB   {r['bpw']:.3f} bits per weight   compute: {r['compute']}",
+        f"KLD mean {k['mean']:.6f} ± {k['stderr']:.6f}   median {k['median']:.6f}   p90 {k['p90']:.6f}   "
+        f"p95 {k['p95']:.6f}",
+        f"    p99 {k['p99']:.6f}   p99.9 {k['p999']:.6f}   max {k['max']:.6f}",
+        f"same top token: {100 * r['same_top']:.2f}%   Δp mean {r['delta_p']['mean']:+.5f}   "
+        f"Δp RMS {r['delta_p']['rms']:.5f}",
+        f"PPL {r['ppl']['model']:.4f} vs reference {r['ppl']['reference']:.4f} (ratio {r['ppl']['ratio']:.5f})",
+    ])
