@@ -122,6 +122,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from mixquant.eval.compare import Candidate, FAMILY_GIVEN, mlx_lm_candidates, our_candidate, parse_recipes, run_compare
+    from mixquant.eval.models import is_hf_source
+
+    ref_path = Path(args.reference)
+    candidates = []
+    for c in args.candidates:
+        if not (Path(c) / "config.json").is_file():
+            raise MixquantError(f"{c}: not a model folder (no config.json)")
+        candidates.append(Candidate(Path(c).name, FAMILY_GIVEN, path=Path(c)))
+    generated = parse_recipes(args.recipes) if args.recipes else []
+    if generated or args.baselines:
+        if not ref_path.is_dir() or not is_hf_source(ref_path):
+            raise MixquantError(f"{ref_path}: --recipes and --baselines need the unquantized Hugging Face folder")
+    candidates += [our_candidate(ref_path, r, b, args.q_group_size) for r, b in generated]
+    if args.baselines == "mlx-lm":
+        candidates += mlx_lm_candidates(ref_path, args.q_group_size)
+    if not candidates:
+        raise MixquantError("compare: nothing to compare (give candidate folders, --recipes or --baselines)")
+    reference = load_reference(args)
+    result = run_compare(reference, ref_path, candidates, Path(args.out), keep_models=args.keep_models,
+                         log=lambda line: print(line, flush=True))
+    print(f"wrote {args.out}/report.json, report.md, pareto.png ({len(result['entries'])} models)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mixquant.eval.bench import BenchConfig, bench, format_table
+
+    cfg = BenchConfig(args.prompt_tokens, args.gen_tokens, args.turns, args.turn_tokens, args.repeats)
+    if min(cfg.prompt_tokens, cfg.turns, cfg.turn_tokens, cfg.repeats) < 1:
+        raise MixquantError("bench: --prompt-tokens, --turns, --turn-tokens and --repeats must be at least 1")
+    paths = [Path(args.model)] + ([Path(args.compare)] if args.compare else [])
+    results = bench(paths, cfg)
+    print(format_table(results, cfg))
+    if args.json:
+        out = {"config": vars(cfg), "results": results}
+        if len(results) == 2:
+            out["ratio"] = {k: results[1][k] / results[0][k] for k in results[0] if k.endswith("tok_s")}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from mixquant.runtime.generate import generate_text
 
@@ -192,6 +236,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the quantized kernels even on CPU (default there: dequantize to float32)")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="evaluate many models against one reference; JSON, Markdown, Pareto plot")
+    p.add_argument("reference", help="unquantized model folder, or a saved reference file")
+    p.add_argument("candidates", nargs="*", help="model folders to evaluate")
+    p.add_argument("--recipes", default=None, help="our quants to make and evaluate, e.g. unsloth:2-6,uniform:4")
+    p.add_argument("--baselines", choices=("mlx-lm",), default=None,
+                   help="also make mlx_lm.convert's uniform 2/3/4/5/6/8-bit and mixed_* quants")
+    p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128))
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--keep-models", action="store_true", help="keep the made models under OUT/models")
+    p.add_argument("--text", default=None)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=32, help="windows (default 32)")
+    p.add_argument("--topk", default="auto")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="prefill/decode speed, multi-turn decode with cache reuse, peak memory")
+    p.add_argument("model")
+    p.add_argument("--compare", default=None, help="a second model, run alternately in the same process")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--turn-tokens", type=int, default=64, help="new tokens per later turn (default 64)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")
     p.add_argument("model", help="converted model folder")

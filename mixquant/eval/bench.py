@@ -1,0 +1,128 @@
+"""Speed of a model as a user runs it: prefill and decode tokens per second, multi-turn decode
+after cache reuse, peak memory. Native kernels (no dequantization), mlx-lm's generate_step.
+
+Decode is measured in steady state: the first WARMUP_TOKENS of each generation are not timed.
+Each figure is the median over repeats; with --compare the two models alternate repeat by repeat
+in one process, so drift on a noisy machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mixquant.errors import MixquantError
+from mixquant.eval.kld import BUNDLED_TEXT
+
+WARMUP_TOKENS = 4
+
+
+@dataclass
+class BenchConfig:
+    prompt_tokens: int = 512
+    gen_tokens: int = 128
+    turns: int = 4
+    turn_tokens: int = 64  # new user tokens added per later turn
+    repeats: int = 3
+
+
+@dataclass
+class Runs:
+    prefill: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
+    last_turn_decode: list[float] = field(default_factory=list)
+    peak_memory: int = 0
+
+
+def prompt_ids(tokenizer, n: int, offset: int = 0) -> np.ndarray:
+    ids = np.asarray(tokenizer.encode(BUNDLED_TEXT.read_text()), dtype=np.int32)
+    if len(ids) < offset + n:
+        raise MixquantError(f"the bundled text has {len(ids)} tokens, fewer than {offset + n}")
+    return ids[offset : offset + n]
+
+
+def _generate(model, prompt: np.ndarray, cache, gen_tokens: int) -> tuple[float, float]:
+    """Prefill `prompt` into `cache`, decode `gen_tokens` greedily; returns (prefill tok/s, decode tok/s)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    t0 = time.perf_counter()
+    steps = generate_step(mx.array(prompt), model, max_tokens=gen_tokens, sampler=make_sampler(0.0),
+                          prompt_cache=cache)
+    times = []
+    for token, _ in steps:
+        mx.eval(token)
+        times.append(time.perf_counter())
+    prefill = len(prompt) / (times[0] - t0)
+    timed = times[WARMUP_TOKENS:]
+    decode = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan")
+    return prefill, decode
+
+
+def run_once(model, tokenizer, cfg: BenchConfig, runs: Runs) -> None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    mx.reset_peak_memory()
+    cache = make_prompt_cache(model)
+    prefill, decode = _generate(model, prompt_ids(tokenizer, cfg.prompt_tokens), cache, cfg.gen_tokens)
+    runs.prefill.append(prefill)
+    runs.decode.append(decode)
+    last = decode
+    offset = cfg.prompt_tokens
+    for _ in range(cfg.turns - 1):  # later turns prefill only their new tokens on top of the kept cache
+        _, last = _generate(model, prompt_ids(tokenizer, cfg.turn_tokens, offset), cache, cfg.gen_tokens)
+        offset += cfg.turn_tokens
+    runs.last_turn_decode.append(last)
+    runs.peak_memory = max(runs.peak_memory, mx.get_peak_memory())
+
+
+def summarize(path: Path, runs: Runs, cfg: BenchConfig) -> dict:
+    return {
+        "model": str(path),
+        "prefill_tok_s": statistics.median(runs.prefill),
+        "decode_tok_s": statistics.median(runs.decode),
+        f"turn{cfg.turns}_decode_tok_s": statistics.median(runs.last_turn_decode),
+        "peak_memory_bytes": runs.peak_memory,
+        "repeats": len(runs.decode),
+    }
+
+
+def bench(paths: list[Path], cfg: BenchConfig) -> list[dict]:
+    """Benchmark one model, or several alternating repeat by repeat."""
+    from mlx_lm import load
+
+    if cfg.gen_tokens <= WARMUP_TOKENS + 1:
+        raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
+    loaded = []
+    for p in paths:
+        if not (Path(p) / "config.json").is_file():
+            raise MixquantError(f"{p}: not a model folder (no config.json)")
+        loaded.append(load(str(p)))
+    runs = [Runs() for _ in paths]
+    for model, tokenizer in loaded:  # one untimed pass each: compile, page in, allocate
+        run_once(model, tokenizer, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs())
+    for _ in range(cfg.repeats):
+        for (model, tokenizer), r in zip(loaded, runs):
+            run_once(model, tokenizer, cfg, r)
+    return [summarize(p, r, cfg) for p, r in zip(paths, runs)]
+
+
+def format_table(results: list[dict], cfg: BenchConfig) -> str:
+    turn_key = f"turn{cfg.turns}_decode_tok_s"
+    lines = [f"{'model':<40} {'prefill tok/s':>14} {'decode tok/s':>13} {f'turn {cfg.turns} decode':>14} "
+             f"{'peak MB':>9}"]
+    for r in results:
+        lines.append(f"{Path(r['model']).name[:40]:<40} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} "
+                     f"{r[turn_key]:>14.2f} {r['peak_memory_bytes'] / 1e6:>9.1f}")
+    if len(results) == 2:
+        a, b = results
+        lines.append(f"ratio (second / first): prefill {b['prefill_tok_s'] / a['prefill_tok_s']:.3f}, "
+                     f"decode {b['decode_tok_s'] / a['decode_tok_s']:.3f}, "
+                     f"turn {cfg.turns} decode {b[turn_key] / a[turn_key]:.3f}")
+    return "\n".join(lines)
