@@ -46,15 +46,20 @@ class ConvertOptions:
 
 
 def open_source(path: Path):
+    """A Hugging Face folder, or a GGUF file (the first part of a split one)."""
     path = Path(path)
     if not path.exists():
         raise MixquantError(f"{path}: no such file or folder")
+    if path.is_file():
+        from mixquant.io.gguf import open_gguf
+
+        return open_gguf(path)
     return open_hf_folder(path)
 
 
 def build_plan(src: Path, options: ConvertOptions) -> tuple[object, Plan]:
     source = open_source(src)
-    arch = architecture_for(source.config, source.root / "config.json")
+    arch = architecture_for(source.config, source.config_path)
     arch_plan = arch.build(source, keep_vision=options.keep_vision, keep_mtp=options.keep_mtp)
     return source, make_plan(arch_plan, options.recipe, options.dtype)
 
@@ -88,8 +93,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.output_config(), f, indent=2)
             f.write("\n")
-        for side in source.side_files():
-            shutil.copy(side, tmp / side.name)
+        source.write_side_files(tmp)
         (tmp / "README.md").write_text(model_card(plan, Path(src).name, options.max_shard_bytes))
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

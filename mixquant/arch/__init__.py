@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixquant.arch import qwen35
+from mixquant.arch import llama, qwen35
 from mixquant.errors import MixquantError
 
 # config model_type -> module with `build(source, options) -> ArchPlan`
@@ -13,6 +13,7 @@ ARCHITECTURES = {
     "qwen3_5_text": qwen35,
     "qwen3_5_moe": qwen35,
     "qwen3_5_moe_text": qwen35,
+    "llama": llama,
 }
 
 

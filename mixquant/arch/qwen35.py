@@ -309,13 +309,13 @@ def _decoder_layer(claims, g: Geometry, src_prefix, out_prefix, scope, layer, fu
 
 
 def build(source, keep_vision: bool = True, keep_mtp: bool = True) -> ArchPlan:
-    where = str(source.root / "config.json")
+    where = source.config_path
     config = source.config
     g = geometry(config, where)
     names = source.tensors.keys()
     vlm = any(n.startswith(TEXT_ROOT[True]) for n in names)
     root = TEXT_ROOT[vlm]
-    claims = _Claims(source, str(source.root))
+    claims = _Claims(source, source.where)
 
     tensors = _rows(claims, [("embed_tokens.weight", "embed", (g.vocab, g.hidden))], root, OUT_ROOT, "model")
     for i in range(g.n_layers):
@@ -353,7 +353,7 @@ def build(source, keep_vision: bool = True, keep_mtp: bool = True) -> ArchPlan:
     extra = sorted(set(names) - claims.claimed)
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise MixquantError(f"{source.root}: unexpected tensor {extra[0]}{more} for model_type {config.get('model_type')}")
+        raise MixquantError(f"{source.where}: unexpected tensor {extra[0]}{more} for model_type {config.get('model_type')}")
     return ArchPlan(tensors, output_config(config, g, vlm, keep_vision and bool(vision_names)), dropped)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +51,18 @@ class HFSource:
     def read(self, name: str, index=None) -> np.ndarray:
         return read_tensor(self.tensors[name], index)
 
-    def side_files(self) -> list[Path]:
-        return [self.root / n for n in SIDE_FILES if (self.root / n).is_file()]
+    @property
+    def where(self) -> str:
+        return str(self.root)
+
+    @property
+    def config_path(self) -> str:
+        return str(self.root / "config.json")
+
+    def write_side_files(self, dest: Path) -> None:
+        for name in SIDE_FILES:
+            if (self.root / name).is_file():
+                shutil.copy(self.root / name, dest / name)
 
 
 def open_hf_folder(root: Path) -> HFSource:
