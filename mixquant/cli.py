@@ -41,6 +41,7 @@ def _options(args):
         keep_vision=not args.drop_vision,
         keep_mtp=not args.drop_mtp,
         force=getattr(args, "force", False),
+        config_dir=Path(args.config_dir) if getattr(args, "config_dir", None) else None,
     )
 
 
@@ -210,14 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a checkpoint to an MLX model folder")
-    p.add_argument("-i", "--input", required=True, help="Hugging Face model folder")
+    p.add_argument("-i", "--input", required=True, help="Hugging Face model folder, or a GGUF file")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--config-dir", default=None,
+                   help="GGUF input: take config.json and tokenizer files from this HF folder instead")
     _add_recipe_flags(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("plan", help="print the per-tensor plan and sizes without converting")
-    p.add_argument("-i", "--input", required=True, help="Hugging Face model folder")
+    p.add_argument("-i", "--input", required=True, help="Hugging Face model folder, or a GGUF file")
+    p.add_argument("--config-dir", default=None, help="GGUF input: config and tokenizer from this HF folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_recipe_flags(p)
     p.set_defaults(func=cmd_plan)

@@ -43,9 +43,10 @@ class ConvertOptions:
     keep_mtp: bool = True
     force: bool = False
     progress: bool | None = None  # None: only on a terminal
+    config_dir: Path | None = None  # GGUF input: HF config/tokenizer files to use instead of synthesising
 
 
-def open_source(path: Path):
+def open_source(path: Path, config_dir: Path | None = None):
     """A Hugging Face folder, or a GGUF file (the first part of a split one)."""
     path = Path(path)
     if not path.exists():
@@ -53,15 +54,25 @@ def open_source(path: Path):
     if path.is_file():
         from mixquant.io.gguf import open_gguf
 
-        return open_gguf(path)
+        return open_gguf(path, config_dir)
+    if config_dir is not None:
+        raise MixquantError(f"--config-dir: only for GGUF input; {path} is a folder")
     return open_hf_folder(path)
 
 
 def build_plan(src: Path, options: ConvertOptions) -> tuple[object, Plan]:
-    source = open_source(src)
+    source = open_source(src, options.config_dir)
     arch = architecture_for(source.config, source.config_path)
     arch_plan = arch.build(source, keep_vision=options.keep_vision, keep_mtp=options.keep_mtp)
     return source, make_plan(arch_plan, options.recipe, options.dtype)
+
+
+def source_name(path: Path) -> str:
+    """The model's name for the card: the folder, or the GGUF file without its split suffix."""
+    from mixquant.io.gguf import SPLIT_NAME
+
+    m = SPLIT_NAME.match(path.name)
+    return f"{m.group('stem')}.gguf" if m else path.name
 
 
 def parse_size(text: str) -> int:
@@ -94,7 +105,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
             json.dump(plan.output_config(), f, indent=2)
             f.write("\n")
         source.write_side_files(tmp)
-        (tmp / "README.md").write_text(model_card(plan, Path(src).name, options.max_shard_bytes))
+        (tmp / "README.md").write_text(model_card(plan, source_name(Path(src)), options.max_shard_bytes))
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.rename(tmp, out)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen35-tiny"
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (conftest, llamacpp_tools) importable from subfolders
 
 
 def pytest_configure(config):

@@ -223,13 +223,14 @@ def _check_size(t, part: Path) -> None:
     import gguf
 
     block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-    n = int(np.prod(t.shape.tolist()))
-    expected = n // block * type_size
-    if n % block or t.data.nbytes != expected:
-        raise MixquantError(
-            f"{part}: tensor {t.name} has {t.data.nbytes} bytes, its type {t.tensor_type.name} and shape "
-            f"{list(reversed(t.shape.tolist()))} need {expected}"
-        )
+    dims = [int(d) for d in t.shape.tolist()]  # ggml order: dims[0] is the row length
+    if dims[0] % block:
+        raise MixquantError(f"{part}: tensor {t.name} rows of {dims[0]} values do not fit {t.tensor_type.name} "
+                            f"blocks of {block}")
+    expected = int(np.prod(dims)) // block * type_size
+    if t.data.nbytes != expected:
+        raise MixquantError(f"{part}: tensor {t.name} has {t.data.nbytes} bytes, its type {t.tensor_type.name} and "
+                            f"shape {list(reversed(dims))} need {expected}")
 
 
 def dequantize(data: np.ndarray, qtype) -> np.ndarray:
