@@ -24,6 +24,11 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-vision", action="store_true", help="leave the vision tower out")
     p.add_argument("--drop-mtp", action="store_true", help="leave the MTP head out (default: mtp.safetensors sidecar)")
     p.add_argument("--max-shard-size", default="5GB", help="largest model shard (default 5GB)")
+    p.add_argument("--imatrix-path", default=None, help="AWQ with importances from this imatrix (GGUF or .dat)")
+    p.add_argument("--calib", default=None,
+                   help="AWQ with calibration: mix (bundled) or FILE; also the activations for the alpha search")
+    p.add_argument("--awq-alpha", type=float, default=None, help="fixed AWQ exponent (default: searched per group)")
+    p.add_argument("--imatrix-strict", action="store_true", help="a group the imatrix lacks is an error")
 
 
 def _options(args):
@@ -42,7 +47,19 @@ def _options(args):
         keep_mtp=not args.drop_mtp,
         force=getattr(args, "force", False),
         config_dir=Path(args.config_dir) if getattr(args, "config_dir", None) else None,
+        awq=_awq_options(args),
     )
+
+
+def _awq_options(args):
+    from mixquant.convert import AwqOptions
+
+    if not (args.imatrix_path or args.calib or args.awq_alpha is not None):
+        return None
+    if args.awq_alpha is not None and not 0 <= args.awq_alpha <= 1:
+        raise MixquantError(f"--awq-alpha: must be within 0..1, got {args.awq_alpha}")
+    return AwqOptions(imatrix_path=Path(args.imatrix_path) if args.imatrix_path else None,
+                      calib=args.calib or "mix", alpha=args.awq_alpha, strict=args.imatrix_strict)
 
 
 def cmd_plan(args) -> int:
@@ -167,6 +184,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_imatrix(args) -> int:
+    from mixquant.calib.imatrix import compute_imatrix
+    from mixquant.io.imatrix import write_imatrix_dat, write_imatrix_gguf
+
+    imatrix, _, _ = compute_imatrix(Path(args.model), args.calib, args.tokens, args.ctx, _progress("calibrating"))
+    out = Path(args.output)
+    (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(out, imatrix)
+    print(f"wrote {out}: {len(imatrix.entries)} tensors, {imatrix.chunk_count} chunks of {imatrix.chunk_size} tokens")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from mixquant.runtime.generate import generate_text
 
@@ -191,6 +219,7 @@ def cmd_demo(args) -> int:
     args.quantize, args.q_recipe, args.q_bits, args.q_group_size = True, "unsloth", args.q_bits, 64
     args.q_out_proj_8bit, args.dtype, args.drop_vision, args.drop_mtp = False, "bfloat16", False, False
     args.max_shard_size, args.force = "5GB", True
+    args.imatrix_path, args.calib, args.awq_alpha, args.imatrix_strict = None, None, None, False
     options = _options(args)
     _, plan = build_plan(model, options)
     print(f"== plan: {model} with {plan.recipe.name}\n")
@@ -266,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("imatrix", help="compute an importance matrix (llama.cpp's GGUF format) on calibration text")
+    p.add_argument("-m", "--model", required=True, help="unquantized model: HF folder, GGUF file or MLX folder")
+    p.add_argument("-o", "--output", required=True, help="imatrix.gguf (or .dat for the legacy format)")
+    p.add_argument("--calib", default="mix", help="mix (bundled), FILE.jsonl or FILE.txt")
+    p.add_argument("--tokens", type=int, default=None, help="at most this many calibration tokens")
+    p.add_argument("--ctx", type=int, default=512)
+    p.set_defaults(func=cmd_imatrix)
 
     p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")
     p.add_argument("model", help="converted model folder")

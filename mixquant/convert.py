@@ -44,6 +44,17 @@ class ConvertOptions:
     force: bool = False
     progress: bool | None = None  # None: only on a terminal
     config_dir: Path | None = None  # GGUF input: HF config/tokenizer files to use instead of synthesising
+    awq: "AwqOptions | None" = None
+
+
+@dataclass
+class AwqOptions:
+    imatrix_path: Path | None = None  # importance from this file; else from calibration
+    calib: str = "mix"  # calibration text for the importance (without a file) and the alpha search
+    alpha: float | None = None  # fixed exponent; None: searched per group
+    strict: bool = False  # a group the imatrix does not cover is an error, not a warning
+    tokens: int | None = None
+    ctx: int = 512
 
 
 def open_source(path: Path, config_dir: Path | None = None):
@@ -94,18 +105,20 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     if out.exists() and not options.force:
         raise MixquantError(f"{out}: already exists (use --force to replace it)")
     source, plan = build_plan(src, options)
+    awq_result = run_awq(Path(src), source, plan, options.awq) if options.awq else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
     try:
-        write_weights(source, plan, tmp, options)
+        write_weights(source, plan, tmp, options, awq_result)
         with open(tmp / "config.json", "w") as f:
             json.dump(plan.output_config(), f, indent=2)
             f.write("\n")
         source.write_side_files(tmp)
-        (tmp / "README.md").write_text(model_card(plan, source_name(Path(src)), options.max_shard_bytes))
+        (tmp / "README.md").write_text(model_card(plan, source_name(Path(src)), options.max_shard_bytes,
+                                                  awq_summary(options.awq, awq_result)))
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.rename(tmp, out)
@@ -115,7 +128,54 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     return plan
 
 
-def write_weights(source, plan: Plan, folder: Path, options: ConvertOptions) -> None:
+def run_awq(src: Path, source, plan: Plan, opts: AwqOptions):
+    from mixquant.arch.gguf_names import gguf_name_for
+    from mixquant.calib.imatrix import compute_imatrix, gguf_arch
+    from mixquant.io.imatrix import read_imatrix
+    from mixquant.quant import awq
+
+    stats = None
+    if opts.alpha is None or opts.imatrix_path is None:  # the search needs activations
+        _, stats, _ = compute_imatrix(src, opts.calib, opts.tokens, opts.ctx)
+    if opts.imatrix_path is not None:
+        imatrix = read_imatrix(opts.imatrix_path)
+        arch = gguf_arch(source.config)
+
+        def importance_of(module, mat):
+            entry = imatrix.entries.get(gguf_name_for(arch, module) or "")
+            if entry is None:
+                return None
+            rows = entry.importance()
+            n_in = next(e.tensor.in_features for e in plan.entries if e.tensor.module == module)
+            rows = rows.reshape(-1, n_in) if rows.size % n_in == 0 else rows
+            return rows[mat] if mat < rows.shape[0] else None
+    else:
+        def importance_of(module, mat):
+            s = stats.get(module)
+            if s is None or s.counts[mat] == 0:
+                return None
+            return s.sum2[mat] / s.counts[mat]
+
+    def samples_of(module, mat):
+        return stats[module].sample(mat) if stats is not None and module in stats else None
+
+    return awq.compute(source, plan, importance_of, samples_of, opts.alpha, opts.strict)
+
+
+def awq_summary(opts: AwqOptions | None, result) -> dict | None:
+    if opts is None or result is None:
+        return None
+    alphas = list(result.alphas.values())
+    return {
+        "importance": str(opts.imatrix_path) if opts.imatrix_path else f"calibration ({opts.calib})",
+        "alpha": "searched per group" if opts.alpha is None else opts.alpha,
+        "groups": len(alphas),
+        "mean_alpha": float(np.mean(alphas)) if alphas else 0.0,
+        "skipped": result.skipped,
+    }
+
+
+def write_weights(source, plan: Plan, folder: Path, options: ConvertOptions, awq_result=None) -> None:
     shards = plan.shards(options.max_shard_bytes)
     progress = _Progress(plan, options.progress)
     weight_map = {}
@@ -124,7 +184,7 @@ def write_weights(source, plan: Plan, folder: Path, options: ConvertOptions) -> 
             specs = [s for e in entries for s in e.out_specs()]
             writer = StreamingWriter(folder / file_name, specs, SAFETENSORS_METADATA)
             for entry in entries:
-                _write_entry(source, entry, writer)
+                _write_entry(source, entry, writer, awq_result)
                 progress.advance(entry)
                 mx.clear_cache()
             writer.close()
@@ -142,28 +202,33 @@ def write_weights(source, plan: Plan, folder: Path, options: ConvertOptions) -> 
             json.dump(index, f, indent=2)
 
 
-def _write_entry(source, entry: TensorPlan, writer: StreamingWriter) -> None:
+def _write_entry(source, entry: TensorPlan, writer: StreamingWriter, awq_result=None) -> None:
     """Append every part of the tensor, block of rows by block of rows, to its output tensors."""
+    from mixquant.quant import awq
+
     specs = entry.out_specs()
     transform = TRANSFORMS[entry.tensor.role.transform]
-    for part in entry.tensor.parts:
-        for block in _row_blocks(source, part):
-            arrays = _encode(transform(block), entry)
-            for spec, arr in zip(specs, arrays):
+    for i, part in enumerate(entry.tensor.parts):
+        ops = awq_result.for_part(entry.tensor.name, i) if awq_result else []
+        for r0, block in _row_blocks(source, part):
+            block = transform(block)
+            if ops:
+                block = awq.apply(ops, block, r0)
+            for spec, arr in zip(specs, _encode(block, entry)):
                 writer.write(spec.name, arr)
 
 
 def _row_blocks(source, part: Part):
-    """The part as float32 numpy arrays of consecutive row ranges (axis 0 after indexing)."""
+    """(first row, float32 block) over consecutive row ranges of the part (axis 0 after indexing)."""
     info = source.tensors[part.source]
     shape = _index_shape(info.shape, part.index)
     if len(shape) < 2:
-        yield source.read(part.source, part.index)
+        yield 0, source.read(part.source, part.index)
         return
     row_bytes = 4 * int(np.prod(shape[1:]))
     step = max(1, ROW_BLOCK_BYTES // max(row_bytes, 1))
     for r0 in range(0, shape[0], step):
-        yield source.read(part.source, _compose(part.index, r0, min(shape[0], r0 + step)))
+        yield r0, source.read(part.source, _compose(part.index, r0, min(shape[0], r0 + step)))
 
 
 def _index_shape(shape, index) -> tuple[int, ...]:

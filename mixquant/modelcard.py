@@ -11,7 +11,7 @@ def _bits_label(bits, dtype) -> str:
     return f"{bits}-bit" if bits else dtype.lower()
 
 
-def model_card(plan: Plan, source_name: str, max_shard_bytes: int) -> str:
+def model_card(plan: Plan, source_name: str, max_shard_bytes: int, awq: dict | None = None) -> str:
     s = plan.summary(max_shard_bytes)
     lines = [
         f"# {source_name} — mixquant {s['recipe']}",
@@ -32,6 +32,16 @@ def model_card(plan: Plan, source_name: str, max_shard_bytes: int) -> str:
         lines.append(f"| vision tower | kept unquantized, {s['vision_bytes'] / 1e9:.4f} GB |")
     if plan.arch.dropped:
         lines.append(f"| dropped | {len(plan.arch.dropped)} source tensors |")
+
+    if awq:
+        lines += ["", "## AWQ", "",
+                  f"Channel scales folded into the preceding norms (and up_proj rows) before quantization; "
+                  f"importance from {awq['importance']}, alpha {awq['alpha']} "
+                  f"({awq['groups']} groups, mean alpha {awq['mean_alpha']:.2f})."]
+        if awq["skipped"]:
+            lines.append("")
+            lines.append("Groups left unscaled because the imatrix does not cover them:")
+            lines += [f"- {k}: {why}" for k, why in awq["skipped"].items()]
 
     by_role: dict[str, Counter] = defaultdict(Counter)
     role_bytes: Counter = Counter()

@@ -124,3 +124,34 @@ def untile_v(a: np.ndarray, axis: int, n_k: int, head_dim: int) -> np.ndarray:
 def rope_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of convert_hf_to_gguf's llama permute: (n_head, d/2, 2) -> (n_head, 2, d/2) rows."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tile_v(a: np.ndarray, axis: int, n_k: int, head_dim: int) -> np.ndarray:
+    """llama.cpp's V-head reorder along `axis`: grouped (n_k, r, d) to tiled (r, n_k, d)."""
+    a = np.moveaxis(a, axis, 0)
+    r = a.shape[0] // (n_k * head_dim)
+    out = a.reshape(n_k, r, head_dim, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+    return np.moveaxis(out, 0, axis)
+
+
+EXPERT_GGUF = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def gguf_name_for(arch: str, module: str) -> str | None:
+    """The llama.cpp tensor name of an MLX module path (the inverse of `hf_names` for weights)."""
+    name = module[len("language_model."):] if module.startswith("language_model.") else module
+    glob, block, _ = TABLES[arch]
+    for pattern, template, _ in glob:
+        if template == name + ".weight":
+            return pattern.replace("\\", "")
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if not m:
+        return None
+    layer, rest = m.group(1), m.group(2)
+    e = re.fullmatch(r"mlp\.switch_mlp\.(\w+)", rest)
+    if e:
+        return f"blk.{layer}.{EXPERT_GGUF[e.group(1)]}.weight"
+    for pattern, template, _ in block:
+        if template == rest + ".weight":
+            return f"blk.{layer}." + pattern.replace("\\", "")
+    return None

@@ -76,18 +76,19 @@ def is_hf_source(path: Path) -> bool:
 @contextmanager
 def mlx_folder(path: Path, dtype: str = "float32"):
     """An MLX model folder for `path`: itself, or a temporary unquantized conversion of an HF folder
-    (mixquant's own sanitisation, in `dtype`, text model only)."""
+    or a GGUF file (mixquant's own sanitisation, in `dtype`, text model only)."""
     path = Path(path)
-    if not path.is_dir() or not (path / "config.json").is_file():
+    is_gguf = path.is_file() and path.suffix == ".gguf"
+    if not is_gguf and (not path.is_dir() or not (path / "config.json").is_file()):
         raise MixquantError(f"{path}: not a model folder (no config.json)")
-    if not is_hf_source(path):
+    if not is_gguf and not is_hf_source(path):
         yield path
         return
     from mixquant.convert import ConvertOptions, convert
 
     tmp = Path(tempfile.mkdtemp(prefix="mixquant-ref-"))
     try:
-        out = tmp / path.name
+        out = tmp / path.stem
         convert(path, out, ConvertOptions(dtype=dtype, keep_vision=False, keep_mtp=False, progress=False))
         yield out
     finally:

@@ -1,0 +1,73 @@
+"""Calibration text: the bundled mix or the user's file, as token windows.
+
+The bundled mix (`mixquant/data/calibration.jsonl`, written for this project) holds multi-turn
+chats, tool-calling transcripts, code in several languages, long prose and Chinese text. Chats
+are rendered with the model's own chat template, so the special tokens and layout the model sees
+in use are part of the statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mixquant.errors import MixquantError
+
+BUNDLED_MIX = Path(__file__).resolve().parent.parent / "data" / "calibration.jsonl"
+
+
+def calibration_documents(spec: str, tokenizer) -> list[str]:
+    """'mix', a .jsonl file in the mix's format, or a plain .txt file -> rendered documents."""
+    path = BUNDLED_MIX if spec == "mix" else Path(spec)
+    if not path.is_file():
+        raise MixquantError(f"{path}: calibration file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        return [text]
+    docs = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MixquantError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
+        if "messages" in item:
+            docs.append(_render_chat(tokenizer, item, f"{path}: line {i + 1}"))
+        elif "text" in item:
+            docs.append(item["text"])
+        else:
+            raise MixquantError(f"{path}: line {i + 1} has neither 'messages' nor 'text'")
+    return docs
+
+
+def _render_chat(tokenizer, item: dict, where: str) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:  # a model without a template still sees the words
+        return "\n\n".join(str(m.get("content", "")) for m in item["messages"])
+    try:
+        return tokenizer.apply_chat_template(item["messages"], tools=item.get("tools"), tokenize=False)
+    except Exception as e:  # template errors come as jinja2/ValueError/TypeError
+        raise MixquantError(f"{where}: the chat template cannot render it ({e})") from None
+
+
+def calibration_windows(docs: list[str], tokenizer, tokens: int | None, ctx: int) -> np.ndarray:
+    """Documents concatenated (separated by EOS) and cut into windows of `ctx` tokens."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for d in docs:
+        ids += list(tokenizer.encode(d))
+        if eos is not None:
+            ids.append(int(eos))
+        if tokens is not None and len(ids) >= tokens:
+            break
+    if tokens is not None:
+        ids = ids[:tokens]
+    n = len(ids) // ctx
+    if n == 0:
+        n, ctx = 1, len(ids)  # shorter than one window: use it whole
+    if ctx < 2:
+        raise MixquantError("calibration text is empty")
+    return np.asarray(ids[: n * ctx], dtype=np.int32).reshape(n, ctx)

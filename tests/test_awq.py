@@ -1,0 +1,73 @@
+"""AWQ scales folded into norms and up_proj rows: the float function is preserved."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import mlx_logits, run_cli, save_tiny_qwen35, token_ids
+
+IMATRIX_ARGS = ("--calib", "mix", "--awq-alpha", "0.5")
+
+
+def _assert_same_function(src, tmp_path, vocab, *extra):
+    plain, scaled = tmp_path / "plain", tmp_path / "awq"
+    assert run_cli("convert", "-i", src, "-o", plain, "--dtype", "float32") == 0
+    assert run_cli("convert", "-i", src, "-o", scaled, "--dtype", "float32", *extra) == 0
+    ids = token_ids(64, vocab, seed=4)
+    diff = np.abs(mlx_logits(scaled, ids) - mlx_logits(plain, ids)).max()
+    assert diff <= 1e-4, diff
+    return plain, scaled
+
+
+def test_fixture_function_preserved(fixture_dir, tmp_path):
+    from safetensors import safe_open
+
+    plain, scaled = _assert_same_function(fixture_dir, tmp_path, 8166, *IMATRIX_ARGS)
+    name = "language_model.model.layers.0.input_layernorm.weight"
+    with safe_open(plain / "model.safetensors", "np") as a, safe_open(scaled / "model.safetensors", "np") as b:
+        assert not np.allclose(a.get_tensor(name), b.get_tensor(name))  # the scales really were folded
+    assert "## AWQ" in (scaled / "README.md").read_text()
+
+
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_tiny_models_function_preserved(tmp_path, ratio):
+    src = save_tiny_qwen35(tmp_path / f"r{ratio}", ratio=ratio, vocab_size=8192, seed=ratio)
+    _assert_same_function(src, tmp_path, 8166, *IMATRIX_ARGS)
+
+
+def test_moe_function_preserved(tmp_path):
+    src = save_tiny_qwen35(tmp_path / "moe", ratio=2, moe=True, vocab_size=8192, seed=7)
+    _assert_same_function(src, tmp_path, 8166, *IMATRIX_ARGS)
+
+
+def test_imatrix_file_with_searched_alpha_quantizes(fixture_dir, tmp_path):
+    im = tmp_path / "im.gguf"
+    assert run_cli("imatrix", "-m", fixture_dir, "-o", im, "--tokens", 1024, "--ctx", 256) == 0
+    out = tmp_path / "q"
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "-q", "--q-bits", "3", "--imatrix-path", im) == 0
+    card = (out / "README.md").read_text()
+    assert "alpha searched per group (24 groups" in card
+    assert json.loads((out / "config.json").read_text())["quantization"]["language_model.lm_head"]["bits"] == 6
+
+
+def test_missing_imatrix_entries_warn_or_fail(fixture_dir, tmp_path, capsys):
+    from mixquant.io.imatrix import read_imatrix, write_imatrix_gguf
+
+    im = tmp_path / "im.gguf"
+    run_cli("imatrix", "-m", fixture_dir, "-o", im, "--tokens", 512, "--ctx", 256)
+    partial = read_imatrix(im)
+    partial.entries = {k: v for k, v in partial.entries.items() if not k.startswith("blk.3.")}
+    write_imatrix_gguf(tmp_path / "partial.gguf", partial)
+    capsys.readouterr()
+    out = tmp_path / "q"
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "-q", "--imatrix-path", tmp_path / "partial.gguf",
+                   "--awq-alpha", "0.5") == 0
+    assert capsys.readouterr().err.count("warning: imatrix does not cover every group") == 1
+    card = (out / "README.md").read_text()
+    assert "- layer 3 attn: no imatrix entry" in card and "- layer 3 mlp: no imatrix entry" in card
+    assert run_cli("convert", "-i", fixture_dir, "-o", tmp_path / "strict", "-q", "--imatrix-path",
+                   tmp_path / "partial.gguf", "--awq-alpha", "0.5", "--imatrix-strict") == 2
+    err = capsys.readouterr().err
+    assert "imatrix: language_model.model.layers.3." in err and "no imatrix entry" in err
+    assert not (tmp_path / "strict").exists()
