@@ -195,6 +195,12 @@ def cmd_imatrix(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from mixquant.runtime.repl import run
+
+    return run(Path(args.model), args.max_tokens, args.temperature)
+
+
 def cmd_generate(args) -> int:
     from mixquant.runtime.generate import generate_text
 
@@ -208,7 +214,7 @@ DEMO_MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "qw
 
 
 def cmd_demo(args) -> int:
-    """The whole job on the bundled model: plan, convert with the Unsloth-Dynamic recipe, generate."""
+    """The whole job on the bundled model: plan, convert with the Unsloth-Dynamic recipe, eval, generate, chat."""
     from mixquant.convert import build_plan, convert
     from mixquant.runtime.generate import generate_text
 
@@ -227,11 +233,24 @@ def cmd_demo(args) -> int:
     convert(model, out, options)
     on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"\n== converted to {out}: {on_disk / 1e6:.2f} MB on disk\n")
-    print(f"== generate: {args.prompt!r}\n")
+    print("== eval against the unquantized model (KL divergence, 8 windows of 512 tokens)\n")
+    from mixquant.eval.kld import compute_reference, evaluate, format_report
+
+    reference = compute_reference(model, None, 512, 8, topk=0)
+    print(format_report(evaluate(out, reference)))
+    print(f"\n== generate: {args.prompt!r}\n")
     print(args.prompt, end="")
     for piece in generate_text(out, args.prompt, args.max_tokens):
         print(piece, end="", flush=True)
-    print()
+    print("\n\n== chat (the model's own chat template; thinking off)\n")
+    import mixquant
+
+    chat_model = mixquant.load(out)
+    question = "import os"
+    result = chat_model.chat([{"role": "user", "content": question}], max_new_tokens=32, temperature=0.0,
+                             enable_thinking=False)
+    print(f"user: {question}\nassistant: {result.text}\n[{result.num_tokens} tokens, "
+          f"{result.timings['decode_tok_s']:.1f} tok/s decode]")
     return 0
 
 
@@ -304,13 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512)
     p.set_defaults(func=cmd_imatrix)
 
+    p = sub.add_parser("chat", help="interactive chat (/reset, /system, /think on|off, /exit)")
+    p.add_argument("model")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config")
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")
     p.add_argument("model", help="converted model folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="plan, convert and run the bundled demo model")
+    p = sub.add_parser("demo", help="plan, convert, evaluate and chat with the bundled demo model")
     p.add_argument("--model", default=None, help="model folder (default: the bundled qwen35-tiny)")
     p.add_argument("--out", default="demo-out/qwen35-tiny-unsloth3", help="where the quant goes (replaced)")
     p.add_argument("--q-bits", type=int, default=3, help="unsloth base bits (default 3)")

@@ -143,6 +143,14 @@ class Model:
                 result = event.result
         return result
 
+    async def achat_stream(self, messages, **kwargs):
+        """chat_stream as an async generator (decoding runs between awaits)."""
+        import asyncio
+
+        for event in self.chat_stream(messages, **kwargs):
+            yield event
+            await asyncio.sleep(0)
+
     def chat_stream(self, messages, *, max_new_tokens: int = 2048, temperature=None, top_p=None, top_k=None,
                     min_p=None, repetition_penalty=None, presence_penalty=None, enable_thinking=None, tools=None,
                     stop=None, seed=None, session: "ChatSession | None" = None):
@@ -347,14 +355,13 @@ class _StreamSplitter:
 
 
 def load(path) -> Model:
-    """Our quants, plain mlx-lm quants, or unquantized folders (HF folders are converted on the fly)."""
-    from mixquant.eval.models import is_hf_source
+    """Our quants, plain mlx-lm quants, or unquantized folders (an HF checkpoint is converted to a
+    temporary bf16 MLX folder first; the weights stay in memory)."""
     from mlx_lm import load as mlx_load
 
+    from mixquant.eval.models import mlx_folder
+
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise MixquantError(f"{path}: not a model folder (no config.json)")
-    if is_hf_source(path):
-        raise MixquantError(f"{path}: a Hugging Face checkpoint; convert it first (mixquant convert -i {path} -o OUT)")
-    model, tokenizer = mlx_load(str(path))
-    return Model(path, model, tokenizer)
+    with mlx_folder(path, "bfloat16") as folder:
+        model, tokenizer = mlx_load(str(folder))
+        return Model(folder, model, tokenizer)
