@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,9 +193,3 @@ class StreamingWriter:
 def file_size(specs: list[OutSpec], metadata: dict[str, str] | None = None) -> int:
     return len(header_bytes(specs, metadata)) + sum(s.nbytes for s in specs)
 
-
-def remove_quietly(path: Path) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass

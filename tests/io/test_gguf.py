@@ -1,7 +1,6 @@
 """GGUF -> MLX, on GGUF files written by llama.cpp's own converter and on a real Q4_1 GGUF."""
 
 import json
-import shutil
 import struct
 
 import numpy as np

@@ -1,6 +1,5 @@
 """imatrix files: llama.cpp's own, our writer, gguf-py's reader, the legacy .dat format."""
 
-import shutil
 from pathlib import Path
 
 import numpy as np
