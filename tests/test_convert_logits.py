@@ -11,22 +11,15 @@ from conftest import mlx_logits, reference_logits, run_cli, token_ids
 TOL = 1e-4
 
 
-@pytest.mark.parametrize("name", ["text-r1", "text-r2", "text-r3", "vlm-r2", "moe-text", "moe-vlm"])
-def test_tiny_random_models_match_transformers(tiny_models, tmp_path, name):
-    src = tiny_models[name]
+@pytest.mark.parametrize("name", ["fixture", "text-r1", "text-r2", "text-r3", "vlm-r2", "moe-text", "moe-vlm"])
+def test_float32_conversion_matches_transformers(tiny_models, fixture_dir, tmp_path, name):
+    """The trained fixture and tiny random models (head ratios 1-3, text-only and VLM-wrapped, MoE)."""
+    src, vocab = (fixture_dir, 8166) if name == "fixture" else (tiny_models[name], 512)
     out = tmp_path / "mlx"
     assert run_cli("convert", "-i", src, "-o", out, "--dtype", "float32") == 0
-    ids = token_ids(64, 512, seed=1)
+    ids = token_ids(64, vocab, seed=1)
     diff = np.abs(mlx_logits(out, ids) - reference_logits(src, ids)).max()
     assert diff <= TOL, f"{name}: max abs logit difference {diff}"
-
-
-def test_fixture_matches_transformers(fixture_dir, tmp_path):
-    out = tmp_path / "mlx"
-    assert run_cli("convert", "-i", fixture_dir, "-o", out, "--dtype", "float32") == 0
-    ids = token_ids(64, 8166, seed=2)
-    diff = np.abs(mlx_logits(out, ids) - reference_logits(fixture_dir, ids)).max()
-    assert diff <= TOL, f"max abs logit difference {diff}"
 
 
 def test_text_only_config_becomes_wrapped_qwen3_5(tiny_models, tmp_path):
