@@ -58,6 +58,9 @@ def main() -> None:
         ["| quant | mean KLD ± se | p99 | same top |", "|---|---:|---:|---:|"]
         + [f"| {k} | {v['kld_mean']:.5f} ± {v['kld_stderr']:.5f} | {v['p99']:.4f} | {100 * v['same_top']:.2f}% |"
            for k, v in rows.items()])
+    base = rows["unsloth-3"]["kld_mean"]
+    change = ", ".join(f"{k.split(' + ')[1]} {100 * (v['kld_mean'] / base - 1):+.1f}%"
+                       for k, v in rows.items() if k != "unsloth-3")
     section = f"""<!-- awq:begin -->
 ## AWQ on the fixture
 
@@ -65,6 +68,8 @@ def main() -> None:
 evaluation: {args.chunks} windows of 512 tokens of the bundled held-out text, float32 reference):
 
 {table}
+
+Mean KLD relative to plain unsloth-3: {change}.
 <!-- awq:end -->"""
     results = ROOT / "docs" / "RESULTS.md"
     text = results.read_text()

@@ -71,3 +71,22 @@ def test_missing_imatrix_entries_warn_or_fail(fixture_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "imatrix: language_model.model.layers.3." in err and "no imatrix entry" in err
     assert not (tmp_path / "strict").exists()
+
+
+def test_alpha_is_kept_only_when_the_held_out_rows_confirm():
+    from mixquant.quant.awq import _choose
+
+    assert _choose(lambda a: (1.0 - 0.5 * a, 1.0 - 0.5 * a)) == 1.0
+    assert _choose(lambda a: (1.0 - 0.5 * a, 1.0 + a)) == 0.0  # fits the chosen rows, hurts the others
+    assert _choose(lambda a: (1.0 - 0.5 * a, 1.0 - 0.001 * a)) == 0.0  # under 1%: noise
+    assert _choose(lambda a: ((a - 0.3) ** 2, (a - 0.3) ** 2)) == 0.3
+
+
+def test_scales_are_normalised_and_follow_importance():
+    from mixquant.quant.awq import scales_for
+
+    imp = np.array([0.01, 1.0, 4.0, 100.0])
+    s = scales_for(imp, 0.5)
+    assert s.max() * s.min() == pytest.approx(1.0)
+    assert np.all(np.diff(s) > 0)
+    np.testing.assert_allclose(scales_for(imp, 0.0), np.ones(4))
