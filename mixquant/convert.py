@@ -22,6 +22,7 @@ import numpy as np
 from mixquant.arch import architecture_for
 from mixquant.arch.tensors import TRANSFORMS, Part
 from mixquant.errors import MixquantError
+from mixquant.io.atomic import default_mode
 from mixquant.io.hf import open_hf_folder
 from mixquant.io.safetensors import StreamingWriter
 from mixquant.modelcard import model_card
@@ -108,9 +109,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     awq_result = run_awq(Path(src), source, plan, options.awq) if options.awq else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
+    os.chmod(tmp, default_mode(0o777))  # mkdtemp makes it private; the result should look like any folder
     try:
         write_weights(source, plan, tmp, options, awq_result)
         with open(tmp / "config.json", "w") as f:

@@ -9,14 +9,13 @@ and can be saved (full, or top-K with the tail mass) so that many candidates reu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mixquant.errors import MixquantError
+from mixquant.io.atomic import atomic_write
 from mixquant.eval import metrics
 from mixquant.eval.models import count_parameters, default_dequantize, load_model, mlx_folder, text_weight_bytes
 
@@ -115,18 +114,8 @@ class Reference:
         else:
             arrays.update(top_ids=np.stack(self.top_ids), top_lp=np.stack(self.top_lp),
                           target_lp=np.stack(self.target_lp))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".partial.npz", dir=path.parent)
-        os.close(fd)
-        try:
-            np.savez_compressed(tmp, **arrays)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # np.savez_compressed appends .npz to names that lack it
+        atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".partial.npz")
 
     @classmethod
     def load(cls, path: Path) -> "Reference":

@@ -8,15 +8,14 @@ channel is in_sum2 / counts; an expert that saw no token gets 1.0 everywhere.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mixquant.errors import MixquantError
+from mixquant.io.atomic import atomic_write
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -122,19 +121,6 @@ def _read_dat(path: Path) -> Imatrix:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_imatrix_gguf(path: Path, imatrix: Imatrix) -> None:
     """The GGUF layout llama-imatrix writes: <name>.in_sum2 [n_mat, n_in] and <name>.counts [n_mat, 1]."""
     import gguf
@@ -154,7 +140,7 @@ def write_imatrix_gguf(path: Path, imatrix: Imatrix) -> None:
         w.write_tensors_to_file()
         w.close()
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def write_imatrix_dat(path: Path, imatrix: Imatrix) -> None:
@@ -175,4 +161,4 @@ def write_imatrix_dat(path: Path, imatrix: Imatrix) -> None:
             dataset = (imatrix.datasets[0] if imatrix.datasets else "").encode("utf-8")
             f.write(struct.pack("<i", len(dataset)) + dataset)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
