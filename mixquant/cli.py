@@ -215,18 +215,15 @@ DEMO_MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "qw
 
 def cmd_demo(args) -> int:
     """The whole job on the bundled model: plan, convert with the Unsloth-Dynamic recipe, eval, generate, chat."""
-    from mixquant.convert import build_plan, convert
+    from mixquant.convert import ConvertOptions, build_plan, convert
+    from mixquant.quant.recipe import unsloth
     from mixquant.runtime.generate import generate_text
 
     model = Path(args.model) if args.model else DEMO_MODEL
     if not model.is_dir():
         raise MixquantError(f"{model}: demo model not found (run from a source checkout or pass --model)")
     out = Path(args.out)
-    args.quantize, args.q_recipe, args.q_bits, args.q_group_size = True, "unsloth", args.q_bits, 64
-    args.q_out_proj_8bit, args.dtype, args.drop_vision, args.drop_mtp = False, "bfloat16", False, False
-    args.max_shard_size, args.force = "5GB", True
-    args.imatrix_path, args.calib, args.awq_alpha, args.imatrix_strict = None, None, None, False
-    options = _options(args)
+    options = ConvertOptions(recipe=unsloth(args.q_bits), force=True)
     _, plan = build_plan(model, options)
     print(f"== plan: {model} with {plan.recipe.name}\n")
     print(plan.format_table(options.max_shard_bytes))

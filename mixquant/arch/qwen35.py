@@ -96,12 +96,13 @@ class Geometry:
         return (layer + 1) % self.full_attention_interval == 0
 
 
-def _text_config(config: dict) -> dict:
+def text_config(config: dict) -> dict:
+    """The text model's config, whether wrapped (VLM) or not."""
     return config["text_config"] if isinstance(config.get("text_config"), dict) else config
 
 
 def geometry(config: dict, where: str) -> Geometry:
-    tc = _text_config(config)
+    tc = text_config(config)
 
     def need(key):
         if key not in tc:

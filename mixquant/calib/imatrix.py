@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mixquant.arch import gguf_names
+from mixquant.arch.qwen35 import text_config
 from mixquant.calib.collect import ModuleStats, collect
 from mixquant.calib.data import calibration_documents, calibration_windows
 from mixquant.errors import MixquantError
@@ -23,22 +24,11 @@ def gguf_arch(config: dict) -> str:
     return GGUF_ARCH[model_type]
 
 
-def text_config(config: dict) -> dict:
-    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
-
-
 def to_llama_cpp_order(module: str, values: np.ndarray, config: dict) -> np.ndarray:
     """ssm_out's input channels are V-head ordered, which llama.cpp tiles: index them its way."""
     if module.endswith("linear_attn.out_proj"):
         c = text_config(config)
         return gguf_names.tile_v(values, 1, c["linear_num_key_heads"], c["linear_value_head_dim"])
-    return values
-
-
-def from_llama_cpp_order(module: str, values: np.ndarray, config: dict) -> np.ndarray:
-    if module.endswith("linear_attn.out_proj"):
-        c = text_config(config)
-        return gguf_names.untile_v(values, 1, c["linear_num_key_heads"], c["linear_value_head_dim"])
     return values
 
 

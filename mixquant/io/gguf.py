@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mixquant.arch import gguf_names
+from mixquant.arch.qwen35 import text_config
 from mixquant.errors import MixquantError
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -71,8 +72,7 @@ def _field(reader, key, default=None):
     f = reader.fields.get(key)
     if f is None:
         return default
-    v = f.contents()
-    return v
+    return f.contents()
 
 
 class GGUFSource:
@@ -175,7 +175,7 @@ class GGUFSource:
         return np.ascontiguousarray(self._undo(vt.op, arr))
 
     def _undo(self, op: str | None, a: np.ndarray) -> np.ndarray:
-        c = self.config.get("text_config", self.config)
+        c = text_config(self.config)
         if op is None:
             return a
         if op == "norm_unshift":
@@ -253,7 +253,7 @@ def synthesize_config(arch: str, meta, raw: dict, n_layers: int) -> dict:
     def f(key, default=None):
         return _field(meta, f"{arch}.{key}", default)
 
-    vocab = int(reversed(raw["token_embd.weight"].shape.tolist()).__next__())
+    vocab = int(raw["token_embd.weight"].shape[-1])  # ggml order: (n_embd, n_vocab)
     tie = "output.weight" not in raw
     hidden = int(f("embedding_length"))
     n_heads = int(f("attention.head_count"))

@@ -1,20 +1,11 @@
-"""Plain text generation on mlx-lm's model classes (the chat runtime builds on this)."""
+"""Plain greedy text continuation on mlx-lm's model classes (`mixquant generate`, the demo)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
-from mixquant.errors import MixquantError
-
-
-def load_model(path: Path):
-    from mlx_lm import load
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise MixquantError(f"{path}: not a model folder (no config.json)")
-    return load(str(path))
+from mixquant.eval.models import load_model
 
 
 def generate_text(path: Path, prompt: str, max_tokens: int = 64) -> Iterator[str]:
@@ -22,6 +13,6 @@ def generate_text(path: Path, prompt: str, max_tokens: int = 64) -> Iterator[str
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    model, tokenizer = load_model(path)
+    model, tokenizer = load_model(path, dequantize=False)
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)):
         yield response.text
