@@ -8,6 +8,7 @@ that is renamed at the end, so a failed run leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -139,15 +140,19 @@ def run_awq(src: Path, source, plan: Plan, opts: AwqOptions):
     if opts.imatrix_path is not None:
         imatrix = read_imatrix(opts.imatrix_path)
         arch = gguf_arch(source.config)
+        in_features = {e.tensor.module: e.tensor.in_features for e in plan.entries}
 
-        def importance_of(module, mat):
+        @functools.lru_cache(maxsize=None)  # MoE: one call per expert, one importance per tensor
+        def importance_rows(module):
             entry = imatrix.entries.get(gguf_name_for(arch, module) or "")
             if entry is None:
                 return None
-            rows = entry.importance()
-            n_in = next(e.tensor.in_features for e in plan.entries if e.tensor.module == module)
-            rows = rows.reshape(-1, n_in) if rows.size % n_in == 0 else rows
-            return rows[mat] if mat < rows.shape[0] else None
+            rows, n_in = entry.importance(), in_features[module]
+            return rows.reshape(-1, n_in) if rows.size % n_in == 0 else rows
+
+        def importance_of(module, mat):
+            rows = importance_rows(module)
+            return rows[mat] if rows is not None and mat < rows.shape[0] else None
     else:
         def importance_of(module, mat):
             s = stats.get(module)

@@ -177,9 +177,10 @@ def evaluate(model_path: Path, reference: Reference, dequantize: bool | None = N
         dequantize = default_dequantize()
     model, _ = load_model(model_path, dequantize)
     chunks = []
+    vocab_needed = int(reference.windows.max()) + 1
     for i, window in enumerate(reference.windows):
         q_lp = window_logprobs(model, window, reference.ctx)
-        if q_lp.shape[-1] < reference.windows.max() + 1:
+        if q_lp.shape[-1] < vocab_needed:
             raise MixquantError(f"{model_path}: vocabulary of {q_lp.shape[-1]} does not cover the reference's tokens")
         chunks.append(reference.compare(i, q_lp))
         if progress:
