@@ -29,6 +29,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
                    help="AWQ with calibration: mix (bundled) or FILE; also the activations for the alpha search")
     p.add_argument("--awq-alpha", type=float, default=None, help="fixed AWQ exponent (default: searched per group)")
     p.add_argument("--imatrix-strict", action="store_true", help="a group the imatrix lacks is an error")
+    p.add_argument("--awq-judge-windows", type=int, default=4, metavar="N",
+                   help="searched alpha: keep a group's scales/clipping only if they lower the KL divergence "
+                        "on N calibration windows (default 4; 0: per-group error alone)")
 
 
 def _options(args):
@@ -58,8 +61,11 @@ def _awq_options(args):
         return None
     if args.awq_alpha is not None and not 0 <= args.awq_alpha <= 1:
         raise MixquantError(f"--awq-alpha: must be within 0..1, got {args.awq_alpha}")
+    if args.awq_judge_windows < 0:
+        raise MixquantError(f"--awq-judge-windows: must be 0 or more, got {args.awq_judge_windows}")
     return AwqOptions(imatrix_path=Path(args.imatrix_path) if args.imatrix_path else None,
-                      calib=args.calib or "mix", alpha=args.awq_alpha, strict=args.imatrix_strict)
+                      calib=args.calib or "mix", alpha=args.awq_alpha, strict=args.imatrix_strict,
+                      judge_windows=args.awq_judge_windows)
 
 
 def cmd_plan(args) -> int:

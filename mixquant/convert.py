@@ -57,6 +57,7 @@ class AwqOptions:
     strict: bool = False  # a group the imatrix does not cover is an error, not a warning
     tokens: int | None = None
     ctx: int = 512
+    judge_windows: int = 4  # searched alpha: calibration windows for the end-to-end check; 0: none
 
 
 def open_source(path: Path, config_dir: Path | None = None):
@@ -130,13 +131,14 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
 
 def run_awq(src: Path, source, plan: Plan, opts: AwqOptions):
     from mixquant.arch.gguf_names import gguf_name_for
-    from mixquant.calib.imatrix import compute_imatrix, gguf_arch
+    from mixquant.calib.imatrix import calibrate, gguf_arch
     from mixquant.io.imatrix import read_imatrix
     from mixquant.quant import awq
 
-    stats = None
+    stats = judge = None
     if opts.alpha is None or opts.imatrix_path is None:  # the search needs activations
-        _, stats, _ = compute_imatrix(src, opts.calib, opts.tokens, opts.ctx)
+        judge_windows = opts.judge_windows if opts.alpha is None else 0
+        stats, _, _, judge = calibrate(src, opts.calib, opts.tokens, opts.ctx, judge_windows)
     if opts.imatrix_path is not None:
         imatrix = read_imatrix(opts.imatrix_path)
         arch = gguf_arch(source.config)
@@ -163,7 +165,7 @@ def run_awq(src: Path, source, plan: Plan, opts: AwqOptions):
     def samples_of(module, mat):
         return stats[module].sample(mat) if stats is not None and module in stats else None
 
-    return awq.compute(source, plan, importance_of, samples_of, opts.alpha, opts.strict)
+    return awq.compute(source, plan, importance_of, samples_of, opts.alpha, opts.strict, judge)
 
 
 def awq_summary(opts: AwqOptions | None, result) -> dict | None:
@@ -175,6 +177,8 @@ def awq_summary(opts: AwqOptions | None, result) -> dict | None:
         "alpha": "searched per group" if opts.alpha is None else opts.alpha,
         "groups": len(alphas),
         "mean_alpha": float(np.mean(alphas)) if alphas else 0.0,
+        "clipped": len(result.fits),
+        "judged": result.judged,
         "skipped": result.skipped,
     }
 
@@ -214,11 +218,12 @@ def _write_entry(source, entry: TensorPlan, writer: StreamingWriter, awq_result=
     transform = TRANSFORMS[entry.tensor.role.transform]
     for i, part in enumerate(entry.tensor.parts):
         ops = awq_result.for_part(entry.tensor.name, i) if awq_result else []
+        fit_importance = awq_result.fit_for(entry.tensor.name, i) if awq_result else None
         for r0, block in _row_blocks(source, part):
             block = transform(block)
             if ops:
                 block = awq.apply(ops, block, r0)
-            for spec, arr in zip(specs, _encode(block, entry)):
+            for spec, arr in zip(specs, _encode(block, entry, fit_importance)):
                 writer.write(spec.name, arr)
 
 
@@ -259,12 +264,14 @@ def _compose(index, r0: int, r1: int):
     return (*lead, slice(r0, r1))
 
 
-def _encode(block: np.ndarray, entry: TensorPlan) -> list[np.ndarray]:
-    x = mx.array(np.ascontiguousarray(block, dtype=np.float32)).astype(MX_DTYPES[entry.dtype])
+def _encode(block: np.ndarray, entry: TensorPlan, fit_importance: np.ndarray | None = None) -> list[np.ndarray]:
+    from mixquant.quant import fit
+
     if not entry.quantized:
+        x = mx.array(np.ascontiguousarray(block, dtype=np.float32)).astype(MX_DTYPES[entry.dtype])
         out = [x.view(MX_RAW_VIEW[entry.dtype])]
     else:
-        w, scales, biases = mx.quantize(x, group_size=entry.group_size, bits=entry.bits)
+        w, scales, biases = fit.quantize(block, entry.bits, entry.group_size, MX_DTYPES[entry.dtype], fit_importance)
         view = MX_RAW_VIEW[entry.dtype]
         out = [w, scales.view(view), biases.view(view)]
     mx.eval(out)

@@ -37,7 +37,12 @@ def model_card(plan: Plan, source_name: str, max_shard_bytes: int, awq: dict | N
         lines += ["", "## AWQ", "",
                   f"Channel scales folded into the preceding norms (and up_proj rows) before quantization; "
                   f"importance from {awq['importance']}, alpha {awq['alpha']} "
-                  f"({awq['groups']} groups, mean alpha {awq['mean_alpha']:.2f})."]
+                  f"({awq['groups']} groups, mean alpha {awq['mean_alpha']:.2f}); "
+                  f"{awq['clipped']} tensors quantized with the importance-weighted clipping fit."]
+        if awq.get("judged"):
+            before, after = awq["judged"]
+            lines.append(f"End-to-end check on calibration windows: mean KL divergence {before:.5f} without AWQ, "
+                         f"{after:.5f} with it.")
         if awq["skipped"]:
             lines.append("")
             lines.append("Groups left unscaled because the imatrix does not cover them:")

@@ -45,7 +45,8 @@ def test_imatrix_file_with_searched_alpha_quantizes(fixture_dir, tmp_path):
     im = tmp_path / "im.gguf"
     assert run_cli("imatrix", "-m", fixture_dir, "-o", im, "--tokens", 1024, "--ctx", 256) == 0
     out = tmp_path / "q"
-    assert run_cli("convert", "-i", fixture_dir, "-o", out, "-q", "--q-bits", "3", "--imatrix-path", im) == 0
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "-q", "--q-bits", "3", "--imatrix-path", im,
+                   "--awq-judge-windows", "0") == 0
     card = (out / "README.md").read_text()
     assert "alpha searched per group (24 groups" in card
     assert json.loads((out / "config.json").read_text())["quantization"]["language_model.lm_head"]["bits"] == 6
@@ -90,3 +91,65 @@ def test_scales_are_normalised_and_follow_importance():
     assert s.max() * s.min() == pytest.approx(1.0)
     assert np.all(np.diff(s) > 0)
     np.testing.assert_allclose(scales_for(imp, 0.0), np.ones(4))
+
+
+def _mean_kl(model_dir, windows, reference):
+    from mixquant.eval.kld import forward_logits
+    from mixquant.eval.metrics import log_softmax
+    from mixquant.eval.models import load_model
+
+    model, _ = load_model(model_dir, dequantize=True)
+    total = sum(float((np.exp(r) * (r - log_softmax(forward_logits(model, w)))).sum())
+                for w, r in zip(windows, reference))
+    return total / sum(len(r) for r in reference)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_judged_search_matches_the_written_model(tmp_path, monkeypatch, moe):
+    """The end-to-end check's divergences are those of the models convert writes: without AWQ
+    before the search, with the chosen scales and clipping fits after it (MoE: expert groups are
+    decided without the check, the rest with it)."""
+    from mixquant.convert import AwqOptions, ConvertOptions, convert
+    from mixquant.quant import awq
+    from mixquant.quant.recipe import uniform
+
+    src = save_tiny_qwen35(tmp_path / "src", ratio=2, moe=moe, vocab_size=8192, seed=11)
+    seen = {}
+    real_compute = awq.compute
+
+    def spy(*args):
+        seen["judge"], seen["result"] = args[-1], real_compute(*args)
+        return seen["result"]
+
+    monkeypatch.setattr(awq, "compute", spy)
+    options = dict(recipe=uniform(3, 32), dtype="float32", keep_vision=False, keep_mtp=False, progress=False)
+    convert(src, tmp_path / "awq", ConvertOptions(**options, awq=AwqOptions(tokens=1024, ctx=128, judge_windows=2)))
+    convert(src, tmp_path / "plain", ConvertOptions(**options))
+    judge, result = seen["judge"], seen["result"]
+    before, after = result.judged
+    assert after < before
+    assert result.fits or any(result.alphas.values())
+    assert _mean_kl(tmp_path / "plain", judge.windows, judge.reference) == pytest.approx(before, rel=1e-3)
+    assert _mean_kl(tmp_path / "awq", judge.windows, judge.reference) == pytest.approx(after, rel=1e-3)
+    card = (tmp_path / "awq" / "README.md").read_text()
+    assert f"mean KL divergence {before:.5f} without AWQ, {after:.5f} with it" in card
+
+
+def test_judge_leaves_the_model_as_it_was(tmp_path):
+    from mixquant.calib.imatrix import calibrate
+
+    src = save_tiny_qwen35(tmp_path / "src", ratio=3, vocab_size=8192, seed=12)
+    _, _, windows, judge = calibrate(src, "mix", 512, 128, judge_windows=2)
+    assert len(judge.windows) == 2 and judge.windows.shape[1] == 128
+    assert judge.divergence() == pytest.approx(0.0, abs=1e-9)
+    module = next(m for m in judge.modules if m.endswith("layers.0.mlp.down_proj"))
+    w = judge.weight(module)
+    assert judge.try_weights({module: w * 1.5}) > 1e-4
+    np.testing.assert_array_equal(np.array(judge.modules[module].weight), w)
+    assert judge.divergence() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_negative_judge_windows_is_an_error(fixture_dir, tmp_path, capsys):
+    assert run_cli("convert", "-i", fixture_dir, "-o", tmp_path / "q", "-q", "--calib", "mix",
+                   "--awq-judge-windows", "-1") == 2
+    assert "--awq-judge-windows: must be 0 or more, got -1" in capsys.readouterr().err

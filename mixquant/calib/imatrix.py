@@ -47,15 +47,30 @@ def stats_to_imatrix(stats: dict[str, ModuleStats], config: dict, dataset: str, 
 
 def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, progress=None):
     """(Imatrix, per-module stats with input samples) for an unquantized model (HF, GGUF or MLX)."""
+    stats, config, windows, _ = calibrate(model_path, calib, tokens, ctx, progress=progress)
+    dataset = "mixquant calibration mix" if calib == "mix" else Path(calib).name
+    return stats_to_imatrix(stats, config, dataset, len(windows), windows.shape[1]), stats, config
+
+
+def calibrate(model_path: Path, calib: str, tokens: int | None, ctx: int, judge_windows: int = 0, progress=None):
+    """(per-module stats, config, calibration windows, Judge or None). The judge, on up to
+    `judge_windows` windows spread over the calibration text, keeps the float model alive."""
+    import json
+
+    import mlx.core as mx
+
+    from mixquant.calib.judge import Judge
     from mixquant.eval.models import load_model, mlx_folder
 
     with mlx_folder(Path(model_path), "float32") as folder:
         model, tokenizer = load_model(folder, dequantize=True)
-        import json
-
+        mx.eval(model.parameters())  # in memory before the temporary folder goes
         config = json.loads((folder / "config.json").read_text())
         docs = calibration_documents(calib, tokenizer)
         windows = calibration_windows(docs, tokenizer, tokens, ctx)
         stats = collect(model, windows, progress)
-    dataset = "mixquant calibration mix" if calib == "mix" else Path(calib).name
-    return stats_to_imatrix(stats, config, dataset, len(windows), windows.shape[1]), stats, config
+    judge = None
+    if judge_windows > 0:
+        picks = np.unique(np.linspace(0, len(windows) - 1, min(judge_windows, len(windows))).round().astype(int))
+        judge = Judge(model, windows[picks])
+    return stats, config, windows, judge

@@ -7,8 +7,14 @@ unchanged in float, but quantization error moves away from the channels with lar
 s = I^alpha, normalised by sqrt(max(s) min(s)), where I is the imatrix importance (mean squared
 activation). alpha is searched per group on a grid, minimising the quantized group's output error
 on calibration activations with the bits the recipe assigns (the AWQ paper's search); alpha = 0
-(no scaling) is on the grid, and a non-zero alpha is kept only if the calibration rows it was not
-chosen on confirm that it beats no scaling.
+(no scaling) is on the grid.
+
+The searched alpha is then checked end to end (mixquant.calib.judge), together with the AWQ
+paper's second step, weight clipping (mixquant.quant.fit): for each group, the candidates "searched
+scales", "clipping fit" and "both" are tried in the model quantized so far, and the one with the
+least KL divergence on calibration windows is kept if it beats leaving the group as it is. Without
+a judge (MoE expert groups, or the judge switched off) a non-zero alpha is kept only if the
+calibration rows it was not chosen on confirm that it beats no scaling.
 
 Groups (by role, the same for every architecture table):
 - input_layernorm -> q, k, v (attention) or in_proj_qkv, in_proj_z, in_proj_a, in_proj_b (Gated
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mixquant.errors import MixquantError
+from mixquant.quant.fit import fake_quantize
 
 GRID = tuple(round(0.1 * i, 1) for i in range(11))
 SCALE_CLAMP = (1e-4, 1e4)
@@ -58,9 +65,14 @@ class AwqResult:
     ops: dict[tuple[str, int | None], list[tuple[str, np.ndarray]]] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    fits: dict[tuple[str, int | None], np.ndarray] = field(default_factory=dict)  # clipping-fit importance
+    judged: tuple[float, float] | None = None  # the judge's divergence before and after the search
 
     def for_part(self, name: str, part: int) -> list[tuple[str, np.ndarray]]:
         return self.ops.get((name, None), []) + self.ops.get((name, part), [])
+
+    def fit_for(self, name: str, part: int) -> np.ndarray | None:
+        return self.fits.get((name, part), self.fits.get((name, None)))
 
 
 def groups(plan) -> list[Group]:
@@ -98,44 +110,40 @@ def scales_for(importance: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, *SCALE_CLAMP)
 
 
-def _fake_quant(w: np.ndarray, bits: int, group_size: int, dtype) -> np.ndarray:
-    import mlx.core as mx
-
-    x = mx.array(w.astype(np.float32)).astype(dtype)
-    q, s, b = mx.quantize(x, group_size=group_size, bits=bits)
-    return np.array(mx.dequantize(q, s, b, group_size=group_size, bits=bits).astype(mx.float32))
-
-
 def _weights(source, entry, part: int | None) -> list[np.ndarray]:
     parts = entry.tensor.parts if part is None else [entry.tensor.parts[part]]
     return [source.read(p.source, p.index) for p in parts]
 
 
-def search_alpha(source, plan_by_name, group: Group, importance: np.ndarray, x: np.ndarray, dtype) -> float:
-    """The grid alpha with the least relative output error of the group's quantized consumers."""
+def search_alpha(source, plan_by_name, group: Group, importance: np.ndarray, x: np.ndarray, dtype,
+                 confirm: bool = True) -> float:
+    """The grid alpha with the least output error of the group's quantized consumers."""
     consumers = [m for m in group.members if m.op == "cols" and plan_by_name[m.name].quantized]
     if not consumers or len(x) < MIN_SAMPLE_ROWS:
         return 0.0
     ws = [(plan_by_name[m.name], w) for m in consumers for w in _weights(source, plan_by_name[m.name], m.part)]
     roles = [plan_by_name[m.name].tensor.role.name for m in consumers]
     if roles == ["ffn_gate", "ffn_up"] and group.down is not None:
-        return _search_mlp_block(ws, source, plan_by_name[group.down], importance, x, dtype)
+        return _search_mlp_block(ws, source, plan_by_name[group.down], importance, x, dtype, confirm)
     def errors(alpha):
         s = scales_for(importance, alpha)
         fit = check = 0.0
         for entry, w in ws:  # the group's outputs side by side, as one block
-            wq = _fake_quant(w * s[None, :], entry.bits, entry.group_size, dtype)
+            wq = fake_quantize(w * s[None, :], entry.bits, entry.group_size, dtype)
             sq = np.square((x / s[None, :]) @ wq.T - x @ w.T).sum(-1)
             fit, check = fit + float(sq[0::2].sum()), check + float(sq[1::2].sum())
         return fit, check
 
-    return _choose(errors)
+    return _choose(errors, confirm)
 
 
-def _choose(errors) -> float:
+def _choose(errors, confirm: bool = True) -> float:
     """The grid alpha that fits the even sample rows best, kept only if the odd rows confirm that it
-    beats no scaling by at least 1% (the samples are few; this keeps noise from choosing)."""
+    beats no scaling by at least 1% (the samples are few; this keeps noise from choosing). Without
+    `confirm` (a later end-to-end check decides instead): the alpha with the least error on all rows."""
     table = {alpha: errors(alpha) for alpha in GRID}
+    if not confirm:
+        return min(GRID, key=lambda a: sum(table[a]))
     best = min(GRID, key=lambda a: table[a][0])
     return best if table[best][1] < 0.99 * table[0.0][1] else 0.0
 
@@ -144,7 +152,7 @@ def _silu(a):
     return a / (1.0 + np.exp(-a))
 
 
-def _search_mlp_block(ws, source, down_entry, importance, x, dtype) -> float:
+def _search_mlp_block(ws, source, down_entry, importance, x, dtype, confirm: bool) -> float:
     """gate/up scales judged by the whole MLP's output, down_proj in float, as the AWQ paper does."""
     (gate_e, wg), (up_e, wu) = ws
     wd = _weights(source, down_entry, None)[0]
@@ -153,22 +161,26 @@ def _search_mlp_block(ws, source, down_entry, importance, x, dtype) -> float:
     def errors(alpha):
         s = scales_for(importance, alpha)
         xs = x / s[None, :]
-        g = xs @ _fake_quant(wg * s[None, :], gate_e.bits, gate_e.group_size, dtype).T
-        u = xs @ _fake_quant(wu * s[None, :], up_e.bits, up_e.group_size, dtype).T
+        g = xs @ fake_quantize(wg * s[None, :], gate_e.bits, gate_e.group_size, dtype).T
+        u = xs @ fake_quantize(wu * s[None, :], up_e.bits, up_e.group_size, dtype).T
         sq = np.square((_silu(g) * u) @ wd.T - ref).sum(-1)
         return float(sq[0::2].sum()), float(sq[1::2].sum())
 
-    return _choose(errors)
+    return _choose(errors, confirm)
 
 
-def compute(source, plan, importance_of, samples_of, alpha: float | None, strict: bool) -> AwqResult:
+def compute(source, plan, importance_of, samples_of, alpha: float | None, strict: bool, judge=None) -> AwqResult:
     """Scales for every group. importance_of(module, mat) and samples_of(module, mat) return arrays
-    or None when the imatrix / calibration has nothing for that input."""
+    or None when the imatrix / calibration has nothing for that input. With a judge (searched alpha
+    only), each group's candidates -- the searched scales, the clipping fit, both -- are kept only
+    where they lower the judge's end-to-end divergence."""
     from mixquant.convert import MX_DTYPES
 
     plan_by_name = {e.tensor.name: e for e in plan.entries}
     result = AwqResult()
     dtype = MX_DTYPES[plan.entries[0].dtype if plan.entries else "BF16"]
+    state = _JudgedState(judge, plan_by_name, dtype) if judge is not None and alpha is None else None
+    before = state.divergence if state is not None else None
     warned = False
     for g in groups(plan):
         imp = importance_of(g.stat_module, g.stat_mat)
@@ -183,19 +195,135 @@ def compute(source, plan, importance_of, samples_of, alpha: float | None, strict
                 warned = True
             result.skipped[g.key] = why
             continue
+        judged = state is not None and state.covers(g)
         if alpha is None:
             x = samples_of(g.stat_module, g.stat_mat)
-            a = search_alpha(source, plan_by_name, g, imp, x if x is not None else np.zeros((0, n_in)), dtype)
+            a = search_alpha(source, plan_by_name, g, imp, x if x is not None else np.zeros((0, n_in)), dtype,
+                             confirm=not judged)
         else:
             a = alpha
+        clip = False
+        if judged:
+            a, clip = state.decide(g, imp, a)
+        elif state is not None and a != 0.0:
+            state.follow(g, imp, a)
         result.alphas[g.key] = a
-        if a == 0.0:
-            continue
-        s = scales_for(imp, a)
-        for m in g.members:
-            vec = 1.0 / s if m.op in ("rows", "norm") else s
-            result.ops.setdefault((m.name, m.part), []).append((m.op, vec.astype(np.float32)))
+        for m, op, vec in _group_ops(g, imp, a):
+            result.ops.setdefault((m.name, m.part), []).append((op, vec))
+        if clip:
+            for m, fit_importance in _group_fits(g, plan_by_name, imp, a):
+                result.fits[(m.name, m.part)] = fit_importance
+    if state is not None:
+        state.flush()
+        result.judged = (before, state.divergence)
     return result
+
+
+def _group_ops(g: Group, importance: np.ndarray, alpha: float) -> list[tuple[Member, str, np.ndarray]]:
+    if alpha == 0.0:
+        return []
+    s = scales_for(importance, alpha)
+    return [(m, m.op, (1.0 / s if m.op in ("rows", "norm") else s).astype(np.float32)) for m in g.members]
+
+
+def _group_fits(g: Group, plan_by_name, importance: np.ndarray, alpha: float) -> list[tuple[Member, np.ndarray]]:
+    """The clipping fit's weights for the group's quantized consumers: the importance of their
+    (scaled) input, I / s^2."""
+    s = scales_for(importance, alpha)
+    fit_importance = (importance / np.square(s)).astype(np.float32)
+    return [(m, fit_importance) for m in g.members if m.op == "cols" and plan_by_name[m.name].quantized]
+
+
+class _JudgedState:
+    """The quantized model as decided so far, in the judge: every quantized tensor at its
+    dequantized value, with the ops and clipping fits accepted so far. Keys are (tensor, part)."""
+
+    def __init__(self, judge, plan_by_name, dtype):
+        self.judge, self.plan_by_name, self.dtype = judge, plan_by_name, dtype
+        self.ops: dict[tuple[str, int], list] = {}
+        self.fits: dict[tuple[str, int], np.ndarray] = {}
+        self.pending: set[str] = set()  # tensors changed by groups decided without the judge
+        for name, entry in plan_by_name.items():
+            if entry.quantized and judge.covers(entry.tensor.module):
+                judge.set(entry.tensor.module, self._effective(name, {}, {}))
+        self.divergence = judge.divergence()
+
+    def covers(self, g: Group) -> bool:
+        """Groups of single-part tensors: dense models; MoE groups hold experts, too many to judge."""
+        members = [self.plan_by_name[m.name] for m in g.members]
+        return all(len(e.tensor.parts) == 1 and self.judge.covers(e.tensor.module) for e in members if e.quantized)
+
+    def follow(self, g: Group, importance: np.ndarray, alpha: float) -> None:
+        """A group decided without the judge: its scales go into the model before the next check."""
+        ops, _ = self._candidate(g, importance, alpha, False)
+        self._add(ops, {})
+        self.pending.update(name for name, _ in ops if self.plan_by_name[name].quantized)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        for name in self.pending:
+            if self.judge.covers(self.plan_by_name[name].tensor.module):
+                self.judge.set(self.plan_by_name[name].tensor.module, self._effective(name, {}, {}))
+        self.pending.clear()
+        self.divergence = self.judge.divergence()
+
+    def decide(self, g: Group, importance: np.ndarray, alpha: float) -> tuple[float, bool]:
+        """The candidate (alpha, clip) with the least divergence; (0, False) unless one beats it."""
+        self.flush()
+        best, best_div = (0.0, False), self.divergence
+        for cand in dict.fromkeys([(alpha, False), (0.0, True), (alpha, True)]):
+            if cand == (0.0, False):
+                continue
+            ops, fits = self._candidate(g, importance, *cand)
+            div = self.judge.try_weights(self._updates(g, ops, fits))
+            if div < best_div:
+                best, best_div = cand, div
+        if best != (0.0, False):
+            ops, fits = self._candidate(g, importance, *best)
+            for module, value in self._updates(g, ops, fits).items():
+                self.judge.set(module, value)
+            self._add(ops, fits)
+            self.divergence = best_div
+        return best
+
+    def _add(self, ops, fits) -> None:
+        for key, extra in ops.items():
+            self.ops.setdefault(key, []).extend(extra)
+        self.fits.update(fits)
+
+    def _keys(self, m: Member) -> list[tuple[str, int]]:
+        parts = range(len(self.plan_by_name[m.name].tensor.parts)) if m.part is None else [m.part]
+        return [(m.name, p) for p in parts]
+
+    def _candidate(self, g, importance, alpha, clip):
+        ops: dict[tuple[str, int], list] = {}
+        for m, op, vec in _group_ops(g, importance, alpha):
+            for key in self._keys(m):
+                ops.setdefault(key, []).append((op, vec))
+        fits = {}
+        if clip:
+            fits = {key: imp for m, imp in _group_fits(g, self.plan_by_name, importance, alpha) for key in self._keys(m)}
+        return ops, fits
+
+    def _updates(self, g, ops, fits) -> dict[str, np.ndarray]:
+        return {self.plan_by_name[m.name].tensor.module: self._effective(m.name, ops, fits)
+                for m in g.members if self.plan_by_name[m.name].quantized}
+
+    def _effective(self, name: str, extra_ops, extra_fits) -> np.ndarray:
+        """What the folded, quantized tensor computes on the unscaled input: deq(Q(ops(W))) with
+        the ops undone, part by part (MoE experts are stacked on the leading axis)."""
+        entry = self.plan_by_name[name]
+        w = self.judge.weight(entry.tensor.module).astype(np.float32)
+        stacked = len(entry.tensor.parts) > 1
+        out = []
+        for p, wp in enumerate(w if stacked else [w]):
+            key = (name, p)
+            ops = self.ops.get(key, []) + extra_ops.get(key, [])
+            q = fake_quantize(apply(ops, wp, 0), entry.bits, entry.group_size, self.dtype,
+                              extra_fits.get(key, self.fits.get(key)))
+            out.append(undo(ops, q))
+        return np.stack(out) if stacked else out[0]
 
 
 def apply(ops: list[tuple[str, np.ndarray]], block: np.ndarray, r0: int) -> np.ndarray:
@@ -208,3 +336,15 @@ def apply(ops: list[tuple[str, np.ndarray]], block: np.ndarray, r0: int) -> np.n
         else:  # norm
             block = block * vec
     return block
+
+
+def undo(ops: list[tuple[str, np.ndarray]], w: np.ndarray) -> np.ndarray:
+    """The inverse of apply on a whole tensor."""
+    for op, vec in reversed(ops):
+        if op == "cols":
+            w = w / vec[None, :]
+        elif op == "rows":
+            w = w / vec[:, None]
+        else:
+            w = w / vec
+    return w
