@@ -139,11 +139,11 @@ def test_failure_mid_write_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = conv._encode
 
-    def failing(block, entry):
+    def failing(block, entry, fit_importance=None):
         calls["n"] += 1
         if calls["n"] == 10:
             raise OSError("disk full")
-        return real(block, entry)
+        return real(block, entry, fit_importance)
 
     monkeypatch.setattr(conv, "_encode", failing)
     out = tmp_path / "out"
