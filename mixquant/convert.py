@@ -27,6 +27,7 @@ from mixquant.io.atomic import default_mode
 from mixquant.io.hf import open_hf_folder
 from mixquant.io.safetensors import StreamingWriter
 from mixquant.modelcard import model_card
+from mixquant.quant import fit
 from mixquant.quant.plan import SAFETENSORS_METADATA, Plan, TensorPlan, make_plan
 from mixquant.quant.recipe import Recipe
 
@@ -265,8 +266,6 @@ def _compose(index, r0: int, r1: int):
 
 
 def _encode(block: np.ndarray, entry: TensorPlan, fit_importance: np.ndarray | None = None) -> list[np.ndarray]:
-    from mixquant.quant import fit
-
     if not entry.quantized:
         x = mx.array(np.ascontiguousarray(block, dtype=np.float32)).astype(MX_DTYPES[entry.dtype])
         out = [x.view(MX_RAW_VIEW[entry.dtype])]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixquant.eval.kld import forward_logits
-from mixquant.eval.metrics import log_softmax
+from mixquant.eval.metrics import kl_per_token, log_softmax
 
 
 class Judge:
@@ -25,7 +25,6 @@ class Judge:
         # float32: windows x ctx x vocab of them is the judge's largest allocation
         self.reference = [log_softmax(forward_logits(model, w)).astype(np.float32) for w in windows]
         self.original: dict[str, np.ndarray] = {}
-        self.current = None
 
     def covers(self, module: str) -> bool:
         return module in self.modules and hasattr(self.modules[module], "weight")
@@ -47,7 +46,7 @@ class Judge:
         total, count = 0.0, 0
         for w, ref in zip(self.windows, self.reference):
             q = log_softmax(forward_logits(self.model, w))
-            total += float((np.exp(ref) * (ref - q)).sum())
+            total += float(kl_per_token(ref, q).sum())
             count += len(ref)
         return total / count
 

@@ -21,10 +21,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def kl_per_token(ref_lp: np.ndarray, q_lp: np.ndarray) -> np.ndarray:
+    """KL(p_ref || p_q) per row of full-vocabulary log-probs, unclamped."""
+    return (np.exp(ref_lp) * (ref_lp - q_lp)).sum(axis=-1)
+
+
 def token_metrics(ref_lp: np.ndarray, q_lp: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     """Full distributions: ref_lp, q_lp [n, V] log-probs (float64); targets [n] token ids."""
-    p_ref = np.exp(ref_lp)
-    kld = (p_ref * (ref_lp - q_lp)).sum(axis=-1)
+    kld = kl_per_token(ref_lp, q_lp)
     rows = np.arange(len(targets))
     return {
         "kld": np.maximum(kld, 0.0),

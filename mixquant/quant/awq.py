@@ -271,17 +271,18 @@ class _JudgedState:
     def decide(self, g: Group, importance: np.ndarray, alpha: float) -> tuple[float, bool]:
         """The candidate (alpha, clip) with the least divergence; (0, False) unless one beats it."""
         self.flush()
-        best, best_div = (0.0, False), self.divergence
+        best, best_div, best_change = (0.0, False), self.divergence, None
         for cand in dict.fromkeys([(alpha, False), (0.0, True), (alpha, True)]):
             if cand == (0.0, False):
                 continue
             ops, fits = self._candidate(g, importance, *cand)
-            div = self.judge.try_weights(self._updates(g, ops, fits))
+            updates = self._updates(g, ops, fits)
+            div = self.judge.try_weights(updates)
             if div < best_div:
-                best, best_div = cand, div
-        if best != (0.0, False):
-            ops, fits = self._candidate(g, importance, *best)
-            for module, value in self._updates(g, ops, fits).items():
+                best, best_div, best_change = cand, div, (ops, fits, updates)
+        if best_change is not None:
+            ops, fits, updates = best_change
+            for module, value in updates.items():
                 self.judge.set(module, value)
             self._add(ops, fits)
             self.divergence = best_div
