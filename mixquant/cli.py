@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
 from pathlib import Path
 
 from mixquant.errors import MixquantError
 
+
+def positive(value: int | None, flag: str, minimum: int = 1) -> int | None:
+    """`value` unless it is below `minimum` (None passes: the option was not given)."""
+    if value is not None and value < minimum:
+        raise MixquantError(f"{flag}: must be at least {minimum}, got {value}")
+    return value
 
 
 def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
@@ -18,11 +26,11 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128), help="group size (default 64)")
     p.add_argument("--q-recipe", default=None, help="uniform | unsloth | RULES.toml (implies -q)")
     p.add_argument("--q-out-proj-8bit", action="store_true",
-                   help="unsloth: pin self_attn.o_proj and linear_attn.out_proj to 8 bits instead of keeping them")
+                   help="unsloth: the attention and Gated DeltaNet output projections at 8 bits instead of unquantized")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype of unquantized tensors, scales and biases (default bfloat16)")
     p.add_argument("--drop-vision", action="store_true", help="leave the vision tower out")
-    p.add_argument("--drop-mtp", action="store_true", help="leave the MTP head out (default: mtp.safetensors sidecar)")
+    p.add_argument("--drop-mtp", action="store_true", help="leave the MTP head out (default: kept, in a sidecar file mlx-lm does not read)")
     p.add_argument("--max-shard-size", default="5GB", help="largest model shard (default 5GB)")
     p.add_argument("--imatrix-path", default=None, help="AWQ with importances from this imatrix (GGUF or .dat)")
     p.add_argument("--calib", default=None,
@@ -48,7 +56,8 @@ def _options(args):
         max_shard_bytes=parse_size(args.max_shard_size),
         keep_vision=not args.drop_vision,
         keep_mtp=not args.drop_mtp,
-        force=getattr(args, "force", False),
+        force=getattr(args, "force", False) or getattr(args, "force_delete_any", False),
+        replace_any=getattr(args, "force_delete_any", False),
         config_dir=Path(args.config_dir) if getattr(args, "config_dir", None) else None,
         awq=_awq_options(args),
     )
@@ -73,10 +82,7 @@ def cmd_plan(args) -> int:
 
     options = _options(args)
     _, plan = build_plan(Path(args.input), options)
-    if args.json:
-        print(json.dumps(plan.to_json(options.max_shard_bytes), indent=2))
-    else:
-        print(plan.format_table(options.max_shard_bytes))
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.format_table())
     return 0
 
 
@@ -85,7 +91,7 @@ def cmd_convert(args) -> int:
 
     options = _options(args)
     plan = convert(Path(args.input), Path(args.output), options)
-    s = plan.summary(options.max_shard_bytes)
+    s = plan.summary()
     print(
         f"wrote {args.output}: {s['recipe']}, {s['bits_per_weight']:.3f} bits per weight, "
         f"{s['file_bytes'] / 1e9:.4f} GB in {len(s['files'])} file(s)"
@@ -94,35 +100,26 @@ def cmd_convert(args) -> int:
 
 
 def _progress(label: str):
-    """A callback (done, total) drawing a progress bar on a terminal; None when not a tty."""
-    if not sys.stderr.isatty():
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from mixquant.progress import callback
 
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
-    state = {}
-
-    def update(done, total):
-        if "task" not in state:
-            bar.start()
-            state["task"] = bar.add_task(label, total=total)
-        bar.update(state["task"], completed=done)
-        if done >= total:
-            bar.stop()
-
-    return update
+    return callback(label)
 
 
 def load_reference(args):
     from mixquant.eval.kld import Reference, compute_reference
 
     ref = Path(args.reference)
-    if ref.is_file():
-        if args.text or args.chunks is not None:
-            print("mixquant: note: a saved reference fixes the text and windows; --text/--chunks ignored",
-                  file=sys.stderr)
+    positive(args.chunks, "--chunks")
+    positive(args.ctx, "--ctx", 4)
+    if ref.is_file() and ref.suffix != ".gguf":
+        given = [flag for flag, value in (("--text", args.text), ("--ctx", args.ctx), ("--chunks", args.chunks))
+                 if value is not None]
+        if given:
+            raise MixquantError(f"{ref}: a saved reference fixes the text and its windows; {given[0]} cannot "
+                                "change them (leave it out, or save a new reference)")
         return Reference.load(ref)
-    return compute_reference(ref, args.text, args.ctx, args.chunks, args.topk, _progress("reference"))
+    return compute_reference(ref, args.text, args.ctx or DEFAULT_CTX, args.chunks, args.topk,
+                             _progress("reference"), check_model=getattr(args, "model", None))
 
 
 def cmd_eval(args) -> int:
@@ -148,7 +145,7 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     from mixquant.eval.compare import Candidate, FAMILY_GIVEN, mlx_lm_candidates, our_candidate, parse_recipes, run_compare
-    from mixquant.eval.models import is_hf_source
+    from mixquant.loading import HF, source_kind
 
     ref_path = Path(args.reference)
     candidates = []
@@ -158,13 +155,15 @@ def cmd_compare(args) -> int:
         candidates.append(Candidate(Path(c).name, FAMILY_GIVEN, path=Path(c)))
     generated = parse_recipes(args.recipes) if args.recipes else []
     if generated or args.baselines:
-        if not ref_path.is_dir() or not is_hf_source(ref_path):
+        if not ref_path.is_dir() or source_kind(ref_path) != HF:
             raise MixquantError(f"{ref_path}: --recipes and --baselines need the unquantized Hugging Face folder")
     candidates += [our_candidate(ref_path, r, b, args.q_group_size) for r, b in generated]
     if args.baselines == "mlx-lm":
         candidates += mlx_lm_candidates(ref_path, args.q_group_size)
     if not candidates:
         raise MixquantError("compare: nothing to compare (give candidate folders, --recipes or --baselines)")
+    if not Path(args.reference).is_file() and args.chunks is None:
+        args.chunks = COMPARE_CHUNKS
     reference = load_reference(args)
     result = run_compare(reference, ref_path, candidates, Path(args.out), keep_models=args.keep_models,
                          log=lambda line: print(line, flush=True))
@@ -173,11 +172,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from mixquant.eval.bench import BenchConfig, bench, format_table
+    from mixquant.runtime.bench import BenchConfig, bench, format_table
 
+    for flag in ("prompt_tokens", "turns", "turn_tokens", "repeats"):
+        positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     cfg = BenchConfig(args.prompt_tokens, args.gen_tokens, args.turns, args.turn_tokens, args.repeats)
-    if min(cfg.prompt_tokens, cfg.turns, cfg.turn_tokens, cfg.repeats) < 1:
-        raise MixquantError("bench: --prompt-tokens, --turns, --turn-tokens and --repeats must be at least 1")
     paths = [Path(args.model)] + ([Path(args.compare)] if args.compare else [])
     results = bench(paths, cfg)
     print(format_table(results, cfg))
@@ -194,6 +193,8 @@ def cmd_imatrix(args) -> int:
     from mixquant.calib.imatrix import compute_imatrix
     from mixquant.io.imatrix import write_imatrix_dat, write_imatrix_gguf
 
+    positive(args.tokens, "--tokens")
+    positive(args.ctx, "--ctx", 2)
     imatrix, _, _ = compute_imatrix(Path(args.model), args.calib, args.tokens, args.ctx, _progress("calibrating"))
     out = Path(args.output)
     (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(out, imatrix)
@@ -204,18 +205,24 @@ def cmd_imatrix(args) -> int:
 def cmd_chat(args) -> int:
     from mixquant.runtime.repl import run
 
+    positive(args.max_tokens, "--max-tokens")
     return run(Path(args.model), args.max_tokens, args.temperature)
 
 
 def cmd_generate(args) -> int:
     from mixquant.runtime.generate import generate_text
 
+    positive(args.max_tokens, "--max-tokens")
+    if not args.prompt:
+        raise MixquantError("--prompt: empty (give the text to continue)")
     for piece in generate_text(Path(args.model), args.prompt, args.max_tokens):
         print(piece, end="", flush=True)
     print()
     return 0
 
 
+DEFAULT_CTX = 512
+COMPARE_CHUNKS = 32
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "qwen35-tiny"
 
 
@@ -232,7 +239,7 @@ def cmd_demo(args) -> int:
     options = ConvertOptions(recipe=unsloth(args.q_bits), force=True)
     _, plan = build_plan(model, options)
     print(f"== plan: {model} with {plan.recipe.name}\n")
-    print(plan.format_table(options.max_shard_bytes))
+    print(plan.format_table())
     convert(model, out, options)
     on_disk = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"\n== converted to {out}: {on_disk / 1e6:.2f} MB on disk\n")
@@ -257,14 +264,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage mistakes reported as one line, like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"mixquant: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixquant", description="Mixed-precision MLX quants of Qwen3.5 models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="mixquant", description="Mixed-precision MLX quants of Qwen3.5 models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("convert", help="convert a checkpoint to an MLX model folder")
     p.add_argument("-i", "--input", required=True, help="Hugging Face model folder, or a GGUF file")
-    p.add_argument("-o", "--output", required=True, help="output folder (must not exist, unless --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (must not exist unless --force; missing parent folders are created)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder that mixquant wrote")
+    p.add_argument("--force-delete-any", action="store_true",
+                   help="replace the output path whatever it holds: its contents are deleted")
     p.add_argument("--config-dir", default=None,
                    help="GGUF input: take config.json and tokenizer files from this HF folder instead")
     _add_recipe_flags(p)
@@ -282,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True,
                    help="unquantized model folder (HF or MLX), or a file saved with --save-reference")
     p.add_argument("--text", default=None, help="UTF-8 text to evaluate on (default: the bundled held-out text)")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--ctx", type=int, default=None, help=f"window length in tokens (default {DEFAULT_CTX})")
     p.add_argument("--chunks", type=int, default=None, help="number of windows (default: all the text gives)")
     p.add_argument("--topk", default="auto",
                    help="reference log-probs kept: 0 = full, K = top-K + tail mass, auto = full up to 1 GiB")
@@ -302,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--keep-models", action="store_true", help="keep the made models under OUT/models")
     p.add_argument("--text", default=None)
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--chunks", type=int, default=32, help="windows (default 32)")
+    p.add_argument("--ctx", type=int, default=None, help=f"window length (default {DEFAULT_CTX})")
+    p.add_argument("--chunks", type=int, default=None, help="windows (default 32)")
     p.add_argument("--topk", default="auto")
     p.set_defaults(func=cmd_compare)
 
@@ -348,9 +365,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _WarningLine(logging.Handler):
+    """mixquant's library warnings, one line each on stderr."""
+
+    def emit(self, record):
+        print(f"mixquant: warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like an interrupt: staging folders are removed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from mixquant import cpu_blas
+
+    cpu_blas.enable()  # before anything imports MLX
+    logger = logging.getLogger("mixquant")
+    handler = _WarningLine(logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return args.func(args)
     except MixquantError as e:
@@ -365,6 +401,16 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"mixquant: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    finally:
+        logger.removeHandler(handler)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

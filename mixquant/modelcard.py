@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from mixquant.quant.plan import MTP_FILE, Plan
+from mixquant.arch.tensors import MTP_FILE
+from mixquant.quant.plan import Plan
 
 
 def _bits_label(bits, dtype) -> str:
     return f"{bits}-bit" if bits else dtype.lower()
 
 
-def model_card(plan: Plan, source_name: str, max_shard_bytes: int, awq: dict | None = None) -> str:
-    s = plan.summary(max_shard_bytes)
+def model_card(plan: Plan, source_name: str, awq: dict | None = None) -> str:
+    s = plan.summary()
     lines = [
         f"# {source_name} — mixquant {s['recipe']}",
         "",
@@ -35,7 +36,7 @@ def model_card(plan: Plan, source_name: str, max_shard_bytes: int, awq: dict | N
 
     if awq:
         lines += ["", "## AWQ", "",
-                  f"Channel scales folded into the preceding norms (and up_proj rows) before quantization; "
+                  f"Channel scales folded into the preceding norms (and the up projections' rows) before quantization; "
                   f"importance from {awq['importance']}, alpha {awq['alpha']} "
                   f"({awq['groups']} groups, mean alpha {awq['mean_alpha']:.2f}); "
                   f"{awq['clipped']} tensors quantized with the importance-weighted clipping fit."]
@@ -51,8 +52,8 @@ def model_card(plan: Plan, source_name: str, max_shard_bytes: int, awq: dict | N
     by_role: dict[str, Counter] = defaultdict(Counter)
     role_bytes: Counter = Counter()
     for e in plan.entries:
-        by_role[e.tensor.role.name][_bits_label(e.bits, e.dtype)] += 1
-        role_bytes[e.tensor.role.name] += e.nbytes
+        by_role[e.tensor.role.value][_bits_label(e.bits, e.dtype)] += 1
+        role_bytes[e.tensor.role.value] += e.nbytes
     lines += ["", "## Bits by role", "", "| role | bits (tensors) | bytes |", "|---|---|---:|"]
     for role, counts in by_role.items():
         bits = ", ".join(f"{b} ({n})" for b, n in counts.items())

@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # test helpers (conftest, llamac
 
 
 def pytest_configure(config):
+    import mixquant
+
+    mixquant.enable_cpu_blas()  # before anything imports MLX, as the mixquant command does
     # transformers' CPU Gated DeltaNet crawls on subnormal floats without this.
     import torch
 

@@ -96,9 +96,9 @@ def test_scales_are_normalised_and_follow_importance():
 def _mean_kl(model_dir, windows, reference):
     from mixquant.eval.kld import forward_logits
     from mixquant.eval.metrics import log_softmax
-    from mixquant.eval.models import load_model
+    from mixquant.loading import load
 
-    model, _ = load_model(model_dir, dequantize=True)
+    model = load(model_dir, dequantize=True).model
     total = sum(float((np.exp(r) * (r - log_softmax(forward_logits(model, w)))).sum())
                 for w, r in zip(windows, reference))
     return total / sum(len(r) for r in reference)
@@ -153,3 +153,41 @@ def test_negative_judge_windows_is_an_error(fixture_dir, tmp_path, capsys):
     assert run_cli("convert", "-i", fixture_dir, "-o", tmp_path / "q", "-q", "--calib", "mix",
                    "--awq-judge-windows", "-1") == 2
     assert "--awq-judge-windows: must be 0 or more, got -1" in capsys.readouterr().err
+
+
+# --- an imatrix must belong to the model ----------------------------------------------------------
+
+def test_imatrix_of_another_model_is_an_error(fixture_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    smollm2 = Path(__file__).parent / "fixtures" / "smollm2-imatrix" / "imatrix.gguf"
+    capsys.readouterr()
+    assert run_cli("convert", "-i", fixture_dir, "-o", tmp_path / "q", "-q", "--imatrix-path", smollm2,
+                   "--awq-alpha", "0.5") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "entry blk.0.ffn_gate.weight has rows of 576 values" in err[0], err
+    assert "layers.0.mlp.gate_proj.weight has 256 inputs: the imatrix is of another model" in err[0]
+    assert not (tmp_path / "q").exists()
+
+
+def test_imatrix_matching_nothing_or_of_another_architecture(fixture_dir, tmp_path, capsys):
+    from mixquant.io.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf
+
+    none = Imatrix(entries={"blk.99.ffn_up.weight": ImatrixEntry(np.ones((1, 256), np.float32),
+                                                                np.ones(1, np.float32))})
+    write_imatrix_gguf(tmp_path / "none.gguf", none)
+    capsys.readouterr()
+    assert run_cli("convert", "-i", fixture_dir, "-o", tmp_path / "q", "-q", "--imatrix-path",
+                   tmp_path / "none.gguf", "--awq-alpha", "0.5") == 2
+    assert "no entry matches a tensor of this model" in capsys.readouterr().err
+
+    im = tmp_path / "im.gguf"
+    assert run_cli("imatrix", "-m", fixture_dir, "-o", im, "--tokens", 256, "--ctx", 128) == 0
+    ours = read_imatrix(im)
+    assert ours.architecture == "qwen35"
+    ours.architecture = "llama"
+    write_imatrix_gguf(tmp_path / "llama.gguf", ours)
+    capsys.readouterr()
+    assert run_cli("convert", "-i", fixture_dir, "-o", tmp_path / "q", "-q", "--imatrix-path",
+                   tmp_path / "llama.gguf", "--awq-alpha", "0.5") == 2
+    assert "computed on a llama model; this model is qwen35" in capsys.readouterr().err

@@ -5,7 +5,8 @@ import json
 from conftest import run_cli
 
 
-def test_plan_json_lists_every_tensor(fixture_dir, capsys, tmp_path):
+def test_plan_json_lists_every_tensor(fixture_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert run_cli("plan", "-i", fixture_dir, "-q", "--q-bits", "4", "--json") == 0
     data = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in data["tensors"]}
@@ -22,7 +23,27 @@ def test_plan_json_lists_every_tensor(fixture_dir, capsys, tmp_path):
     s = data["summary"]
     assert s["recipe"] == "unsloth-4" and s["files"] == ["model.safetensors", "mtp.safetensors"]
     assert s["bits_per_weight"] == round(8 * s["model_bytes"] / s["model_params"], 4)
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # plan writes nothing
+
+
+def test_plan_reads_no_weight(fixture_dir, tmp_path, capsys):
+    """The plan of a copy whose tensor data is all zeros is the plan of the real model: only headers
+    are read."""
+    import shutil
+    import struct
+
+    zeroed = tmp_path / "zeroed"
+    shutil.copytree(fixture_dir, zeroed)
+    for shard in zeroed.glob("*.safetensors"):
+        data = bytearray(shard.read_bytes())
+        (n,) = struct.unpack("<Q", data[:8])
+        data[8 + n :] = bytes(len(data) - 8 - n)
+        shard.write_bytes(bytes(data))
+    plans = []
+    for folder in (fixture_dir, zeroed):
+        assert run_cli("plan", "-i", folder, "-q", "--json") == 0
+        plans.append(json.loads(capsys.readouterr().out))
+    assert plans[0] == plans[1]
 
 
 def test_plan_table_has_totals(fixture_dir, capsys):

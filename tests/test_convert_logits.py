@@ -92,3 +92,26 @@ def test_fused_expert_layout_converts_like_per_expert(tiny_models, tmp_path):
     assert run_cli("convert", "-i", src, "-o", tmp_path / "a", "-q", "--q-group-size", "32") == 0
     assert run_cli("convert", "-i", fused_dir, "-o", tmp_path / "b", "-q", "--q-group-size", "32") == 0
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_config_with_layer_types_only(tmp_path):
+    """transformers >= 5.2 writes `layer_types` without `full_attention_interval`: the interval is
+    derived (and written for mlx-lm) when the pattern is periodic; otherwise a one-line error."""
+    from conftest import save_tiny_qwen35
+
+    src = save_tiny_qwen35(tmp_path / "src", ratio=2, moe=True, seed=5, num_hidden_layers=6,
+                           full_attention_interval=3,
+                           layer_types=["linear_attention", "linear_attention", "full_attention"] * 2)
+    config = json.loads((src / "config.json").read_text())
+    del config["full_attention_interval"]
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "mlx"
+    assert run_cli("convert", "-i", src, "-o", out, "--dtype", "float32") == 0
+    assert json.loads((out / "config.json").read_text())["text_config"]["full_attention_interval"] == 3
+    ids = token_ids(32, 512, seed=2)
+    assert np.abs(mlx_logits(out, ids) - reference_logits(src, ids)).max() <= TOL
+
+    config["layer_types"] = ["linear_attention", "full_attention", "linear_attention", "linear_attention",
+                             "full_attention", "full_attention"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert run_cli("convert", "-i", src, "-o", tmp_path / "bad") == 2

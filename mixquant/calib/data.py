@@ -13,17 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
+from mixquant.bundled import CALIBRATION_MIX
 from mixquant.errors import MixquantError
 
-BUNDLED_MIX = Path(__file__).resolve().parent.parent / "data" / "calibration.jsonl"
 
 
 def calibration_documents(spec: str, tokenizer) -> list[str]:
     """'mix', a .jsonl file in the mix's format, or a plain .txt file -> rendered documents."""
-    path = BUNDLED_MIX if spec == "mix" else Path(spec)
+    path = CALIBRATION_MIX if spec == "mix" else Path(spec)
     if not path.is_file():
         raise MixquantError(f"{path}: calibration file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MixquantError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if path.suffix != ".jsonl":
         return [text]
     docs = []
@@ -32,8 +35,10 @@ def calibration_documents(spec: str, tokenizer) -> list[str]:
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MixquantError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise MixquantError(f"{path}: line {i + 1} is not JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+        if not isinstance(item, dict):
+            raise MixquantError(f"{path}: line {i + 1} is not a JSON object")
         if "messages" in item:
             docs.append(_render_chat(tokenizer, item, f"{path}: line {i + 1}"))
         elif "text" in item:

@@ -6,41 +6,66 @@ from pathlib import Path
 
 import numpy as np
 
-from mixquant.arch import gguf_names
-from mixquant.arch.qwen35 import text_config
+from mixquant.arch import family_for_config
+from mixquant.arch.tensors import SCOPE_MODEL, weight_name
 from mixquant.calib.collect import ModuleStats, collect
 from mixquant.calib.data import calibration_documents, calibration_windows
 from mixquant.errors import MixquantError
 from mixquant.io.imatrix import Imatrix, ImatrixEntry
 
-GGUF_ARCH = {"qwen3_5": "qwen35", "qwen3_5_text": "qwen35", "qwen3_5_moe": "qwen35moe",
-             "qwen3_5_moe_text": "qwen35moe", "llama": "llama"}
+
+def _imatrix_names(config: dict, where):
+    """(GGUF architecture, output name -> llama.cpp name, channel reorder) of the model's family."""
+    family = family_for_config(config, where)
+    if family.gguf is None:
+        raise MixquantError(f"{where}: llama.cpp has no architecture for {family.name}, so no imatrix names")
+
+    def order(name, values, inverse=False):
+        return family.imatrix_order(name, values, config, inverse) if family.imatrix_order else values
+
+    return family.gguf.arch_for(config), family.gguf.name_of, order
 
 
-def gguf_arch(config: dict) -> str:
-    model_type = config.get("model_type")
-    if model_type not in GGUF_ARCH:
-        raise MixquantError(f"imatrix: unsupported model_type {model_type!r}")
-    return GGUF_ARCH[model_type]
-
-
-def to_llama_cpp_order(module: str, values: np.ndarray, config: dict) -> np.ndarray:
-    """ssm_out's input channels are V-head ordered, which llama.cpp tiles: index them its way."""
-    if module.endswith("linear_attn.out_proj"):
-        c = text_config(config)
-        return gguf_names.tile_v(values, 1, c["linear_num_key_heads"], c["linear_value_head_dim"])
-    return values
+def match_imatrix(imatrix: Imatrix, plan, config: dict, path) -> dict[str, np.ndarray]:
+    """module path -> importance rows [1 or n_experts, in_features] for every quantizable tensor the
+    imatrix covers. An imatrix of another architecture, one whose entry does not fit its tensor, or
+    one that covers no tensor at all is an error naming the file."""
+    arch, gguf_name, order = _imatrix_names(config, path)
+    if imatrix.architecture and imatrix.architecture != arch:
+        raise MixquantError(f"{path}: computed on a {imatrix.architecture} model; this model is {arch}")
+    out = {}
+    for e in plan.entries:
+        t = e.tensor
+        if not t.role.quantizable or t.scope != SCOPE_MODEL:
+            continue
+        name = gguf_name(t.name)
+        entry = imatrix.entries.get(name or "")
+        if entry is None:
+            continue
+        n_mat, n_in = (len(t.parts) if t.stacked else 1), t.in_features
+        rows = entry.importance()
+        if rows.shape[-1] != n_in and rows.shape[0] == 1 and rows.size == n_mat * n_in and n_mat > 1:
+            rows = rows.reshape(n_mat, n_in)  # legacy .dat: an expert stack as one flat vector
+        if rows.shape[-1] != n_in:
+            raise MixquantError(f"{path}: entry {name} has rows of {rows.shape[-1]} values, but {t.name} has "
+                                f"{n_in} inputs: the imatrix is of another model")
+        if rows.shape[0] not in (1, n_mat):
+            raise MixquantError(f"{path}: entry {name} has {rows.shape[0]} rows, {t.name} has {n_mat} matrices")
+        out[t.module] = order(t.name, rows, inverse=True)
+    if not out:
+        raise MixquantError(f"{path}: no entry matches a tensor of this model: the imatrix is of another model")
+    return out
 
 
 def stats_to_imatrix(stats: dict[str, ModuleStats], config: dict, dataset: str, chunks: int,
                      chunk_size: int) -> Imatrix:
-    arch = gguf_arch(config)
-    out = Imatrix(datasets=[dataset], chunk_count=chunks, chunk_size=chunk_size)
+    arch, gguf_name, order = _imatrix_names(config, "imatrix")
+    out = Imatrix(datasets=[dataset], chunk_count=chunks, chunk_size=chunk_size, architecture=arch)
     for module, s in stats.items():
-        name = gguf_names.gguf_name_for(arch, module)
+        name = gguf_name(weight_name(module))
         if name is None:
             continue
-        sum2 = to_llama_cpp_order(module, s.sum2, config)
+        sum2 = order(weight_name(module), s.sum2)
         out.entries[name] = ImatrixEntry(sum2.astype(np.float32), s.counts.astype(np.float32))
     return out
 
@@ -52,23 +77,18 @@ def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, 
     return stats_to_imatrix(stats, config, dataset, len(windows), windows.shape[1]), stats, config
 
 
-def calibrate(model_path: Path, calib: str, tokens: int | None, ctx: int, judge_windows: int = 0, progress=None):
+def calibrate(model_path: Path, calib: str, tokens: int | None, ctx: int, judge_windows: int = 0, progress=None,
+              config_dir: Path | None = None):
     """(per-module stats, config, calibration windows, Judge or None). The judge, on up to
     `judge_windows` windows spread over the calibration text, keeps the float model alive."""
-    import json
-
-    import mlx.core as mx
-
     from mixquant.calib.judge import Judge
-    from mixquant.eval.models import load_model, mlx_folder
+    from mixquant.loading import load
 
-    with mlx_folder(Path(model_path), "float32") as folder:
-        model, tokenizer = load_model(folder, dequantize=True)
-        mx.eval(model.parameters())  # in memory before the temporary folder goes
-        config = json.loads((folder / "config.json").read_text())
-        docs = calibration_documents(calib, tokenizer)
-        windows = calibration_windows(docs, tokenizer, tokens, ctx)
-        stats = collect(model, windows, progress)
+    loaded = load(Path(model_path), dtype="float32", dequantize=True, config_dir=config_dir)
+    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
+    docs = calibration_documents(calib, tokenizer)
+    windows = calibration_windows(docs, tokenizer, tokens, ctx)
+    stats = collect(model, windows, progress)
     judge = None
     if judge_windows > 0:
         picks = np.unique(np.linspace(0, len(windows) - 1, min(judge_windows, len(windows))).round().astype(int))

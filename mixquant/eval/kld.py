@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mixquant.bundled import EVAL_TEXT
 from mixquant.errors import MixquantError
 from mixquant.io.atomic import atomic_write
 from mixquant.eval import metrics
-from mixquant.eval.models import count_parameters, default_dequantize, load_model, mlx_folder, text_weight_bytes
+from mixquant.loading import count_parameters, default_dequantize, load, load_tokenizer, text_weight_bytes
 
-BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "eval_heldout.txt"
-REFERENCE_FORMAT = "mixquant-reference-v1"
+REFERENCE_FORMAT = "mixquant-reference-v2"  # v2: with the tokenizer's fingerprint
 AUTO_FULL_LIMIT_BYTES = 1 << 30  # keep full reference distributions while they fit in 1 GiB
 AUTO_TOPK = 256
 
@@ -41,9 +41,27 @@ def window_logprobs(model, window: np.ndarray, ctx: int) -> np.ndarray:
     return metrics.log_softmax(forward_logits(model, window)[scored_slice(ctx)])
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the token -> id map (added tokens included): two models can be compared token by
+    token only when theirs are equal."""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def check_same_tokenizer(model_path: Path, tokenizer, expected: str, reference: str) -> None:
+    got = tokenizer_fingerprint(tokenizer)
+    if got != expected:
+        raise MixquantError(f"{model_path}: its tokenizer differs from the reference's ({reference}): token ids "
+                            f"would not line up (fingerprints {got} and {expected})")
+
+
 def make_windows(tokens: list[int] | np.ndarray, ctx: int, chunks: int | None) -> np.ndarray:
     if ctx < 4:
-        raise MixquantError(f"--ctx must be at least 4, got {ctx}")
+        raise MixquantError(f"--ctx: must be at least 4, got {ctx}")
+    if chunks is not None and chunks < 1:
+        raise MixquantError(f"--chunks: must be at least 1, got {chunks}")
     tokens = np.asarray(tokens, dtype=np.int32)
     n = len(tokens) // ctx
     if chunks is not None:
@@ -54,7 +72,7 @@ def make_windows(tokens: list[int] | np.ndarray, ctx: int, chunks: int | None) -
 
 
 def read_text(path: Path | None) -> tuple[str, str]:
-    path = Path(path) if path else BUNDLED_TEXT
+    path = Path(path) if path else EVAL_TEXT
     try:
         return path.read_text(encoding="utf-8"), path.name
     except FileNotFoundError:
@@ -72,6 +90,7 @@ class Reference:
     source: str
     text: str
     topk: int  # 0: full distributions
+    tokenizer: str  # tokenizer_fingerprint of the reference model
     full: list[np.ndarray] = field(default_factory=list)  # [n_scored, V] float32
     top_ids: list[np.ndarray] = field(default_factory=list)  # [n_scored, K] int32
     top_lp: list[np.ndarray] = field(default_factory=list)  # [n_scored, K] float32
@@ -106,7 +125,7 @@ class Reference:
         arrays = {
             "format": np.array(REFERENCE_FORMAT),
             "meta": np.array(json.dumps({"n_params": self.n_params, "source": self.source, "text": self.text,
-                                         "topk": self.topk})),
+                                         "topk": self.topk, "tokenizer": self.tokenizer})),
             "windows": self.windows,
         }
         if self.topk == 0:
@@ -123,15 +142,17 @@ class Reference:
         try:
             data = np.load(path, allow_pickle=False)
             if str(data["format"]) != REFERENCE_FORMAT:
-                raise MixquantError(f"{path}: not a mixquant reference file ({data['format']})")
+                raise MixquantError(f"{path}: not a {REFERENCE_FORMAT} reference file ({data['format']}); save the "
+                                    "reference again with this version")
             meta = json.loads(str(data["meta"]))
-            ref = cls(data["windows"], meta["n_params"], meta["source"], meta["text"], meta["topk"])
+            ref = cls(data["windows"], meta["n_params"], meta["source"], meta["text"], meta["topk"],
+                      meta["tokenizer"])
             if ref.topk == 0:
                 ref.full = list(data["full"])
             else:
                 ref.top_ids, ref.top_lp, ref.target_lp = list(data["top_ids"]), list(data["top_lp"]), list(
                     data["target_lp"])
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
             raise MixquantError(f"{path}: not a readable mixquant reference file ({e})") from None
         return ref
 
@@ -150,32 +171,36 @@ def resolve_topk(topk: str | int, n_windows: int, ctx: int, vocab: int) -> int:
 
 
 def compute_reference(ref_path: Path, text_path: Path | None, ctx: int, chunks: int | None,
-                      topk: str | int = "auto", progress=None) -> Reference:
-    """Run the reference model (float32) over the text's windows."""
+                      topk: str | int = "auto", progress=None, check_model: Path | None = None) -> Reference:
+    """Run the reference model (float32) over the text's windows. With `check_model`, that model's
+    tokenizer is compared with the reference's before anything runs."""
     text, text_name = read_text(text_path)
-    with mlx_folder(ref_path, "float32") as folder:
-        model, tokenizer = load_model(folder, dequantize=True)
-        windows = make_windows(tokenizer.encode(text), ctx, chunks)
-        vocab = None
-        ref = None
-        for i, window in enumerate(windows):
-            lp = window_logprobs(model, window, ctx)
-            if ref is None:
-                vocab = lp.shape[-1]
-                ref = Reference(windows, count_parameters(model), str(ref_path), text_name,
-                                resolve_topk(topk, len(windows), ctx, vocab))
-            ref.add(lp, window[scored_slice(ctx).start + 1 :])
-            if progress:
-                progress(i + 1, len(windows))
+    resolve_topk(topk, 1, ctx, 1)  # a bad --topk fails before the model runs
+    loaded = load(Path(ref_path), dtype="float32", dequantize=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if check_model is not None:
+        check_same_tokenizer(Path(check_model), load_tokenizer(Path(check_model)), fingerprint, str(ref_path))
+    windows = make_windows(tokenizer.encode(text), ctx, chunks)
+    ref = None
+    for i, window in enumerate(windows):
+        lp = window_logprobs(model, window, ctx)
+        if ref is None:
+            ref = Reference(windows, count_parameters(model), str(ref_path), text_name,
+                            resolve_topk(topk, len(windows), ctx, lp.shape[-1]), fingerprint)
+        ref.add(lp, window[scored_slice(ctx).start + 1 :])
+        if progress:
+            progress(i + 1, len(windows))
     return ref
 
 
 def evaluate(model_path: Path, reference: Reference, dequantize: bool | None = None, progress=None) -> dict:
     """The candidate's report against the reference, in the JSON shape `mixquant eval --json` writes."""
     model_path = Path(model_path)
+    check_same_tokenizer(model_path, load_tokenizer(model_path), reference.tokenizer, reference.source)
     if dequantize is None:
         dequantize = default_dequantize()
-    model, _ = load_model(model_path, dequantize)
+    model = load(model_path, dequantize=dequantize).model
     chunks = []
     vocab_needed = int(reference.windows.max()) + 1
     for i, window in enumerate(reference.windows):

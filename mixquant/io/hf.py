@@ -59,6 +59,10 @@ class HFSource:
     def config_path(self) -> str:
         return str(self.root / "config.json")
 
+    @property
+    def name(self) -> str:
+        return self.root.name
+
     def write_side_files(self, dest: Path) -> None:
         for name in SIDE_FILES:
             if (self.root / name).is_file():
@@ -73,28 +77,64 @@ def open_hf_folder(root: Path) -> HFSource:
     if not config_path.is_file():
         raise MixquantError(f"{root}: missing config.json")
     config = load_json(config_path)
-    shards = _shard_files(root)
+    weight_map = _weight_map(root)
+    shards = sorted(set(weight_map.values())) if weight_map else sorted(root.glob("*.safetensors"))
+    if not shards:
+        raise MixquantError(f"{root}: no .safetensors files")
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
         for name, info in read_header(shard).items():
             if name in tensors:
                 raise MixquantError(f"{shard}: tensor {name} also appears in {tensors[name].file.name}")
+            if weight_map is not None and weight_map.get(name) != shard:
+                raise MixquantError(f"{shard}: holds tensor {name}, which {INDEX_FILE} does not place there")
             tensors[name] = info
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise MixquantError(f"{root / INDEX_FILE}: lists tensor {missing[0]}, which {weight_map[missing[0]].name} "
+                                "does not hold")
     return HFSource(root, config, tensors)
 
 
-def _shard_files(root: Path) -> list[Path]:
-    index_path = root / "model.safetensors.index.json"
-    if index_path.is_file():
-        weight_map = load_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise MixquantError(f"{index_path}: no weight_map")
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not (root / name).is_file():
-                raise MixquantError(f"{index_path}: shard {name} is missing")
-        return [root / n for n in files]
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise MixquantError(f"{root}: no .safetensors files")
-    return files
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _weight_map(root: Path) -> dict[str, Path] | None:
+    """tensor name -> shard path from the index, or None without an index."""
+    index_path = root / INDEX_FILE
+    if not index_path.is_file():
+        return None
+    weight_map = load_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MixquantError(f"{index_path}: no weight_map")
+    for name in sorted(set(weight_map.values())):
+        if "/" in name or name.startswith("."):
+            raise MixquantError(f"{index_path}: shard name {name!r} is not a file in the folder")
+        if not (root / name).is_file():
+            raise MixquantError(f"{index_path}: shard {name} is missing")
+    return {k: root / v for k, v in weight_map.items()}
+
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def read_chat_template(folder: Path) -> tuple[str | None, dict]:
+    """(chat template source or None, special token strings) from chat_template.jinja or
+    tokenizer_config.json."""
+    folder = Path(folder)
+    config = load_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    specials = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            specials[key] = value
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8"), specials
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return (template if isinstance(template, str) and template else None), specials

@@ -20,6 +20,7 @@ from mixquant.io.atomic import atomic_write
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
+KEY_ARCHITECTURE = "mixquant.architecture"  # the GGUF architecture of the model it was computed on
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    architecture: str | None = None  # known for imatrices mixquant wrote
 
 
 def read_imatrix(path: Path) -> Imatrix:
@@ -54,29 +56,28 @@ def read_imatrix(path: Path) -> Imatrix:
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    import gguf
+    from mixquant.io.gguf import read_all, read_gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, OSError) as e:
-        raise MixquantError(f"{path}: truncated or corrupt GGUF imatrix ({e})") from None
+    f = read_gguf(path)
 
-    def field_value(key, default):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+    def scalar(key, default):
+        value = f.get(key, default)
+        return value if isinstance(value, int) else default
 
-    tensors = {t.name: t for t in reader.tensors}
-    out = Imatrix(datasets=list(field_value(KEY_DATASETS, [])), chunk_count=int(field_value(KEY_CHUNK_COUNT, 0)),
-                  chunk_size=int(field_value(KEY_CHUNK_SIZE, 0)))
-    for name, t in tensors.items():
+    datasets = f.get(KEY_DATASETS, [])
+    arch = f.get(KEY_ARCHITECTURE)
+    out = Imatrix(datasets=[d for d in datasets if isinstance(d, str)] if isinstance(datasets, list) else [],
+                  chunk_count=scalar(KEY_CHUNK_COUNT, 0), chunk_size=scalar(KEY_CHUNK_SIZE, 0),
+                  architecture=arch if isinstance(arch, str) else None)
+    for name, t in f.tensors.items():
         if not name.endswith(".in_sum2"):
             continue  # .counts come with their in_sum2; others (e.g. .in_sum) are not used
         base = name[: -len(".in_sum2")]
-        counts = tensors.get(base + ".counts")
+        counts = f.tensors.get(base + ".counts")
         if counts is None:
             raise MixquantError(f"{path}: {base}.in_sum2 has no {base}.counts")
-        in_sum2 = np.array(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))
-        c = np.array(counts.data, dtype=np.float32).reshape(-1)
+        in_sum2 = read_all(t).reshape(-1, t.shape[-1])
+        c = read_all(counts).reshape(-1)
         if len(c) != in_sum2.shape[0]:
             raise MixquantError(f"{path}: {base} has {in_sum2.shape[0]} rows of in_sum2 but {len(c)} counts")
         out.entries[base] = ImatrixEntry(in_sum2, c)
@@ -108,11 +109,15 @@ def _read_dat(path: Path) -> Imatrix:
             raise MixquantError(f"{path}: corrupt legacy imatrix (name length {length})")
         name = take(f"<{length}s")[0].decode("utf-8", errors="replace")
         ncall, nval = take("<ii")
-        values = np.array(take(f"<{nval}f"), dtype=np.float32)
-        # stored as (sum / count) * ncall; one row unless it is an expert stack, whose rows we cannot
-        # tell apart here beyond their length: keep the flat vector as one row per n_in block.
-        out.entries[name] = ImatrixEntry(values[None, :] if ncall else values[None, :],
-                                         np.array([float(ncall)], dtype=np.float32))
+        if nval <= 0:
+            raise MixquantError(f"{path}: corrupt legacy imatrix ({name}: {nval} values)")
+        if pos + 4 * nval > len(data):
+            raise MixquantError(f"{path}: truncated legacy imatrix (at byte {pos})")
+        values = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        pos += 4 * nval
+        # stored as (sum / count) * ncall, one flat vector even for an expert stack: the tensor it is
+        # matched with tells its rows apart (mixquant.calib.imatrix.match_imatrix)
+        out.entries[name] = ImatrixEntry(values[None, :], np.array([float(ncall)], dtype=np.float32))
     if pos + 4 <= len(data):
         (out.chunk_count,) = take("<i")
         if pos + 4 <= len(data):
@@ -131,6 +136,8 @@ def write_imatrix_gguf(path: Path, imatrix: Imatrix) -> None:
         w.add_array(KEY_DATASETS, list(imatrix.datasets) or ["unknown"])
         w.add_uint32(KEY_CHUNK_COUNT, int(imatrix.chunk_count))
         w.add_uint32(KEY_CHUNK_SIZE, int(imatrix.chunk_size))
+        if imatrix.architecture:
+            w.add_string(KEY_ARCHITECTURE, imatrix.architecture)
         for name in sorted(imatrix.entries):
             e = imatrix.entries[name]
             w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(e.in_sum2, dtype=np.float32))

@@ -10,9 +10,10 @@ several pieces (one expert at a time for stacked MoE weights).
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise MixquantError(f"{path}: cannot read: {e.strerror}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise MixquantError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
         raise MixquantError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -74,16 +75,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise MixquantError(f"{path}: corrupt safetensors header entry for tensor {name}") from None
+        dtype, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
+            entry, dict) else (None, None, None)
+        if not (isinstance(dtype, str) and _int_list(shape) and _int_list(offsets) and len(offsets) == 2):
+            raise MixquantError(f"{path}: corrupt safetensors header entry for tensor {name}")
         if dtype not in DTYPES:
             raise MixquantError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
-        if end - begin != nbytes or begin < 0:
+        shape, (begin, end) = tuple(shape), offsets
+        nbytes = prod(shape) * DTYPES[dtype][1]
+        if end - begin != nbytes:
             raise MixquantError(f"{path}: tensor {name} byte range {begin}..{end} does not match {dtype}{list(shape)}")
         if data_start + end > size:
             raise MixquantError(f"{path}: truncated: tensor {name} ends at byte {data_start + end}, file has {size}")
@@ -91,29 +91,53 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def read_tensor(info: TensorInfo, index=None) -> np.ndarray:
-    """Load one tensor (or `info`-relative `index` of it) as float32 if it is a float tensor.
+def _int_list(value) -> bool:
+    """A JSON list of non-negative integers."""
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
-    The file region is mapped only for the duration of this call; the returned array is a copy.
+
+def read_tensor(info: TensorInfo, index=None) -> np.ndarray:
+    """Load one tensor, or `index` of it, as float32 if it is a float tensor.
+
+    `index` is None or leading integer indices followed by at most one slice (a block of rows of
+    one expert, say): such a selection is one contiguous byte range, read with a positioned read.
+    Nothing maps the file, so an interrupt can never leave a view of a closed mapping behind.
     """
-    np_dtype, _ = DTYPES[info.dtype]
-    if info.nbytes == 0:
-        arr = np.zeros(info.shape, dtype=np_dtype)
+    np_dtype, itemsize = DTYPES[info.dtype]
+    start, count, shape = _byte_range(info.shape, itemsize, index)
+    if count == 0:
+        arr = np.zeros(shape, dtype=np_dtype)
     else:
-        page = mmap.ALLOCATIONGRANULARITY
-        start = info.offset - info.offset % page
         with open(info.file, "rb") as f:
-            mm = mmap.mmap(f.fileno(), info.offset - start + info.nbytes, access=mmap.ACCESS_READ, offset=start)
-        try:
-            view = np.frombuffer(mm, dtype=np_dtype, count=info.nbytes // DTYPES[info.dtype][1],
-                                 offset=info.offset - start).reshape(info.shape)
-            if index is not None:
-                view = view[index]
-            arr = _to_float32(view, info.dtype) if info.dtype in FLOAT_DTYPES else np.array(view)
-            del view
-        finally:
-            mm.close()
-    return arr
+            raw = os.pread(f.fileno(), count * itemsize, info.offset + start)
+        if len(raw) != count * itemsize:
+            raise MixquantError(f"{info.file}: truncated: tensor {info.name} could not be read")
+        arr = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+    return _to_float32(arr, info.dtype) if info.dtype in FLOAT_DTYPES else arr.copy()
+
+
+def _byte_range(shape: tuple[int, ...], itemsize: int, index) -> tuple[int, int, tuple[int, ...]]:
+    """(first byte, element count, result shape) of `index` into a C-ordered array of `shape`."""
+    index = () if index is None else (index if isinstance(index, tuple) else (index,))
+    strides = [int(np.prod(shape[i + 1 :], dtype=np.int64)) for i in range(len(shape))]
+    first, dim = 0, 0
+    for ix in index:
+        if isinstance(ix, slice):
+            lo, hi, step = ix.indices(shape[dim])
+            if step != 1:
+                raise ValueError(f"stepped index {ix}")
+            n = max(0, hi - lo)
+            first += lo * strides[dim]
+            rest = shape[dim + 1 :]
+            if dim + 1 < len(index) and not all(isinstance(j, slice) and j == slice(None) for j in index[dim + 1 :]):
+                raise ValueError(f"index {index} is not one contiguous range")
+            return first * itemsize, n * strides[dim], (n, *rest)
+        if not -shape[dim] <= ix < shape[dim]:
+            raise IndexError(f"index {ix} out of range for dimension {shape[dim]}")
+        first += (ix % shape[dim]) * strides[dim]
+        dim += 1
+    rest = tuple(shape[dim:])
+    return first * itemsize, int(np.prod(rest, dtype=np.int64)), rest
 
 
 def _to_float32(view: np.ndarray, dtype: str) -> np.ndarray:

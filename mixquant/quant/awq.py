@@ -27,21 +27,22 @@ o_proj / out_proj have no foldable predecessor.
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from mixquant.arch.tensors import SCOPE_MODEL, Structure
+from mixquant.blocks import read_part
 from mixquant.errors import MixquantError
+from mixquant.quant.encode import mx_dtype
 from mixquant.quant.fit import fake_quantize
+
+log = logging.getLogger(__name__)
 
 GRID = tuple(round(0.1 * i, 1) for i in range(11))
 SCALE_CLAMP = (1e-4, 1e4)
 MIN_SAMPLE_ROWS = 16
-
-ATTN_IN = ("attn_q", "attn_k", "attn_v", "ssm_in_qkv", "ssm_in_z", "ssm_in_a", "ssm_in_b")
-MLP_IN = ("ffn_gate", "ffn_up", "moe_router", "moe_gate_exps", "moe_up_exps", "shexp_gate", "shexp_up", "shexp_router")
-STAT_PREFERENCE = {"attn": ("attn_q", "ssm_in_qkv"), "mlp": ("ffn_gate", "moe_router")}
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Group:
     stat_module: str  # module whose recorded input (and imatrix entry) is the group's input
     stat_mat: int
     members: list[Member]
-    down: str | None = None  # dense MLP groups: the down_proj that reads the consumers' output
+    down: str | None = None  # a dense MLP's gate/up group: the down projection that reads their output
 
 
 @dataclass
@@ -75,32 +76,36 @@ class AwqResult:
         return self.fits.get((name, part), self.fits.get((name, None)))
 
 
-def groups(plan) -> list[Group]:
+def groups(plan, structure: Structure) -> list[Group]:
+    """The AWQ groups of the model's layers, from the family's structure."""
     by_layer: dict[int, list] = {}
     for e in plan.entries:
         t = e.tensor
-        if t.scope == "model" and t.layer is not None:
+        if t.scope == SCOPE_MODEL and t.layer is not None:
             by_layer.setdefault(t.layer, []).append(t)
     out = []
     for layer, ts in sorted(by_layer.items()):
-        roles = {t.role.name: t for t in ts}
-        for kind, norm_role, consumer_roles in (("attn", "input_norm", ATTN_IN), ("mlp", "post_attn_norm", MLP_IN)):
-            consumers = [t for t in ts if t.role.name in consumer_roles]
-            stat = next((roles[r] for r in STAT_PREFERENCE[kind] if r in roles), None)
-            if norm_role not in roles or not consumers or stat is None:
+        by_role = {t.role: t for t in ts}
+        for ng in structure.norm_groups:
+            consumers = [by_role[r] for r in ng.consumers if r in by_role]
+            stat = next((t for t in consumers if not t.stacked), None)  # its recorded input: every token
+            if ng.norm not in by_role or stat is None:
                 continue
-            members = [Member(roles[norm_role].name, None, "norm")] + [Member(t.name, None, "cols") for t in consumers]
-            down = roles["ffn_down"].name if kind == "mlp" and "ffn_down" in roles else None
-            out.append(Group(f"layer {layer} {kind}", stat.module, 0, members, down))
-        for up_role, down_role in (("ffn_up", "ffn_down"), ("shexp_up", "shexp_down")):
-            if up_role in roles and down_role in roles:
-                out.append(Group(f"layer {layer} {down_role}", roles[down_role].module, 0,
-                                 [Member(roles[up_role].name, None, "rows"), Member(roles[down_role].name, None, "cols")]))
-        if "moe_up_exps" in roles and "moe_down_exps" in roles:
-            up, down = roles["moe_up_exps"], roles["moe_down_exps"]
-            for e in range(len(down.parts)):
-                out.append(Group(f"layer {layer} expert {e} down", down.module, e,
-                                 [Member(up.name, e, "rows"), Member(down.name, e, "cols")]))
+            members = [Member(by_role[ng.norm].name, None, "norm")] + [Member(t.name, None, "cols") for t in consumers]
+            down = None
+            if structure.mlp and {t.role for t in consumers} == set(structure.mlp[:2]) and structure.mlp[2] in by_role:
+                down = by_role[structure.mlp[2]].name
+            out.append(Group(f"layer {layer} {ng.name}", stat.module, 0, members, down))
+        for up_role, down_role in structure.up_down:
+            if up_role not in by_role or down_role not in by_role:
+                continue
+            up, down = by_role[up_role], by_role[down_role]
+            if down.stacked:
+                out += [Group(f"layer {layer} expert {e} down", down.module, e,
+                              [Member(up.name, e, "rows"), Member(down.name, e, "cols")]) for e in range(len(down.parts))]
+            else:
+                out.append(Group(f"layer {layer} {down_role.value}", down.module, 0,
+                                 [Member(up.name, None, "rows"), Member(down.name, None, "cols")]))
     return out
 
 
@@ -111,8 +116,8 @@ def scales_for(importance: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _weights(source, entry, part: int | None) -> list[np.ndarray]:
-    parts = entry.tensor.parts if part is None else [entry.tensor.parts[part]]
-    return [source.read(p.source, p.index) for p in parts]
+    parts = range(len(entry.tensor.parts)) if part is None else [part]
+    return [read_part(source, entry.tensor, i) for i in parts]
 
 
 def search_alpha(source, plan_by_name, group: Group, importance: np.ndarray, x: np.ndarray, dtype,
@@ -122,8 +127,7 @@ def search_alpha(source, plan_by_name, group: Group, importance: np.ndarray, x: 
     if not consumers or len(x) < MIN_SAMPLE_ROWS:
         return 0.0
     ws = [(plan_by_name[m.name], w) for m in consumers for w in _weights(source, plan_by_name[m.name], m.part)]
-    roles = [plan_by_name[m.name].tensor.role.name for m in consumers]
-    if roles == ["ffn_gate", "ffn_up"] and group.down is not None:
+    if group.down is not None and len(ws) == 2:
         return _search_mlp_block(ws, source, plan_by_name[group.down], importance, x, dtype, confirm)
     def errors(alpha):
         s = scales_for(importance, alpha)
@@ -169,20 +173,19 @@ def _search_mlp_block(ws, source, down_entry, importance, x, dtype, confirm: boo
     return _choose(errors, confirm)
 
 
-def compute(source, plan, importance_of, samples_of, alpha: float | None, strict: bool, judge=None) -> AwqResult:
+def compute(source, plan, structure: Structure, importance_of, samples_of, alpha: float | None, strict: bool,
+            judge=None) -> AwqResult:
     """Scales for every group. importance_of(module, mat) and samples_of(module, mat) return arrays
     or None when the imatrix / calibration has nothing for that input. With a judge (searched alpha
     only), each group's candidates -- the searched scales, the clipping fit, both -- are kept only
     where they lower the judge's end-to-end divergence."""
-    from mixquant.convert import MX_DTYPES
-
     plan_by_name = {e.tensor.name: e for e in plan.entries}
     result = AwqResult()
-    dtype = MX_DTYPES[plan.entries[0].dtype if plan.entries else "BF16"]
+    dtype = mx_dtype(plan.entries[0].dtype if plan.entries else "BF16")
     state = _JudgedState(judge, plan_by_name, dtype) if judge is not None and alpha is None else None
     before = state.divergence if state is not None else None
     warned = False
-    for g in groups(plan):
+    for g in groups(plan, structure):
         imp = importance_of(g.stat_module, g.stat_mat)
         n_in = plan_by_name[next(m.name for m in g.members if m.op == "cols")].tensor.in_features
         if imp is None or imp.shape[-1] != n_in:
@@ -190,8 +193,8 @@ def compute(source, plan, importance_of, samples_of, alpha: float | None, strict
             if strict:
                 raise MixquantError(f"imatrix: {g.stat_module}: {why}")
             if not warned:
-                print(f"mixquant: warning: imatrix does not cover every group ({g.key}: {why}); "
-                      "AWQ is skipped there (listed in the model card)", file=sys.stderr)
+                log.warning("imatrix does not cover every group (%s: %s); AWQ is skipped there (listed in the "
+                            "model card)", g.key, why)
                 warned = True
             result.skipped[g.key] = why
             continue

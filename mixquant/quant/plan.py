@@ -7,17 +7,20 @@ follows it exactly, so its byte counts are what lands on disk.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
-from mixquant.arch.tensors import ArchPlan, LogicalTensor
+from mixquant.arch.tensors import (MTP_FILE, SCOPE_MODEL, SCOPE_MTP, SCOPE_VISION, ArchPlan, LogicalTensor,
+                                   quantized_names)
 from mixquant.errors import MixquantError
+from mixquant.io.output import CONFIG_MARKER
 from mixquant.io.safetensors import OutSpec, file_size
 from mixquant.quant.recipe import Recipe
 
 DTYPE_TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 MODEL_FILE = "model"  # model.safetensors or model-0000K-of-0000N.safetensors
-MTP_FILE = "mtp.safetensors"  # sidecar: mlx-lm loads only model*.safetensors, so it never sees it
+SAFETENSORS_METADATA = {"format": "mlx"}
+DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 @dataclass
@@ -40,12 +43,12 @@ class TensorPlan:
         if not self.quantized:
             return [OutSpec(t.name, self.dtype, t.shape)]
         *lead, in_features = t.shape
-        base = t.module
+        codes, scales, biases = quantized_names(t.module)
         groups = in_features // self.group_size
         return [
-            OutSpec(f"{base}.weight", "U32", (*lead, in_features * self.bits // 32)),
-            OutSpec(f"{base}.scales", self.dtype, (*lead, groups)),
-            OutSpec(f"{base}.biases", self.dtype, (*lead, groups)),
+            OutSpec(codes, "U32", (*lead, in_features * self.bits // 32)),
+            OutSpec(scales, self.dtype, (*lead, groups)),
+            OutSpec(biases, self.dtype, (*lead, groups)),
         ]
 
     @property
@@ -54,7 +57,7 @@ class TensorPlan:
 
     @property
     def file_kind(self) -> str:
-        return MTP_FILE if self.tensor.scope == "mtp" else MODEL_FILE
+        return MTP_FILE if self.tensor.scope == SCOPE_MTP else MODEL_FILE
 
 
 @dataclass
@@ -63,6 +66,11 @@ class Plan:
     arch: ArchPlan
     recipe: Recipe | None
     dtype: str  # bfloat16 | float16 | float32
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    warnings: list[str] = field(default_factory=list)  # e.g. a rules-file rule that matches no tensor
+
+    def __post_init__(self):
+        self.files = self._layout()
 
     # -- totals ---------------------------------------------------------------------------------
     def scope_totals(self, scope: str) -> tuple[int, int]:
@@ -76,12 +84,13 @@ class Plan:
     @property
     def bits_per_weight(self) -> float:
         """Bits per weight of the text model (scales and biases counted; MTP and vision not)."""
-        params, nbytes = self.scope_totals("model")
+        params, nbytes = self.scope_totals(SCOPE_MODEL)
         return 8 * nbytes / params if params else 0.0
 
     # -- file layout ----------------------------------------------------------------------------
-    def shards(self, max_shard_bytes: int) -> dict[str, list[TensorPlan]]:
+    def _layout(self) -> dict[str, list[TensorPlan]]:
         """File name -> entries, in order. Model tensors fill shards up to max_shard_bytes."""
+        max_shard_bytes = self.max_shard_bytes
         groups: list[list[TensorPlan]] = [[]]
         size = 0
         for e in self.entries:
@@ -101,12 +110,15 @@ class Plan:
             files[MTP_FILE] = mtp
         return files
 
-    def file_bytes(self, max_shard_bytes: int) -> int:
+    @property
+    def file_bytes(self) -> int:
         """Exact bytes of all safetensors files the writer will produce (headers included)."""
-        return sum(
-            file_size([s for e in es for s in e.out_specs()], SAFETENSORS_METADATA)
-            for es in self.shards(max_shard_bytes).values()
-        )
+        return sum(file_size([s for e in es for s in e.out_specs()], SAFETENSORS_METADATA)
+                   for es in self.files.values())
+
+    @property
+    def model_files(self) -> list[str]:
+        return [f for f in self.files if f != MTP_FILE]
 
     # -- config ---------------------------------------------------------------------------------
     def quantization_config(self) -> dict | None:
@@ -125,7 +137,10 @@ class Plan:
         return q
 
     def output_config(self) -> dict:
+        from mixquant import __version__
+
         config = json.loads(json.dumps(self.arch.config))
+        config[CONFIG_MARKER] = {"version": __version__, "recipe": self.recipe.name if self.recipe else "none"}
         q = self.quantization_config()
         if q is not None:
             config["quantization"] = q
@@ -137,7 +152,7 @@ class Plan:
         return [
             {
                 "name": e.tensor.name,
-                "role": e.tensor.role.name,
+                "role": e.tensor.role.value,
                 "scope": e.tensor.scope,
                 "shape": list(e.tensor.shape),
                 "bits": e.bits,
@@ -148,8 +163,8 @@ class Plan:
             for e in self.entries
         ]
 
-    def summary(self, max_shard_bytes: int) -> dict:
-        params, nbytes = self.scope_totals("model")
+    def summary(self) -> dict:
+        params, nbytes = self.scope_totals(SCOPE_MODEL)
         return {
             "recipe": self.recipe.name if self.recipe else "none",
             "dtype": self.dtype,
@@ -157,16 +172,17 @@ class Plan:
             "model_params": params,
             "model_bytes": nbytes,
             "bits_per_weight": round(self.bits_per_weight, 4),
-            "mtp_bytes": self.scope_totals("mtp")[1],
-            "vision_bytes": self.scope_totals("vision")[1],
-            "file_bytes": self.file_bytes(max_shard_bytes),
-            "files": list(self.shards(max_shard_bytes)),
+            "mtp_bytes": self.scope_totals(SCOPE_MTP)[1],
+            "vision_bytes": self.scope_totals(SCOPE_VISION)[1],
+            "file_bytes": self.file_bytes,
+            "files": list(self.files),
         }
 
-    def to_json(self, max_shard_bytes: int) -> dict:
-        return {"summary": self.summary(max_shard_bytes), "tensors": self.rows(), "dropped": self.arch.dropped}
+    def to_json(self) -> dict:
+        return {"summary": self.summary(), "tensors": self.rows(), "dropped": self.arch.dropped,
+                "warnings": self.warnings}
 
-    def format_table(self, max_shard_bytes: int) -> str:
+    def format_table(self) -> str:
         rows = self.rows()
         header = ("name", "role", "shape", "bits", "group", "bytes")
         cells = [
@@ -186,7 +202,7 @@ class Plan:
         def line(c):
             return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths)))
 
-        s = self.summary(max_shard_bytes)
+        s = self.summary()
         out = [line(header), line(["-" * w for w in widths]), *map(line, cells), ""]
         out.append(f"recipe: {s['recipe']}   dtype: {s['dtype']}   tensors: {s['tensors']}")
         out.append(
@@ -198,19 +214,18 @@ class Plan:
         if s["vision_bytes"]:
             out.append(f"vision tower: {s['vision_bytes'] / 1e9:.4f} GB (unquantized)")
         out.append(f"files: {', '.join(s['files'])}   total {s['file_bytes'] / 1e9:.4f} GB on disk")
+        out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
 
 
-SAFETENSORS_METADATA = {"format": "mlx"}
-
-
-def make_plan(arch: ArchPlan, recipe: Recipe | None, dtype: str = "bfloat16") -> Plan:
+def make_plan(arch: ArchPlan, recipe: Recipe | None, dtype: str = "bfloat16",
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Plan:
     if dtype not in DTYPE_TAGS:
         raise MixquantError(f"--dtype: unsupported {dtype!r} (use bfloat16, float16 or float32)")
     tag = DTYPE_TAGS[dtype]
     entries = []
     for t in arch.tensors:
-        float_tag = "F32" if t.role.keep_float32 else tag
+        float_tag = "F32" if t.keep_float32 else tag
         decision = recipe.decide(t) if recipe else None
         if decision is None or decision.bits is None:
             entries.append(TensorPlan(t, None, None, float_tag))
@@ -221,4 +236,9 @@ def make_plan(arch: ArchPlan, recipe: Recipe | None, dtype: str = "bfloat16") ->
                 f"of {t.name} (shape {list(t.shape)})"
             )
         entries.append(TensorPlan(t, decision.bits, decision.group_size, float_tag))
-    return Plan(entries, arch, recipe, dtype)
+    warnings = []
+    if recipe is not None:
+        quantizable = [t for t in arch.tensors if t.role.quantizable]
+        warnings = [f"{rule.where} matches no quantizable tensor" for rule in recipe.rules
+                    if rule.where and not any(rule.matches(t) for t in quantizable)]
+    return Plan(entries, arch, recipe, dtype, max_shard_bytes, warnings)

@@ -14,41 +14,34 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mixquant.arch.tensors import LogicalTensor
+from mixquant.arch.roles import ATTN_IN, ATTN_OUT, EMBED, FFN_DOWN, FFN_GATE_UP, LM_HEAD, ROUTERS, SSM_GATES, Role
+from mixquant.arch.tensors import SCOPE_MODEL, SCOPE_MTP, SCOPE_VISION, LogicalTensor
 from mixquant.errors import MixquantError
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
-SCOPES = ("model", "mtp", "vision", "any")
-
-# Role families the built-in recipes speak of.
-FFN_GATE_UP = ("ffn_gate", "ffn_up", "moe_gate_exps", "moe_up_exps", "shexp_gate", "shexp_up")
-FFN_DOWN = ("ffn_down", "moe_down_exps", "shexp_down")
-ATTN_IN = ("attn_q", "attn_k", "attn_v", "ssm_in_qkv", "ssm_in_z")
-ATTN_OUT = ("attn_o", "ssm_out")
-SSM_GATES = ("ssm_in_a", "ssm_in_b")
-ROUTERS = ("moe_router", "shexp_router")
-EMBED = ("embed",)
-LM_HEAD = ("lm_head",)
+SCOPE_ANY = "any"
+SCOPES = (SCOPE_MODEL, SCOPE_MTP, SCOPE_VISION, SCOPE_ANY)
 ROUTER_BITS = 8
 
 
 @dataclass(frozen=True)
 class Rule:
-    roles: tuple[str, ...] = ()
+    roles: frozenset[Role] = frozenset()
     glob: str | None = None
     regex: str | None = None
-    scope: str = "model"
+    scope: str = SCOPE_MODEL
     bits: int | None = None
     group_size: int | None = None
     keep: bool = False  # leave unquantized
     note: str = ""
+    where: str = ""  # rules from a file: "FILE: rules[i]", for messages about that rule
 
     def matches(self, t: LogicalTensor) -> bool:
-        if self.scope != "any" and t.scope != self.scope:
+        if self.scope != SCOPE_ANY and t.scope != self.scope:
             return False
-        if self.roles and t.role.name not in self.roles:
+        if self.roles and t.role not in self.roles:
             return False
         if self.glob is not None and not fnmatch.fnmatchcase(t.name, self.glob):
             return False
@@ -116,7 +109,7 @@ def uniform(bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> Recipe:
     """Every linear, the embedding and lm_head at `bits`; MoE routers at 8 bits, as mlx_lm.convert does."""
     check_bits(bits, "--q-bits")
     rules = [
-        Rule(roles=FFN_GATE_UP + FFN_DOWN + ATTN_IN + ATTN_OUT + SSM_GATES + EMBED + LM_HEAD, bits=bits),
+        Rule(roles=FFN_GATE_UP | FFN_DOWN | ATTN_IN | ATTN_OUT | SSM_GATES | EMBED | LM_HEAD, bits=bits),
         Rule(roles=ROUTERS, bits=ROUTER_BITS, note="routers stay at 8 bits"),
     ]
     return Recipe(f"uniform-{bits}", rules, group_size, bits)
@@ -188,6 +181,15 @@ def _rule_from_table(entry: dict, where: str) -> Rule:
         roles = [roles]
     if "role" in entry:
         roles = [*roles, entry["role"]]
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise MixquantError(f"{where}: role/roles must be names (strings)")
+    known = {r.value for r in Role}
+    unknown_roles = [r for r in roles if r not in known]
+    if unknown_roles:
+        raise MixquantError(f"{where}: unknown role {unknown_roles[0]!r} (known: {', '.join(sorted(known))})")
+    for key in ("name", "regex", "scope"):
+        if key in entry and not isinstance(entry[key], str):
+            raise MixquantError(f"{where}: {key} must be a string")
     if not roles and "name" not in entry and "regex" not in entry:
         raise MixquantError(f"{where}: needs one of name (glob), regex or role")
     if "regex" in entry:
@@ -195,19 +197,26 @@ def _rule_from_table(entry: dict, where: str) -> Rule:
             re.compile(entry["regex"])
         except re.error as e:
             raise MixquantError(f"{where}: bad regex ({e})") from None
-    scope = entry.get("scope", "model")
+    scope = entry.get("scope", SCOPE_MODEL)
     if scope not in SCOPES:
         raise MixquantError(f"{where}: scope must be one of {', '.join(SCOPES)}")
-    keep = bool(entry.get("keep", False))
+    keep = entry.get("keep", False)
+    if not isinstance(keep, bool):
+        raise MixquantError(f"{where}: keep must be true or false")
     bits = entry.get("bits")
     if bits is not None:
+        if not isinstance(bits, int) or isinstance(bits, bool):
+            raise MixquantError(f"{where}: bits must be an integer")
         check_bits(bits, f"{where}: bits")
     if not keep and bits is None and "group_size" not in entry:
         raise MixquantError(f"{where}: says neither bits, group_size nor keep")
     group = entry.get("group_size")
     if group is not None:
+        if not isinstance(group, int) or isinstance(group, bool):
+            raise MixquantError(f"{where}: group_size must be an integer")
         check_group_size(group, f"{where}: group_size")
-    return Rule(tuple(roles), entry.get("name"), entry.get("regex"), scope, bits, group, keep)
+    return Rule(frozenset(Role(r) for r in roles), entry.get("name"), entry.get("regex"), scope, bits, group, keep,
+                where=where)
 
 
 def recipe_from_options(recipe: str, bits: int | None, group_size: int, out_proj_8bit: bool = False) -> Recipe:

@@ -1,26 +1,28 @@
-"""Chat on mlx-lm's model classes: sampling defaults from generation_config.json, thinking and
-tool calls split out of the text, streaming, and a session that keeps the prompt cache (KV for
-attention, recurrent state for Gated DeltaNet) between turns.
+"""Chat on mlx-lm's model classes and generation engine: sampling defaults from
+generation_config.json, thinking and tool calls split out of the text, stop strings, streaming, and
+a session that keeps the prompt cache (KV for attention, recurrent state for Gated DeltaNet)
+between turns.
 
-The decode loop is our own so that the cache holds exactly the tokens we say it holds: after a
-turn it holds the prompt and every generated token but the last one. A later turn whose rendered
+Tokens are decoded by mlx-lm's `generate_step` on the session's cache; what we add around it is
+per token and constant-time. A token `generate_step` yields has already been fed to the cache, so
+after a turn the cache holds the prompt and every generated token. A later turn whose rendered
 conversation extends the cached tokens prefills only the new ones; one that extends the previous
-prompt (the template re-renders the assistant's reply its own way) restores the snapshot taken at
-the end of that prompt; anything else (an edited history) starts from an empty cache.
+conversation (the template re-renders the assistant's reply its own way) restores the snapshot
+taken at the end of that conversation; anything else (an edited history) starts from an empty cache.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixquant.errors import MixquantError
-from mixquant.runtime.template import load_template, render
+from mixquant.runtime.template import render
 from mixquant.runtime.toolcalls import ToolCall, parse_tool_calls
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 PREFILL_STEP = 512
 
 
@@ -65,7 +67,7 @@ def _snapshot(cache) -> list:
             snap.append(("arrays", list(c.cache), None))
         else:
             raise MixquantError(f"chat: cannot keep a {type(c).__name__} between turns")
-    mx.eval([a for kind, v, _ in snap for a in (v if kind == "kv" else v) if a is not None])
+    mx.eval([a for _, v, _ in snap for a in v if a is not None])
     return snap
 
 
@@ -83,31 +85,38 @@ def _restore(model, snapshot) -> list:
 
 
 class Model:
-    def __init__(self, path: Path, model, tokenizer):
-        self.path = Path(path)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.template, self.specials = load_template(self.path)
-        gen = self.path / "generation_config.json"
-        self.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
-        eos = self.generation_config.get("eos_token_id", tokenizer.eos_token_id)
+    """A loaded model ready to chat: mlx-lm's model and tokenizer with the model's own template."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.path = Path(loaded.path)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.template, self.specials = loaded.template, loaded.specials
+        self.generation_config = loaded.generation_config
+        eos = self.generation_config.get("eos_token_id", self.tokenizer.eos_token_id)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids.add(self.tokenizer.eos_token_id)
 
     # -- prompt -------------------------------------------------------------------------------------
+    def _template(self) -> str:
+        if not self.template:
+            raise MixquantError(f"{self.path}: the model has no chat template")
+        return self.template
+
     def prompt(self, messages, tools=None, enable_thinking=None) -> str:
-        return render(self.template, messages, tools=tools, add_generation_prompt=True, specials=self.specials,
+        return render(self._template(), messages, tools=tools, add_generation_prompt=True, specials=self.specials,
                       enable_thinking=enable_thinking)
 
     def render_history(self, messages, tools=None, enable_thinking=None) -> str:
-        return render(self.template, messages, tools=tools, add_generation_prompt=False, specials=self.specials,
+        return render(self._template(), messages, tools=tools, add_generation_prompt=False, specials=self.specials,
                       enable_thinking=enable_thinking)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     # -- generation ---------------------------------------------------------------------------------
-    def _sampler(self, temperature, top_p, top_k, min_p):
+    def sampler(self, temperature=None, top_p=None, top_k=None, min_p=None):
         from mlx_lm.sample_utils import make_sampler
 
         g = self.generation_config
@@ -118,7 +127,7 @@ class Model:
                             top_k=g.get("top_k", 0) if top_k is None else top_k,
                             min_p=g.get("min_p", 0.0) if min_p is None else min_p)
 
-    def _processors(self, repetition_penalty, presence_penalty):
+    def processors(self, repetition_penalty=None, presence_penalty=None) -> list:
         from mlx_lm.sample_utils import make_logits_processors
 
         g = self.generation_config
@@ -126,15 +135,27 @@ class Model:
             repetition_penalty=g.get("repetition_penalty") if repetition_penalty is None else repetition_penalty,
             presence_penalty=presence_penalty)
 
-    def forward(self, tokens: list[int], cache):
-        """Feed tokens into the cache; logits of the last position (float32)."""
+    def stream(self, prompt: list[int], session: "ChatSession", *, max_new_tokens: int, sampler=None,
+               processors=None, boundary: int | None = None):
+        """Token ids as mlx-lm's generate_step decodes them on the session's cache, after prefilling
+        what of `prompt` the cache does not hold. The path every chat, stream and benchmark takes."""
         import mlx.core as mx
+        from mlx_lm.generate import generate_step
 
-        logits = None
-        for i in range(0, len(tokens), PREFILL_STEP):
-            logits = self.model(mx.array([tokens[i : i + PREFILL_STEP]]), cache=cache)
-            mx.eval([c.state for c in cache])
-        return logits[0, -1].astype(mx.float32)
+        if max_new_tokens < 1:
+            raise MixquantError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
+        fresh = session.prepare(prompt, boundary)
+        history = mx.array(prompt[: len(prompt) - len(fresh)])  # for penalties: they see the whole context
+        processors = [_with_history(p, history) for p in processors or []]
+        steps = generate_step(mx.array(fresh), self.model, max_tokens=max_new_tokens, sampler=sampler,
+                              logits_processors=processors or None, prompt_cache=session.cache,
+                              prefill_step_size=PREFILL_STEP)
+        for token, _ in steps:
+            if fresh:  # generate_step has fed the rest of the prompt by its first token
+                session.tokens += fresh
+                fresh = []
+            session.tokens.append(token)
+            yield token
 
     def chat(self, messages, **kwargs) -> ChatResult:
         result = None
@@ -154,7 +175,8 @@ class Model:
     def chat_stream(self, messages, *, max_new_tokens: int = 2048, temperature=None, top_p=None, top_k=None,
                     min_p=None, repetition_penalty=None, presence_penalty=None, enable_thinking=None, tools=None,
                     stop=None, seed=None, session: "ChatSession | None" = None):
-        """Events as tokens decode; stopping the iteration stops generation."""
+        """Events as tokens decode; stopping the iteration stops generation. The text events join to
+        the result's text, stop strings included (they end both where the stop string begins)."""
         import mlx.core as mx
 
         if seed is not None:
@@ -164,48 +186,39 @@ class Model:
         history = self.encode(self.render_history(messages, tools, enable_thinking))
         boundary = len(history) if prompt[: len(history)] == history else None
         session = session or ChatSession(self)
-        t0 = time.perf_counter()
-        logits = session.prefill(prompt, boundary)
-        t1 = time.perf_counter()
-        sampler = self._sampler(temperature, top_p, top_k, min_p)
-        processors = self._processors(repetition_penalty, presence_penalty)
         splitter = _StreamSplitter(thinking=prompt_text.rstrip().endswith(THINK_OPEN), tools=tools)
+        stops = _StopFilter(stop or [])
         detok = self.tokenizer.detokenizer
         detok.reset()
-        generated: list[int] = []
-        finish = "length"
-        stops = list(stop or [])
-        text_so_far = ""  # for stop strings
-        for _ in range(max_new_tokens):
-            lg = logits[None]
-            context = mx.array(prompt + generated)
-            for proc in processors:
-                lg = proc(context, lg)
-            token = int(sampler(lg).item())
-            generated.append(token)
+        n, finish = 0, "length"
+        t0 = time.perf_counter()
+        t1 = None
+        tokens = self.stream(prompt, session, max_new_tokens=max_new_tokens,
+                             sampler=self.sampler(temperature, top_p, top_k, min_p),
+                             processors=self.processors(repetition_penalty, presence_penalty), boundary=boundary)
+        for token in tokens:
+            n += 1
+            if t1 is None:
+                t1 = time.perf_counter()
             if token in self.eos_ids:
                 finish = "stop"
                 break
             detok.add_token(token)
-            delta = detok.last_segment
-            text_so_far += delta
-            yield from splitter.feed(delta)
-            if stops and any(s in text_so_far for s in stops):
+            yield from splitter.feed(stops.feed(detok.last_segment))
+            if stops.hit:
                 finish = "stop"
                 break
-            logits = session.step(token)
-        detok.finalize()
-        yield from splitter.feed(detok.last_segment)
+        tokens.close()
+        if not stops.hit:
+            detok.finalize()
+            yield from splitter.feed(stops.feed(detok.last_segment))
+            yield from splitter.feed(stops.flush())
         yield from splitter.close()
         t2 = time.perf_counter()
-        content, calls = splitter.text, splitter.calls
-        if stops:
-            for s in stops:
-                if s in content:
-                    content = content[: content.index(s)]
-        n = len(generated)
+        t1 = t1 or t2
+        calls = splitter.calls
         result = ChatResult(
-            text=content,
+            text=splitter.text,
             thinking=splitter.thinking_text.strip("\n"),
             tool_calls=calls, num_tokens=n, finish_reason="tool_calls" if calls else finish,
             timings={"prefill_tokens": session.last_prefill, "prefill_tok_s": session.last_prefill / max(t1 - t0, 1e-9),
@@ -215,13 +228,22 @@ class Model:
         yield Event("done", result=result)
 
 
+def _with_history(processor, history):
+    """A logits processor that also sees the tokens before this call's prompt (kept in the cache)."""
+    import mlx.core as mx
+
+    if history.size == 0:
+        return processor
+    return lambda tokens, logits: processor(mx.concatenate([history, tokens]), logits)
+
+
 class ChatSession:
     """Keeps one conversation's prompt cache between turns.
 
-    Besides the live cache (the prompt and all generated tokens but the last), it keeps a snapshot
-    at the end of the conversation before the generation prompt: Qwen3.5's template re-renders
-    earlier assistant turns (their thinking dropped), so the next turn's prompt extends that point
-    even when it does not extend the live cache.
+    Besides the live cache (the prompt and all generated tokens), it keeps a snapshot at the end of
+    the conversation before the generation prompt: Qwen3.5's template re-renders earlier assistant
+    turns (their thinking dropped), so the next turn's prompt extends that point even when it does
+    not extend the live cache.
     """
 
     def __init__(self, model: Model):
@@ -234,9 +256,10 @@ class ChatSession:
     def reset(self) -> None:
         self.cache, self.tokens, self.snapshot = None, [], None
 
-    def prefill(self, prompt: list[int], boundary: int | None = None):
-        """Bring the cache to `prompt`, feeding only what no kept state covers; logits of its last token.
-        `boundary`: where the conversation ends and the generation prompt begins (snapshot point)."""
+    def prepare(self, prompt: list[int], boundary: int | None = None) -> list[int]:
+        """Bring the cache as close to `prompt` as kept state allows, snapshotting at `boundary` (where
+        the conversation ends and the generation prompt begins); the tokens still to feed (never
+        none: the last prompt token is always fed by the generator)."""
         from mlx_lm.models.cache import make_prompt_cache
 
         def extends(tokens):
@@ -252,27 +275,55 @@ class ChatSession:
         else:
             self.cache = make_prompt_cache(self.model.model)
             start = 0
-        m = self.model
+        self.last_prefill = len(prompt) - start  # what kept state does not cover
         if boundary is not None and start < boundary < len(prompt):
-            m.forward(prompt[start:boundary], self.cache)
+            self.feed(prompt[start:boundary])
             self.snapshot = (list(prompt[:boundary]), _snapshot(self.cache))
-            logits = m.forward(prompt[boundary:], self.cache)
-        else:
-            logits = m.forward(prompt[start:], self.cache)
-        self.last_prefill = len(prompt) - start
-        self.tokens = list(prompt)
-        return logits
+            start = boundary
+        self.tokens = list(prompt[:start])
+        return list(prompt[start:])
 
-    def step(self, token: int):
-        logits = self.model.forward([token], self.cache)
-        self.tokens.append(token)
-        return logits
+    def feed(self, tokens: list[int]) -> None:
+        """Run tokens through the model into the cache (prefill), in chunks."""
+        import mlx.core as mx
+
+        for i in range(0, len(tokens), PREFILL_STEP):
+            self.model.model(mx.array([tokens[i : i + PREFILL_STEP]]), cache=self.cache)
+            mx.eval([c.state for c in self.cache])
 
     def chat(self, messages, **kwargs) -> ChatResult:
         return self.model.chat(messages, session=self, **kwargs)
 
     def chat_stream(self, messages, **kwargs):
         return self.model.chat_stream(messages, session=self, **kwargs)
+
+
+class _StopFilter:
+    """Passes text on, holding back what may be the start of a stop string; at the first stop
+    string it passes what came before it and sets `hit`. Constant work per character."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.pending = ""
+        self.hit = False
+
+    def feed(self, delta: str) -> str:
+        if not self.stops or self.hit:
+            return "" if self.hit else delta
+        self.pending += delta
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.pending, self.hit = self.pending[: min(found)], "", True
+            return out
+        keep = next((k for k in range(min(self.longest - 1, len(self.pending)), 0, -1)
+                     if any(s.startswith(self.pending[-k:]) for s in self.stops)), 0)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
 
 
 class _StreamSplitter:
@@ -289,9 +340,12 @@ class _StreamSplitter:
         self.malformed = False
         self.strip_newlines = False  # the template puts blank lines after </think>: not part of the answer
         self.in_call = False
+        self.call_buf = ""
+        self.held = ""  # trailing whitespace of the answer: dropped if a tool call follows it
+        self.before_call = ""
 
     def _markers(self):
-        return [THINK_CLOSE] if self.in_thinking else (["</tool_call>"] if self.in_call else ["<tool_call>", THINK_OPEN])
+        return [THINK_CLOSE] if self.in_thinking else ([CALL_CLOSE] if self.in_call else [CALL_OPEN, THINK_OPEN])
 
     def feed(self, delta: str):
         self.pending += delta
@@ -314,19 +368,18 @@ class _StreamSplitter:
                 self.in_thinking, self.strip_newlines = False, True
             elif mk == THINK_OPEN:
                 self.in_thinking = True
-            elif mk == "<tool_call>":
-                self.in_call, self.call_buf = True, ""
-            else:  # </tool_call>
+            elif mk == CALL_OPEN:
+                self.in_call, self.call_buf, self.before_call, self.held = True, "", self.held, ""
+            else:
                 self.in_call = False
-                content, calls = parse_tool_calls(f"<tool_call>{self.call_buf}</tool_call>", self.tools)
+                content, calls = parse_tool_calls(f"{CALL_OPEN}{self.call_buf}{CALL_CLOSE}", self.tools)
                 if calls:
                     self.calls += calls
                     for c in calls:
                         yield Event("tool_call", tool_call=c)
                 else:
                     self.malformed = True
-                    self.text += content
-                    yield Event("text", content)
+                    yield from self._emit(self.before_call + content)
 
     def _emit(self, out: str):
         if not out:
@@ -342,26 +395,28 @@ class _StreamSplitter:
                 if not out:
                     return
                 self.strip_newlines = False
-            self.text += out
-            yield Event("text", out)
+            body = out.rstrip()
+            out, self.held = (self.held + body, out[len(body):]) if body else ("", self.held + out)
+            if out:
+                self.text += out
+                yield Event("text", out)
 
     def close(self):
         rest, self.pending = self.pending, ""
         if self.in_call:  # truncated call: back to text, flagged
             self.malformed = True
-            rest = "<tool_call>" + self.call_buf + rest
+            rest = self.before_call + CALL_OPEN + self.call_buf + rest
             self.in_call = False
         yield from self._emit(rest)
+        if self.held:
+            self.text += self.held
+            yield Event("text", self.held)
+            self.held = ""
 
 
 def load(path) -> Model:
-    """Our quants, plain mlx-lm quants, or unquantized folders (an HF checkpoint is converted to a
-    temporary bf16 MLX folder first; the weights stay in memory)."""
-    from mlx_lm import load as mlx_load
+    """Our quants, plain mlx-lm quants, an unquantized Hugging Face folder or a GGUF file (built in
+    memory in bfloat16), ready to chat with mlx-lm's native kernels."""
+    from mixquant.loading import load as load_model
 
-    from mixquant.eval.models import mlx_folder
-
-    path = Path(path)
-    with mlx_folder(path, "bfloat16") as folder:
-        model, tokenizer = mlx_load(str(folder))
-        return Model(folder, model, tokenizer)
+    return Model(load_model(Path(path), dequantize=False))

@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from mixquant.eval.models import load_model
-
 
 def generate_text(path: Path, prompt: str, max_tokens: int = 64) -> Iterator[str]:
     """Greedy continuation of `prompt`, yielded piece by piece as it decodes."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    model, tokenizer = load_model(path, dequantize=False)
+    from mixquant.loading import load
+
+    loaded = load(path, dequantize=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)):
         yield response.text

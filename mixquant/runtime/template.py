@@ -11,9 +11,6 @@ from pathlib import Path
 
 from mixquant.errors import MixquantError
 
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
-
-
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -35,29 +32,6 @@ def compile_template(source: str):
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
-
-
-def load_template(model_dir: Path) -> tuple[str, dict]:
-    """(template source, special tokens) from chat_template.jinja or tokenizer_config.json."""
-    model_dir = Path(model_dir)
-    config = {}
-    if (model_dir / "tokenizer_config.json").is_file():
-        config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    specials = {}
-    for key in SPECIAL_TOKEN_KEYS:
-        value = config.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            specials[key] = value
-    if (model_dir / "chat_template.jinja").is_file():
-        return (model_dir / "chat_template.jinja").read_text(), specials
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if not template:
-        raise MixquantError(f"{model_dir}: the model has no chat template")
-    return template, specials
 
 
 def render(template: str, messages: list[dict], *, tools=None, add_generation_prompt: bool = True,

@@ -31,8 +31,8 @@ def test_eval_matches_direct_numpy_computation(fixture_dir, uniform4, tmp_path):
     import torch
     import transformers as tf
 
-    from mixquant.eval.kld import BUNDLED_TEXT
-    from mixquant.eval.models import load_model
+    from mixquant.bundled import EVAL_TEXT
+    from mixquant.loading import load
 
     report_path = tmp_path / "r.json"
     assert run_cli("eval", "--model", uniform4, "--reference", fixture_dir, "--ctx", CTX, "--chunks", CHUNKS,
@@ -40,12 +40,12 @@ def test_eval_matches_direct_numpy_computation(fixture_dir, uniform4, tmp_path):
     report = json.loads(report_path.read_text())
 
     tokenizer = tf.AutoTokenizer.from_pretrained(fixture_dir)
-    ids = tokenizer(BUNDLED_TEXT.read_text())["input_ids"][: CTX * CHUNKS]
+    ids = tokenizer(EVAL_TEXT.read_text())["input_ids"][: CTX * CHUNKS]
     windows = np.array(ids).reshape(CHUNKS, CTX)
     ref_model = tf.AutoModelForCausalLM.from_pretrained(fixture_dir, dtype=torch.float64)
     import mlx.core as mx
 
-    q_model, _ = load_model(uniform4, dequantize=True)
+    q_model = load(uniform4, dequantize=True).model
     klds = []
     for w in windows:
         with torch.no_grad():
@@ -81,18 +81,18 @@ def test_saved_reference_is_reused_without_running_the_reference(uniform4, saved
 
     forwards = {"n": 0}
     loaded = []
-    real_forward, real_load = kld.forward_logits, kld.load_model
+    real_forward, real_load = kld.forward_logits, kld.load
 
     def counting_forward(model, window):
         forwards["n"] += 1
         return real_forward(model, window)
 
-    def recording_load(path, dequantize=None):
+    def recording_load(path, **kwargs):
         loaded.append(str(path))
-        return real_load(path, dequantize)
+        return real_load(path, **kwargs)
 
     monkeypatch.setattr(kld, "forward_logits", counting_forward)
-    monkeypatch.setattr(kld, "load_model", recording_load)
+    monkeypatch.setattr(kld, "load", recording_load)
     second = tmp_path / "second"
     assert run_cli("convert", "-i", fixture_dir, "-o", second, "-q", "--q-bits", "3", "--drop-vision") == 0
     reports = []

@@ -188,4 +188,4 @@ def test_unsupported_architecture(tmp_path, capsys):
 
 def test_tensor_size_does_not_match_type(tmp_path, capsys):
     bad = _small_gguf(tmp_path / "short.gguf", "llama", row_length=48)
-    _expect(capsys, tmp_path, bad, str(bad), "row size (48) is not a multiple of Q8_0 block size (32)")
+    _expect(capsys, tmp_path, bad, str(bad), "tensor token_embd.weight rows of 48 values do not fit Q8_0 blocks of 32")

@@ -25,15 +25,45 @@ def test_never_worse_than_min_max_on_the_weighted_error(bits):
     assert e_weighted.sum() < 0.97 * e_plain.sum()
 
 
-def test_output_is_mlx_format():
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(8, 128)).astype(np.float32)
-    q, s, b = quantize(w, 3, 64, mx.bfloat16, np.ones(128))
-    ref_q, ref_s, ref_b = mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=64, bits=3)
-    assert (q.shape, q.dtype, s.shape, s.dtype, b.shape) == (ref_q.shape, ref_q.dtype, ref_s.shape, ref_s.dtype,
-                                                             ref_b.shape)
-    deq = np.array(mx.dequantize(q, s, b, group_size=64, bits=3).astype(mx.float32))
-    assert np.abs(deq - w).max() < 1.0
+def _reference_group(w, importance, bits, dtype):
+    """One group, the slow way: every clip ratio, a scalar weighted least-squares fit of scale and
+    bias to mx.quantize's codes, both rounded to `dtype`; the candidate with the least weighted error."""
+    from mixquant.quant.fit import CLIP_RATIOS
+
+    lo, hi = w.min(), w.max()
+    centre, half = (lo + hi) / 2, (hi - lo) / 2
+    best = None
+    for ratio in CLIP_RATIOS:
+        clipped = np.clip(w, centre - ratio * half, centre + ratio * half)
+        q, s, b = mx.quantize(mx.array(clipped[None].astype(np.float32)).astype(dtype), group_size=len(w), bits=bits)
+        ones = mx.ones((1, 1))
+        codes = np.array(mx.dequantize(q, ones, mx.zeros((1, 1)), group_size=len(w), bits=bits))[0].astype(np.float64)
+        sw, sc, scc = importance.sum(), (importance * codes).sum(), (importance * codes**2).sum()
+        sy, scy = (importance * w).sum(), (importance * codes * w).sum()
+        scale = (sw * scy - sc * sy) / (sw * scc - sc * sc)
+        bias = (sy - scale * sc) / sw
+        scale, bias = (float(mx.array(np.float32(v)).astype(dtype).astype(mx.float32)) for v in (scale, bias))
+        deq = scale * codes + bias
+        err = float((importance * (w - deq) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, deq)
+    return best[1]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_weighted_fit_equals_a_group_by_group_reference(bits):
+    rng = np.random.default_rng(10 + bits)
+    w = rng.standard_t(3, size=(3, 128)).astype(np.float32).astype(np.float64)
+    importance = rng.gamma(0.7, size=128) + 1e-2
+    q, s, b = quantize(w.astype(np.float32), bits, 64, mx.bfloat16, importance)
+    assert (q.shape, q.dtype, s.dtype) == ((3, 128 * bits // 32), mx.uint32, mx.bfloat16)
+    s32, b32 = s.astype(mx.float32), b.astype(mx.float32)  # dequantized in bf16 the values would be rounded again
+    got = np.array(mx.dequantize(q, s32, b32, group_size=64, bits=bits)).astype(np.float64)
+    for r in range(3):
+        for g in range(2):
+            cols = slice(64 * g, 64 * (g + 1))
+            want = _reference_group(w[r, cols], importance[cols], bits, mx.bfloat16)
+            np.testing.assert_allclose(got[r, cols], want, rtol=1e-5, atol=1e-6)
 
 
 def test_an_important_channel_is_kept_almost_exactly():

@@ -2,14 +2,14 @@
 
 import pytest
 
-from mixquant.arch.qwen35 import ROLES
+from mixquant.arch.roles import Role
 from mixquant.arch.tensors import LogicalTensor, Part
 from mixquant.errors import MixquantError
 from mixquant.quant.recipe import recipe_from_options, snap_bits, uniform, unsloth
 
 
 def tensor(role, name=None, scope="model", shape=(128, 256)):
-    return LogicalTensor(name or f"x.{role}.weight", ROLES[role], shape, [Part("src")], scope)
+    return LogicalTensor(name or f"x.{role}.weight", Role(role), shape, [Part("src")], scope)
 
 
 def bits(recipe, role, **kw):
@@ -52,7 +52,7 @@ def test_unsloth_pins_out_proj_to_8bit():
 def test_builtin_recipes_leave_mtp_and_vision_alone():
     for r in (uniform(4), unsloth(3)):
         assert bits(r, "attn_q", scope="mtp") is None
-        assert bits(r, "vision", scope="vision") is None
+        assert bits(r, "vision_tower", scope="vision") is None
 
 
 def test_uniform():
@@ -130,3 +130,28 @@ def test_rules_file_errors(tmp_path, text, message):
 def test_unknown_recipe_name():
     with pytest.raises(MixquantError, match="neither uniform, unsloth nor a .toml"):
         recipe_from_options("fancy", None, 64)
+
+
+def test_unknown_role_is_an_error(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[rules]]\nroles = ["ffn_down", "mlp_down"]\nbits = 4\n')
+    with pytest.raises(MixquantError, match=r"rules\[0\]: unknown role 'mlp_down' \(known: "):
+        recipe_from_options(str(path), None, 64)
+
+
+def test_a_rule_matching_nothing_is_a_plan_warning(fixture_dir, tmp_path, capsys):
+    import json
+
+    from conftest import run_cli
+
+    path = tmp_path / "r.toml"
+    path.write_text('recipe = "unsloth"\n[[rules]]\nname = "*.layers.99.*"\nbits = 8\n'
+                    '[[rules]]\nrole = "moe_router"\nbits = 8\n[[rules]]\nrole = "ffn_down"\nbits = 6\n')
+    assert run_cli("plan", "-i", fixture_dir, "--q-recipe", path, "--json") == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert warnings == [f"{path}: rules[0] matches no quantizable tensor", f"{path}: rules[1] matches no quantizable tensor"]
+    assert run_cli("plan", "-i", fixture_dir, "--q-recipe", path) == 0
+    assert f"warning: {path}: rules[0] matches no quantizable tensor" in capsys.readouterr().out
+    assert run_cli("convert", "-i", fixture_dir, "-o", tmp_path / "q", "--q-recipe", path) == 0
+    err = capsys.readouterr().err
+    assert f"mixquant: warning: {path}: rules[1] matches no quantizable tensor" in err

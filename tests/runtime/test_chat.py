@@ -29,11 +29,12 @@ def test_turn_two_prefills_only_new_tokens_and_matches_full_prefill(fixture_f32)
     prompt2 = m.encode(m.prompt(turn2, enable_thinking=False))
     history1 = m.encode(m.render_history(turn1, enable_thinking=False))
     assert prompt2[: len(history1)] == history1  # turn 2 extends the conversation as it stood
-    logits = np.array(session.prefill(prompt2))
-    assert session.last_prefill == len(prompt2) - len(history1) < len(prompt2)
+    import mlx.core as mx
 
-    fresh = make_prompt_cache(m.model)
-    full = np.array(m.forward(prompt2, fresh))
+    tail = session.prepare(prompt2)
+    assert session.last_prefill == len(prompt2) - len(history1) < len(prompt2)
+    logits = np.array(m.model(mx.array([tail]), cache=session.cache)[0, -1])
+    full = np.array(m.model(mx.array([prompt2]), cache=make_prompt_cache(m.model))[0, -1])
     assert np.abs(logits - full).max() <= 1e-4
     assert any(type(c).__name__ == "ArraysCache" for c in session.cache)  # Gated DeltaNet state was reused
 
@@ -78,3 +79,89 @@ def test_tool_definition_shape():
     tool = mixquant.create_tool_definition("get_weather", "Weather", {"city": {"type": "string"}}, ["city"])
     assert tool == {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+# --- chat and chat_stream agree, whatever the output holds ------------------------------------------
+
+SCRIPTS = {
+    "thinking then answer": "Let me think about it.</think>\n\nThe answer is 42. Done.",
+    "tool call": 'Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n'
+                 '</tool_call>',
+    "two calls and text": '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\nand\n<tool_call>\n'
+                          '{"name": "b", "arguments": {"x": 1}}\n</tool_call>',
+    "broken call": "<tool_call>\n<function=f>\n<parameter=x>\n1\n",
+    "stop mid answer": "first line\nSTOP here and more text after",
+    "stop inside thinking": "I think STOP never mind</think>\n\nanswer",
+    "stop inside a call": "<tool_call>\n<function=f>\n<parameter=x>STOP\n</parameter>\n</function>\n</tool_call>",
+    "stop split over tokens": "abc ST" + "OP def",
+    "no stop at all": "plain text without the word",
+}
+TOOLS = [mixquant.create_tool_definition("get_weather", "Weather", {"city": {"type": "string"}}, ["city"])]
+
+
+def _scripted(model, text):
+    """The model's decoder replaced by one that emits `text`'s tokens: chat_stream's own text
+    pipeline (detokenizer, stop strings, thinking and tool-call splitting) runs on them."""
+    ids = model.encode(text)
+
+    def stream(prompt, session, *, max_new_tokens, **_):
+        session.prepare(prompt)
+        yield from ids[:max_new_tokens]
+
+    model.stream = stream
+    return ids
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_equals_joined_stream(fixture_f32, name, thinking):
+    import copy
+
+    model = copy.copy(fixture_f32)
+    _scripted(model, SCRIPTS[name])
+    kwargs = dict(max_new_tokens=200, enable_thinking=thinking, tools=TOOLS, stop=["STOP"])
+    result = model.chat([{"role": "user", "content": "go"}], **kwargs)
+    events = list(model.chat_stream([{"role": "user", "content": "go"}], **kwargs))
+    streamed = events[-1].result
+    assert "".join(e.text for e in events if e.type == "text") == result.text == streamed.text
+    assert "".join(e.text for e in events if e.type == "thinking").strip("\n") == result.thinking
+    assert [(e.tool_call.name, e.tool_call.arguments) for e in events if e.type == "tool_call"] == \
+        [(c.name, c.arguments) for c in result.tool_calls]
+    assert result.finish_reason == streamed.finish_reason
+    assert "STOP" not in result.text + result.thinking
+    if "STOP" in SCRIPTS[name]:
+        assert result.finish_reason == "stop" and "after" not in result.text and "def" not in result.text
+
+
+def test_stop_string_ends_text_where_it_begins(fixture_f32):
+    import copy
+
+    model = copy.copy(fixture_f32)
+    _scripted(model, SCRIPTS["stop split over tokens"])
+    r = model.chat([{"role": "user", "content": "go"}], max_new_tokens=50, enable_thinking=False, stop=["STOP"])
+    assert r.text == "abc " and r.finish_reason == "stop"
+    _scripted(model, SCRIPTS["tool call"])
+    r = model.chat([{"role": "user", "content": "go"}], max_new_tokens=50, enable_thinking=False, tools=TOOLS)
+    assert r.text == "Checking." and [c.arguments for c in r.tool_calls] == [{"city": "Oslo"}]
+    assert r.finish_reason == "tool_calls"
+
+
+def test_real_decoding_with_stop_strings_agrees(fixture_f32):
+    msgs = [{"role": "user", "content": "class Config(object):"}]
+    kwargs = dict(max_new_tokens=40, temperature=0.0, enable_thinking=False, stop=["self", "\n\n\n"])
+    result = fixture_f32.chat(msgs, **kwargs)
+    events = list(fixture_f32.chat_stream(msgs, **kwargs))
+    assert "".join(e.text for e in events if e.type == "text") == result.text
+    assert "self" not in result.text
+
+
+def test_cache_holds_exactly_the_session_tokens(fixture_f32):
+    from mlx_lm.models.cache import KVCache
+
+    session = mixquant.ChatSession(fixture_f32)
+    r = session.chat([{"role": "user", "content": "import os"}], max_new_tokens=7, temperature=0.0,
+                     enable_thinking=False)
+    kv = [c for c in session.cache if isinstance(c, KVCache)]
+    assert kv and all(c.offset == len(session.tokens) for c in kv)
+    prompt = fixture_f32.encode(fixture_f32.prompt([{"role": "user", "content": "import os"}], enable_thinking=False))
+    assert len(session.tokens) == len(prompt) + r.num_tokens

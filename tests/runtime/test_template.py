@@ -3,7 +3,8 @@
 import pytest
 
 from mixquant.errors import MixquantError
-from mixquant.runtime.template import load_template, render
+from mixquant.io.hf import read_chat_template
+from mixquant.runtime.template import render
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
@@ -37,7 +38,7 @@ def hf_tokenizer(fixture_dir):
 @pytest.mark.parametrize("thinking", [None, True, False])
 @pytest.mark.parametrize("with_tools", [False, True])
 def test_renders_like_transformers(fixture_dir, hf_tokenizer, name, thinking, with_tools):
-    template, specials = load_template(fixture_dir)
+    template, specials = read_chat_template(fixture_dir)
     messages = CONVERSATIONS[name]
     tools = TOOLS if with_tools else None
     extra = {} if thinking is None else {"enable_thinking": thinking}
@@ -47,11 +48,11 @@ def test_renders_like_transformers(fixture_dir, hf_tokenizer, name, thinking, wi
 
 
 def test_template_is_used_unmodified(fixture_dir):
-    template, _ = load_template(fixture_dir)
+    template, _ = read_chat_template(fixture_dir)
     assert template == (fixture_dir / "chat_template.jinja").read_text()
 
 
 def test_raise_exception_becomes_a_clear_error(fixture_dir):
-    template, specials = load_template(fixture_dir)
+    template, specials = read_chat_template(fixture_dir)
     with pytest.raises(MixquantError, match="chat template: "):
         render(template, [], specials=specials)

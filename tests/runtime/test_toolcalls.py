@@ -150,3 +150,62 @@ def test_openai_shape():
     (_, [call]) = parse_tool_calls(xml("get_weather", city="Oslo"), TOOLS)
     d = call.to_openai()
     assert d["type"] == "function" and d["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+
+
+# --- hostile output: never an exception, always linear time ------------------------------------
+
+PIECES = ["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>", "{", "}", "[",
+          "]", '"name"', '"arguments"', ":", ",", '"', "\n", ">", "f", "x", "1", " ", "<", "/", "null", "\\"]
+
+
+def _fuzz_cases(n, seed=7):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        k = int(rng.integers(1, 3000))
+        yield "".join(PIECES[i] for i in rng.integers(len(PIECES), size=k))
+
+
+def _bounded(text):
+    import time
+
+    t0 = time.perf_counter()
+    result = parse_tool_calls(text, TOOLS)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.05 + 2e-6 * len(text), (len(text), elapsed)
+    assert isinstance(result.content, str) and isinstance(result.malformed, bool)
+    assert all(isinstance(c.arguments, dict) for c in result.calls)
+    return result
+
+
+def test_fuzz_never_raises_and_stays_linear():
+    for text in _fuzz_cases(300):
+        _bounded(text)
+
+
+@pytest.mark.parametrize("unit, n", [
+    ("<tool_call>", 100_000),
+    ("</tool_call>", 100_000),
+    ("<tool_call><function=f><parameter=x>", 30_000),
+    ("<tool_call>\n{\"name\": \"f\", \"arguments\": " + "[" * 3000, 1),
+    ("<tool_call><function=f><parameter=x>\n" + "[" * 3000 + "\n</parameter></function></tool_call>", 1),
+])
+def test_pathological_outputs(unit, n):
+    result = _bounded(unit * n)
+    assert result.malformed or result.calls
+
+
+def test_deeply_nested_json_arguments_are_text_not_an_error():
+    deep = '<tool_call>\n{"name": "f", "arguments": ' + "[" * 2000 + "]" * 2000 + "}\n</tool_call>"
+    result = parse_tool_calls(deep)
+    assert result.malformed and result.calls == [] and result.content == deep
+
+
+def test_nested_tool_call_tags_are_flagged():
+    inner = xml("get_weather", city="Oslo")
+    result = parse_tool_calls("<tool_call>" + inner + "</tool_call>", TOOLS)
+    assert [c.name for c in result.calls] == ["get_weather"]
+    assert result.malformed and result.content == "<tool_call></tool_call>"
+    stray = parse_tool_calls("done </tool_call>", TOOLS)
+    assert stray.malformed and stray.content == "done </tool_call>"

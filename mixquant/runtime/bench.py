@@ -1,5 +1,6 @@
 """Speed of a model as a user runs it: prefill and decode tokens per second, multi-turn decode
-after cache reuse, peak memory. Native kernels (no dequantization), mlx-lm's generate_step.
+after cache reuse, peak memory. Native kernels (no dequantization), through `Model.stream`: the
+path `chat` decodes on (mlx-lm's generate_step on a ChatSession's cache).
 
 Decode is measured in steady state: the first WARMUP_TOKENS of each generation are not timed.
 Each figure is the median over repeats; with --compare the two models alternate repeat by repeat
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mixquant.bundled import EVAL_TEXT
 from mixquant.errors import MixquantError
-from mixquant.eval.kld import BUNDLED_TEXT
 
 WARMUP_TOKENS = 4
 
@@ -39,44 +40,42 @@ class Runs:
 
 
 def prompt_ids(tokenizer, n: int, offset: int = 0) -> np.ndarray:
-    ids = np.asarray(tokenizer.encode(BUNDLED_TEXT.read_text()), dtype=np.int32)
+    ids = tokenizer.encode(EVAL_TEXT.read_text(encoding="utf-8"))
     if len(ids) < offset + n:
         raise MixquantError(f"the bundled text has {len(ids)} tokens, fewer than {offset + n}")
-    return ids[offset : offset + n]
+    return list(ids[offset : offset + n])
 
 
-def _generate(model, prompt: np.ndarray, cache, gen_tokens: int) -> tuple[float, float]:
-    """Prefill `prompt` into `cache`, decode `gen_tokens` greedily; returns (prefill tok/s, decode tok/s)."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
+def _generate(model, session, new_tokens: list[int], gen_tokens: int) -> tuple[float, float]:
+    """Prefill `new_tokens` after what the session holds, decode `gen_tokens` greedily; returns
+    (prefill tok/s, decode tok/s)."""
     from mlx_lm.sample_utils import make_sampler
 
+    prompt = session.tokens + new_tokens
     t0 = time.perf_counter()
-    steps = generate_step(mx.array(prompt), model, max_tokens=gen_tokens, sampler=make_sampler(0.0),
-                          prompt_cache=cache)
     times = []
-    for token, _ in steps:
-        mx.eval(token)
+    for _ in model.stream(prompt, session, max_new_tokens=gen_tokens, sampler=make_sampler(0.0)):
         times.append(time.perf_counter())
-    prefill = len(prompt) / (times[0] - t0)
+    prefill = len(new_tokens) / (times[0] - t0)
     timed = times[WARMUP_TOKENS:]
     decode = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan")
     return prefill, decode
 
 
-def run_once(model, tokenizer, cfg: BenchConfig, runs: Runs) -> None:
+def run_once(model, cfg: BenchConfig, runs: Runs) -> None:
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
+
+    from mixquant.runtime.chat import ChatSession
 
     mx.reset_peak_memory()
-    cache = make_prompt_cache(model)
-    prefill, decode = _generate(model, prompt_ids(tokenizer, cfg.prompt_tokens), cache, cfg.gen_tokens)
+    session = ChatSession(model)
+    prefill, decode = _generate(model, session, prompt_ids(model.tokenizer, cfg.prompt_tokens), cfg.gen_tokens)
     runs.prefill.append(prefill)
     runs.decode.append(decode)
     last = decode
     offset = cfg.prompt_tokens
     for _ in range(cfg.turns - 1):  # later turns prefill only their new tokens on top of the kept cache
-        _, last = _generate(model, prompt_ids(tokenizer, cfg.turn_tokens, offset), cache, cfg.gen_tokens)
+        _, last = _generate(model, session, prompt_ids(model.tokenizer, cfg.turn_tokens, offset), cfg.gen_tokens)
         offset += cfg.turn_tokens
     runs.last_turn_decode.append(last)
     runs.peak_memory = max(runs.peak_memory, mx.get_peak_memory())
@@ -95,21 +94,17 @@ def summarize(path: Path, runs: Runs, cfg: BenchConfig) -> dict:
 
 def bench(paths: list[Path], cfg: BenchConfig) -> list[dict]:
     """Benchmark one model, or several alternating repeat by repeat."""
-    from mlx_lm import load
+    from mixquant.runtime.chat import load
 
     if cfg.gen_tokens <= WARMUP_TOKENS + 1:
         raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
-    loaded = []
-    for p in paths:
-        if not (Path(p) / "config.json").is_file():
-            raise MixquantError(f"{p}: not a model folder (no config.json)")
-        loaded.append(load(str(p)))
+    models = [load(p) for p in paths]
     runs = [Runs() for _ in paths]
-    for model, tokenizer in loaded:  # one untimed pass each: compile, page in, allocate
-        run_once(model, tokenizer, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs())
+    for model in models:  # one untimed pass each: compile, page in, allocate
+        run_once(model, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs())
     for _ in range(cfg.repeats):
-        for (model, tokenizer), r in zip(loaded, runs):
-            run_once(model, tokenizer, cfg, r)
+        for model, r in zip(models, runs):
+            run_once(model, cfg, r)
     return [summarize(p, r, cfg) for p, r in zip(paths, runs)]
 
 

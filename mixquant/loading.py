@@ -1,0 +1,261 @@
+"""The loading layer: an mlx-lm model and tokenizer for any model mixquant reads.
+
+- An MLX folder (ours, mlx-lm's, anyone's) is loaded by mlx-lm itself.
+- A Hugging Face folder or a GGUF file is built in memory: the family's table and the unquantized
+  plan give every output tensor under mlx-lm's names and layout, read through the same row-block
+  path conversion uses; mlx-lm's model class receives them. Nothing is written to disk.
+
+On MLX's CPU backend the quantized matmul kernels run about 10x slower than float32 GEMM, so a
+quantized model is measured with its weights dequantized to float32 by default: the weights are
+exactly the quantized values and the computation is the reference's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mixquant.arch import family_for_config
+from mixquant.arch.tensors import SCOPE_MTP
+from mixquant.blocks import read_tensor
+from mixquant.errors import MixquantError
+from mixquant.io.hf import load_json, read_chat_template
+from mixquant.io.output import CONFIG_MARKER
+
+MLX, HF, GGUF = "mlx", "hf", "gguf"
+QUANTIZED_CONFIG_KEYS = ("quantization", "quantization_config")
+
+
+@dataclass
+class Loaded:
+    model: object  # the mlx-lm model
+    tokenizer: object  # mlx-lm's TokenizerWrapper
+    config: dict  # the config mlx-lm built the model from
+    path: Path  # what was asked for: the folder or the GGUF file
+    kind: str  # mlx | hf | gguf
+    template: str | None = None  # the chat template's source
+    specials: dict = field(default_factory=dict)  # bos/eos/pad/unk token strings, for the template
+    generation_config: dict = field(default_factory=dict)
+    mtp_weights: dict = field(default_factory=dict)  # mtp.* output tensors (name -> mx.array), when asked
+
+
+def source_kind(path: Path) -> str:
+    """mlx, hf or gguf; anything else is a one-line error."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUF
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise MixquantError(f"{path}: not a model folder (no config.json)")
+    config = load_json(path / "config.json")
+    if CONFIG_MARKER in config or any(k in config for k in QUANTIZED_CONFIG_KEYS):
+        return MLX
+    from mixquant.arch import FAMILIES
+
+    if config.get("model_type") not in {t for f in FAMILIES for t in f.model_types}:
+        return MLX  # a model mlx-lm knows and mixquant does not: mlx-lm loads it as it is
+    from mixquant.io.hf import open_hf_folder
+
+    prefix = family_for_config(config, path).mlx_prefix
+    names = open_hf_folder(path).tensors
+    return MLX if prefix is not None and any(n.startswith(prefix) for n in names) else HF
+
+
+def default_dequantize() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
+
+
+def load(path: Path, *, dtype: str | None = None, dequantize: bool | None = False, mtp: bool = False,
+         config_dir: Path | None = None) -> Loaded:
+    """The model at `path` as mlx-lm runs it.
+
+    dtype: for HF and GGUF sources the float dtype the weights are built in (default bfloat16, as a
+    conversion writes them); for MLX folders, a dtype the unquantized parameters are cast to.
+    dequantize: replace quantized layers by float32 ones holding their dequantized weights (None:
+    on CPU only). mtp: also read the MTP head's weights (into `mtp_weights`). config_dir: a GGUF
+    source's config and tokenizer files, as `convert --config-dir` takes them."""
+    path = Path(path)
+    kind = source_kind(path)
+    loaded = (_load_mlx(path, mtp) if kind == MLX
+              else _load_source(path, kind, dtype or "bfloat16", mtp, config_dir))
+    if dequantize is None:
+        dequantize = default_dequantize()
+    if dequantize:
+        dequantize_model(loaded.model)
+    elif dtype is not None and kind == MLX:
+        import mlx.core as mx
+
+        loaded.model.set_dtype(getattr(mx, dtype))
+    return loaded
+
+
+def _load_mlx(path: Path, mtp: bool) -> Loaded:
+    from mlx_lm import load as mlx_load
+
+    try:
+        model, tokenizer, config = mlx_load(str(path), return_config=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise MixquantError(f"{path}: mlx-lm cannot load it ({e})") from None
+    loaded = Loaded(model, tokenizer, config, path, MLX)
+    _read_chat_files(loaded, path)
+    if mtp:
+        loaded.mtp_weights = _mtp_sidecar(path)
+    return loaded
+
+
+def _mtp_sidecar(path: Path) -> dict:
+    import mlx.core as mx
+
+    from mixquant.arch.tensors import MTP_FILE
+
+    sidecar = path / MTP_FILE
+    return dict(mx.load(str(sidecar))) if sidecar.is_file() else {}
+
+
+def _load_source(path: Path, kind: str, dtype: str, mtp: bool, config_dir: Path | None = None) -> Loaded:
+    import mlx.core as mx
+
+    from mixquant.quant.encode import DTYPE_NAMES
+    from mixquant.quant.plan import make_plan
+    from mixquant.sources import open_source
+
+    source = open_source(path, config_dir)
+    family = family_for_config(source.config, source.config_path)
+    arch = family.build(source, keep_vision=False, keep_mtp=mtp)
+    plan = make_plan(arch, None, dtype)
+    weights, mtp_weights = {}, {}
+    for entry in plan.entries:
+        values = mx.array(np.ascontiguousarray(read_tensor(source, entry.tensor), dtype=np.float32))
+        values = values.astype(getattr(mx, DTYPE_NAMES[entry.dtype]))
+        (mtp_weights if entry.tensor.scope == SCOPE_MTP else weights)[entry.tensor.name] = values
+    config = plan.output_config()
+    model = build_model(config, weights, source.where)
+    with side_files(source) as folder:
+        tokenizer = load_tokenizer(folder, config)
+        loaded = Loaded(model, tokenizer, config, path, kind, mtp_weights=mtp_weights)
+        _read_chat_files(loaded, folder)
+    return loaded
+
+
+def build_model(config: dict, weights: dict, where: str):
+    """mlx-lm's model class for `config`, holding `weights` (already in mlx-lm's names and layout)."""
+    import mlx.core as mx
+
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    except ImportError:
+        raise MixquantError(f"{where}: mlx-lm has no model type {config['model_type']!r}") from None
+    model = module.Model(module.ModelArgs.from_dict(config))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    model.eval()
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+@contextmanager
+def side_files(source):
+    """A folder with the source's tokenizer, chat template and generation config: the HF folder
+    itself, or (GGUF) a temporary one they are rebuilt into."""
+    root = getattr(source, "root", None)
+    if root is not None:
+        yield Path(root)
+        return
+    with tempfile.TemporaryDirectory(prefix="mixquant-tokenizer-") as tmp:
+        source.write_side_files(Path(tmp))
+        with open(Path(tmp) / "config.json", "w") as f:
+            json.dump(source.config, f)
+        yield Path(tmp)
+
+
+def _read_chat_files(loaded: Loaded, folder: Path) -> None:
+    loaded.template, loaded.specials = read_chat_template(folder)
+    gen = folder / "generation_config.json"
+    loaded.generation_config = load_json(gen) if gen.is_file() else {}
+
+
+def load_tokenizer(path: Path, config: dict | None = None):
+    """mlx-lm's tokenizer wrapper for a model folder or a GGUF file, without loading weights."""
+    path = Path(path)
+    if path.is_file():
+        from mixquant.sources import open_source
+
+        source = open_source(path)
+        with side_files(source) as folder:
+            return load_tokenizer(folder, source.config)
+    if not (path / "config.json").is_file():
+        raise MixquantError(f"{path}: not a model folder (no config.json)")
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    config = config if config is not None else load_json(path / "config.json")
+    eos = config.get("eos_token_id")
+    try:
+        return mlx_load_tokenizer(path, eos_token_ids=eos)
+    except (OSError, ValueError) as e:
+        raise MixquantError(f"{path}: cannot read its tokenizer ({e})") from None
+
+
+def dequantize_model(model) -> None:
+    """Replace quantized layers by float32 ones holding the dequantized weights; cast the rest."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    def weight_of(m):
+        return mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits, mode=m.mode).astype(mx.float32)
+
+    replacements = []
+    for path, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            out_dims, in_dims = m.weight.shape[0], m.weight.shape[1] * 32 // m.bits
+            new = nn.Linear(in_dims, out_dims, bias="bias" in m)
+        elif isinstance(m, nn.QuantizedEmbedding):
+            new = nn.Embedding(m.num_embeddings, m.dims)
+        elif isinstance(m, QuantizedSwitchLinear):
+            experts, out_dims = m.weight.shape[:2]
+            new = SwitchLinear(m.weight.shape[-1] * 32 // m.bits, out_dims, experts, bias="bias" in m)
+        else:
+            continue
+        new.weight = weight_of(m)
+        if "bias" in m:
+            new.bias = m.bias.astype(mx.float32)
+        replacements.append((path, new))
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+
+
+def count_parameters(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def text_weight_bytes(path: Path) -> int:
+    """Bytes of the language model's tensors in model*.safetensors (vision tower and MTP excluded)."""
+    from mixquant.io.safetensors import read_header
+
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size  # a GGUF: the whole file
+    config = load_json(path / "config.json")
+    family = family_for_config(config, path / "config.json") if _known(config) else None
+    excluded = family.excluded_prefixes if family is not None else ()
+    return sum(info.nbytes for shard in sorted(path.glob("model*.safetensors"))
+               for name, info in read_header(shard).items() if not name.startswith(excluded))
+
+
+def _known(config: dict) -> bool:
+    from mixquant.arch import FAMILIES
+
+    return config.get("model_type") in {t for f in FAMILIES for t in f.model_types}

@@ -1,0 +1,53 @@
+"""Writing a plan's files: every tensor, block of rows by block of rows, into the safetensors file
+the plan put it in, whose header was written from the plan before any data; then the shard index.
+
+What happens to a block between the source and the file (the family's transform, AWQ scales, the
+rounding) is the `encode` callable's business: (entry, part index, first row, float32 block) ->
+the arrays of `entry.out_specs()` for those rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from mixquant.blocks import tensor_blocks
+from mixquant.io.hf import INDEX_FILE
+from mixquant.io.safetensors import StreamingWriter
+from mixquant.progress import Progress
+from mixquant.quant.plan import SAFETENSORS_METADATA, Plan
+
+
+
+def write_weights(source, plan: Plan, folder: Path, encode: Callable, progress: bool | None = None) -> None:
+    import mlx.core as mx
+
+    weight_map = {}
+    with Progress("converting", plan.total_tensor_bytes, len(plan.entries), "tensors", progress,
+                  byte_counts=True) as bar:
+        for file_name, entries in plan.files.items():
+            specs = [s for e in entries for s in e.out_specs()]
+            writer = StreamingWriter(folder / file_name, specs, SAFETENSORS_METADATA)
+            for entry in entries:
+                for part, r0, block in tensor_blocks(source, entry.tensor):
+                    for spec, arr in zip(entry.out_specs(), encode(entry, part, r0, block)):
+                        writer.write(spec.name, arr)
+                bar.advance(entry.nbytes)
+                mx.clear_cache()
+            writer.close()
+            if file_name in plan.model_files:
+                weight_map.update({s.name: file_name for s in specs})
+    if len(plan.model_files) > 1:
+        index = {
+            "metadata": {"total_size": sum(e.nbytes for f in plan.model_files for e in plan.files[f])},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        with open(folder / INDEX_FILE, "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def write_config(plan: Plan, folder: Path) -> None:
+    with open(folder / "config.json", "w") as f:
+        json.dump(plan.output_config(), f, indent=2)
+        f.write("\n")

@@ -1,0 +1,197 @@
+"""The output never destroys an input, --force replaces only mixquant's own folders, and an
+interrupted, terminated or killed conversion leaves nothing behind (or is cleaned up next time)."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+def _one_error_line(capsys, *fragments):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixquant: error: "), err
+    for f in fragments:
+        assert f in err[0], err[0]
+    return err[0]
+
+
+@pytest.fixture
+def model_copy(tiny_models, tmp_path):
+    src = tmp_path / "m"
+    shutil.copytree(tiny_models["text-r2"], src)
+    return src
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+def test_output_equal_to_input_is_refused_even_with_force(model_copy, capsys):
+    before = _files(model_copy)
+    for flags in ([], ["--force"], ["--force-delete-any"]):
+        assert run_cli("convert", "-i", model_copy, "-o", model_copy, "-q", *flags) == 2
+        _one_error_line(capsys, str(model_copy), "the output is the input")
+    assert _files(model_copy) == before
+
+
+def test_output_containing_the_input_is_refused(tmp_path, tiny_models, capsys):
+    proj = tmp_path / "proj"
+    shutil.copytree(tiny_models["text-r2"], proj / "src")
+    (proj / "notes.txt").write_text("mine")
+    assert run_cli("convert", "-i", proj / "src", "-o", proj, "-q", "--force-delete-any") == 2
+    _one_error_line(capsys, "the output contains the input")
+    assert (proj / "notes.txt").read_text() == "mine" and (proj / "src" / "config.json").is_file()
+
+
+def test_output_inside_the_input_is_refused(model_copy, capsys):
+    assert run_cli("convert", "-i", model_copy, "-o", model_copy / "q4", "-q") == 2
+    _one_error_line(capsys, "the output lies inside the input")
+    assert not (model_copy / "q4").exists()
+
+
+def test_output_may_not_touch_side_inputs(tmp_path, fixture_dir, capsys):
+    calib = tmp_path / "calib" / "text.txt"
+    calib.parent.mkdir()
+    calib.write_text("def f():\n    return 1\n" * 50)
+    assert run_cli("convert", "-i", fixture_dir, "-o", calib.parent, "-q", "--calib", calib, "--force-delete-any") == 2
+    _one_error_line(capsys, "the output contains the input", "text.txt")
+    assert calib.is_file()
+
+
+def test_force_replaces_only_mixquant_outputs(model_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli("convert", "-i", model_copy, "-o", out, "-q") == 0
+    assert json.loads((out / "config.json").read_text())["mixquant"]["recipe"] == "unsloth-3"
+    assert run_cli("convert", "-i", model_copy, "-o", out, "-q", "--q-bits", "4", "--force") == 0
+    assert json.loads((out / "config.json").read_text())["mixquant"]["recipe"] == "unsloth-4"
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8")
+    capsys.readouterr()
+    assert run_cli("convert", "-i", model_copy, "-o", other, "--force") == 2
+    _one_error_line(capsys, "is not a mixquant output", "--force-delete-any")
+    assert (other / "cat.jpg").exists()
+    file_out = tmp_path / "file.txt"
+    file_out.write_text("x")
+    assert run_cli("convert", "-i", model_copy, "-o", file_out, "--force") == 2
+    _one_error_line(capsys, "is not a mixquant output")
+    assert file_out.read_text() == "x"
+
+
+def test_ctrl_c_while_reading_a_tensor_is_a_clean_interrupt(model_copy, tmp_path, monkeypatch, capsys):
+    import mixquant.io.safetensors as st
+
+    calls = {"n": 0}
+    real = st._to_float32
+
+    def interrupted(view, dtype):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(view, dtype)
+
+    monkeypatch.setattr(st, "_to_float32", interrupted)
+    assert run_cli("convert", "-i", model_copy, "-o", tmp_path / "out", "-q") == 130
+    assert capsys.readouterr().err.strip() == "mixquant: interrupted"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+SLOW_CONVERT = textwrap.dedent("""
+    import sys, time
+    import mixquant.convert as conv
+    real = conv.encode
+    def slow(*a, **k):
+        time.sleep(0.2)
+        return real(*a, **k)
+    conv.encode = slow
+    from mixquant.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _start_slow_convert(src, out):
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "convert", "-i", str(src), "-o", str(out), "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.parent.glob(f".{out.name}.*.partial")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    time.sleep(0.5)
+    return proc
+
+
+def test_sigterm_removes_the_staging_folder(model_copy, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_slow_convert(model_copy, out)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "Traceback" not in proc.stderr.read()
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_killed_run_is_cleaned_up_by_the_next(model_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = _start_slow_convert(model_copy, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    left = list(tmp_path.glob(".out.*.partial"))
+    assert len(left) == 1
+    capsys.readouterr()
+    assert run_cli("convert", "-i", model_copy, "-o", out, "-q") == 0
+    assert f"mixquant: warning: removed {left[0]}, left by an interrupted run" in capsys.readouterr().err
+    assert not left[0].exists() and (out / "config.json").is_file()
+
+
+def test_a_running_conversion_keeps_its_staging_folder(model_copy, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_slow_convert(model_copy, out)
+    try:
+        from mixquant.io.output import remove_stale_staging
+
+        assert remove_stale_staging(out) == []
+        assert len(list(tmp_path.glob(".out.*.partial"))) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+WRITE_LIMITED = textwrap.dedent("""
+    import resource, signal, sys
+    import mixquant
+    mixquant.enable_cpu_blas()  # its in-memory library is a file too: load it before the limit
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    from mixquant.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_failed_write_names_the_output_and_leaves_nothing(fixture_dir, tmp_path):
+    """Files may not grow past 200 kB in this run, as on a full disk: the first shard fails mid-write."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", WRITE_LIMITED, "convert", "-i", str(fixture_dir), "-o", str(out),
+                           "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mixquant: error: {out}: cannot write the output: File too large")
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_help_says_missing_parents_are_created(capsys):
+    with pytest.raises(SystemExit):
+        run_cli("convert", "--help")
+    assert "missing parent folders are created" in " ".join(capsys.readouterr().out.split())
+
+
+def test_missing_parents_are_created(model_copy, tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    assert run_cli("convert", "-i", model_copy, "-o", out) == 0
+    assert (out / "config.json").is_file()
