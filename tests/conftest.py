@@ -101,7 +101,8 @@ def reference_logits(path: Path, ids: np.ndarray) -> np.ndarray:
     config = json.loads((Path(path) / "config.json").read_text())
     cls = tf.AutoModelForImageTextToText if "vision_config" in config else tf.AutoModelForCausalLM
     text = config.get("text_config", config)
-    extra = {"experts_implementation": "eager"} if text.get("num_experts") else {}  # grouped_mm has no float64
+    moe = text.get("num_experts") or text.get("num_local_experts")
+    extra = {"experts_implementation": "eager"} if moe else {}  # grouped_mm has no float64
     model = cls.from_pretrained(path, dtype=torch.float64, **extra)
     model.eval()
     with torch.no_grad():

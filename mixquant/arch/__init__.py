@@ -6,11 +6,11 @@ structure channel-scale folding relies on. Adding a family is one file and one l
 
 from __future__ import annotations
 
-from mixquant.arch import llama, qwen35
+from mixquant.arch import llama, qwen3, qwen35
 from mixquant.arch.tensors import Family
 from mixquant.errors import MixquantError
 
-FAMILIES: tuple[Family, ...] = (qwen35.FAMILY, llama.FAMILY)
+FAMILIES: tuple[Family, ...] = (qwen35.FAMILY, llama.FAMILY, qwen3.FAMILY)
 
 
 def family_for_config(config: dict, config_path) -> Family:
