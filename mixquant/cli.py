@@ -24,7 +24,14 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q-bits", type=int, default=None,
                    help="bits: uniform width, or the unsloth base B in 2..8 (default: 4 uniform, 3 unsloth)")
     p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128), help="group size (default 64)")
-    p.add_argument("--q-recipe", default=None, help="uniform | unsloth | RULES.toml (implies -q)")
+    p.add_argument("--q-recipe", default=None,
+                   help="uniform | unsloth | auto | RULES.toml (implies -q); auto needs --target-bpw or --target-size")
+    p.add_argument("--target-bpw", type=float, default=None, metavar="X",
+                   help="auto: bits per weight of the text model, scales and biases included (as plan counts)")
+    p.add_argument("--target-size", default=None, metavar="SIZE",
+                   help="auto: bytes of the text model's tensors, e.g. 6.4GB")
+    p.add_argument("--sensitivity", default=None, metavar="FILE",
+                   help="auto: a `mixquant sensitivity` file (default: a proxy estimated on --calib)")
     p.add_argument("--q-out-proj-8bit", action="store_true",
                    help="unsloth: the attention and Gated DeltaNet output projections at 8 bits instead of unquantized")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
@@ -32,14 +39,39 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-vision", action="store_true", help="leave the vision tower out")
     p.add_argument("--drop-mtp", action="store_true", help="leave the MTP head out (default: kept, in a sidecar file mlx-lm does not read)")
     p.add_argument("--max-shard-size", default="5GB", help="largest model shard (default 5GB)")
-    p.add_argument("--imatrix-path", default=None, help="AWQ with importances from this imatrix (GGUF or .dat)")
     p.add_argument("--calib", default=None,
-                   help="AWQ with calibration: mix (bundled) or FILE; also the activations for the alpha search")
+                   help="calibration text of the steps that need one (AWQ, auto's proxy): mix (bundled, default), "
+                        "self (sampled from the model) or FILE.jsonl / FILE.txt")
+    p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                   help="calibration tokens to use (default: all of a file or the mix; 4096 sampled for self)")
+    p.add_argument("--q-rounding", default="nearest", choices=("nearest", "gptq"),
+                   help="nearest (default) or gptq: each column's rounding error compensated on the rest, "
+                        "layer by layer on calibration text")
+    p.add_argument("--q-distill", type=int, default=0, metavar="STEPS",
+                   help="tune scales and biases for STEPS steps on the KL divergence to the unquantized model "
+                        "(DWQ; kept only if it lowers the held-out divergence)")
+    p.add_argument("--awq", action="store_true", help="AWQ channel scales (alpha searched unless --awq-alpha)")
+    p.add_argument("--imatrix-path", default=None, help="AWQ with importances from this imatrix (GGUF or .dat)")
     p.add_argument("--awq-alpha", type=float, default=None, help="fixed AWQ exponent (default: searched per group)")
     p.add_argument("--imatrix-strict", action="store_true", help="a group the imatrix lacks is an error")
     p.add_argument("--awq-judge-windows", type=int, default=4, metavar="N",
                    help="searched alpha: keep a group's scales/clipping only if they lower the KL divergence "
                         "on N calibration windows (default 4; 0: per-group error alone)")
+
+
+def _target(args):
+    from mixquant.convert import parse_size
+    from mixquant.quant.auto import Target
+
+    if args.target_bpw is not None and args.target_size is not None:
+        raise MixquantError("--target-bpw and --target-size: give one")
+    if args.target_bpw is not None:
+        if not 1 <= args.target_bpw <= 32:
+            raise MixquantError(f"--target-bpw: must be within 1..32, got {args.target_bpw}")
+        return Target(bpw=args.target_bpw)
+    if args.target_size is not None:
+        return Target(bytes=parse_size(args.target_size, "--target-size"))
+    return None
 
 
 def _options(args):
@@ -50,30 +82,53 @@ def _options(args):
     recipe = None
     if wants_q:
         recipe = recipe_from_options(args.q_recipe or "unsloth", args.q_bits, args.q_group_size, args.q_out_proj_8bit)
+    target = _target(args)
+    if target is not None and (recipe is None or not recipe.auto):
+        raise MixquantError("--target-bpw / --target-size: only with --q-recipe auto (or a rules file with "
+                            "recipe = \"auto\")")
+    if args.sensitivity is not None and (recipe is None or not recipe.auto):
+        raise MixquantError("--sensitivity: only with --q-recipe auto")
+    awq = _awq_options(args)
+    positive(args.calib_tokens, "--calib-tokens", 16)
+    positive(args.q_distill, "--q-distill", 0)
+    uses_calib = awq is not None or args.q_rounding != "nearest" or args.q_distill > 0 or (
+        recipe is not None and recipe.auto and not args.sensitivity)
+    if args.calib is not None and not uses_calib:
+        raise MixquantError("--calib: no step of this conversion uses calibration text (add --awq or "
+                            "--q-rounding gptq, or use it with --q-recipe auto)")
+    if (args.q_rounding != "nearest" or args.q_distill) and recipe is None:
+        raise MixquantError("--q-rounding / --q-distill: only when quantizing (-q or --q-recipe)")
     return ConvertOptions(
         recipe=recipe,
         dtype=args.dtype,
-        max_shard_bytes=parse_size(args.max_shard_size),
+        max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"),
         keep_vision=not args.drop_vision,
         keep_mtp=not args.drop_mtp,
         force=getattr(args, "force", False) or getattr(args, "force_delete_any", False),
         replace_any=getattr(args, "force_delete_any", False),
         config_dir=Path(args.config_dir) if getattr(args, "config_dir", None) else None,
-        awq=_awq_options(args),
+        awq=awq,
+        target=target,
+        sensitivity=Path(args.sensitivity) if args.sensitivity else None,
+        calib=args.calib or "mix",
+        calib_tokens=args.calib_tokens,
+        rounding=args.q_rounding,
+        distill_steps=args.q_distill,
     )
 
 
 def _awq_options(args):
     from mixquant.convert import AwqOptions
 
-    if not (args.imatrix_path or args.calib or args.awq_alpha is not None):
+    if args.awq_judge_windows < 0:
+        raise MixquantError(f"--awq-judge-windows: must be 0 or more, got {args.awq_judge_windows}")
+    if not (args.awq or args.imatrix_path or args.awq_alpha is not None):
         return None
     if args.awq_alpha is not None and not 0 <= args.awq_alpha <= 1:
         raise MixquantError(f"--awq-alpha: must be within 0..1, got {args.awq_alpha}")
-    if args.awq_judge_windows < 0:
-        raise MixquantError(f"--awq-judge-windows: must be 0 or more, got {args.awq_judge_windows}")
     return AwqOptions(imatrix_path=Path(args.imatrix_path) if args.imatrix_path else None,
                       calib=args.calib or "mix", alpha=args.awq_alpha, strict=args.imatrix_strict,
+                      tokens=args.calib_tokens,
                       judge_windows=args.awq_judge_windows)
 
 
@@ -157,7 +212,13 @@ def cmd_compare(args) -> int:
     if generated or args.baselines:
         if not ref_path.is_dir() or source_kind(ref_path) != HF:
             raise MixquantError(f"{ref_path}: --recipes and --baselines need the unquantized Hugging Face folder")
-    candidates += [our_candidate(ref_path, r, b, args.q_group_size) for r, b in generated]
+    sensitivity = Path(args.sensitivity) if args.sensitivity else None
+    if any(r == "auto" for r, _ in generated) and sensitivity is None:
+        from mixquant.calib.sensitivity import compute_sensitivity
+
+        sensitivity = Path(args.out) / "sensitivity.json"
+        compute_sensitivity(ref_path, "proxy", args.calib or "mix", out=sensitivity)
+    candidates += [our_candidate(ref_path, r, b, args.q_group_size, sensitivity) for r, b in generated]
     if args.baselines == "mlx-lm":
         candidates += mlx_lm_candidates(ref_path, args.q_group_size)
     if not candidates:
@@ -199,6 +260,18 @@ def cmd_imatrix(args) -> int:
     out = Path(args.output)
     (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(out, imatrix)
     print(f"wrote {out}: {len(imatrix.entries)} tensors, {imatrix.chunk_count} chunks of {imatrix.chunk_size} tokens")
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from mixquant.calib.sensitivity import compute_sensitivity
+
+    positive(args.windows, "--windows")
+    positive(args.ctx, "--ctx", 4)
+    sens = compute_sensitivity(Path(args.model), args.mode, args.calib, args.windows, args.ctx, args.dtype,
+                               Path(args.output), progress=_progress(f"{args.mode} sensitivity"))
+    print(f"wrote {args.output}: {args.mode} sensitivity of {len(sens.units)} units on {sens.calib['windows']} "
+          f"windows of {sens.calib['ctx']} tokens ({sens.calib['spec']})")
     return 0
 
 
@@ -312,7 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="evaluate many models against one reference; JSON, Markdown, Pareto plot")
     p.add_argument("reference", help="unquantized model folder, or a saved reference file")
     p.add_argument("candidates", nargs="*", help="model folders to evaluate")
-    p.add_argument("--recipes", default=None, help="our quants to make and evaluate, e.g. unsloth:2-6,uniform:4")
+    p.add_argument("--recipes", default=None,
+                   help="our quants to make and evaluate, e.g. unsloth:2-6,uniform:4,auto:3.5,auto:4.5")
+    p.add_argument("--sensitivity", default=None, help="auto recipes: a `mixquant sensitivity` file "
+                                                        "(default: a proxy on --calib, saved in --out)")
+    p.add_argument("--calib", default=None, help="auto recipes without --sensitivity: mix (default), self or FILE")
     p.add_argument("--baselines", choices=("mlx-lm",), default=None,
                    help="also make mlx_lm.convert's uniform 2/3/4/5/6/8-bit and mixed_* quants")
     p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128))
@@ -342,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, help="at most this many calibration tokens")
     p.add_argument("--ctx", type=int, default=512)
     p.set_defaults(func=cmd_imatrix)
+
+    p = sub.add_parser("sensitivity", help="each tensor's cost in KL divergence per bits and group size (for auto)")
+    p.add_argument("-m", "--model", required=True, help="unquantized model: HF folder or GGUF file")
+    p.add_argument("-o", "--output", required=True, help="sensitivity file (.json); a measured run resumes it")
+    p.add_argument("--mode", default="proxy", choices=("measured", "proxy"),
+                   help="measured: one forward per tensor and option; proxy: a Fisher-weighted estimate from one "
+                        "backward pass per window (default)")
+    p.add_argument("--calib", default="mix", help="mix (bundled), self (sampled from the model) or FILE")
+    p.add_argument("--windows", type=int, default=4, help="calibration windows (default 4)")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="the float dtype of the quant's scales and biases (default bfloat16)")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("chat", help="interactive chat (/reset, /system, /think on|off, /exit)")
     p.add_argument("model")

@@ -17,16 +17,23 @@ from pathlib import Path
 import numpy as np
 
 from mixquant.arch import family_for_config
+from mixquant.arch.tensors import SCOPE_MODEL
+from mixquant.calib.data import BUILTIN_CALIB
 from mixquant.errors import MixquantError
 from mixquant.io.output import check_output, staged
 from mixquant.modelcard import model_card
-from mixquant.quant.encode import encode
+from mixquant.quant.auto import Target
+from mixquant.quant.encode import encode, encode_floats, mx_dtype
 from mixquant.quant.plan import DEFAULT_SHARD_BYTES, Plan, make_plan
 from mixquant.quant.recipe import Recipe
-from mixquant.sources import open_source
+from mixquant.sources import arch_plan_of
 from mixquant.writer import write_config, write_weights
 
 log = logging.getLogger(__name__)
+
+NEAREST, GPTQ = "nearest", "gptq"
+ROUNDINGS = (NEAREST, GPTQ)
+CALIB_CTX = 512
 
 
 @dataclass
@@ -52,19 +59,46 @@ class ConvertOptions:
     progress: bool | None = None  # None: only on a terminal
     config_dir: Path | None = None  # GGUF input: HF config/tokenizer files to use instead of synthesising
     awq: AwqOptions | None = None
+    target: Target | None = None  # auto recipes: the size to reach
+    sensitivity: Path | None = None  # auto recipes: a `mixquant sensitivity` file (else a proxy is estimated)
+    calib: str = "mix"  # calibration text of auto's proxy, GPTQ and distillation (AWQ has its own)
+    calib_tokens: int | None = None  # how much of it (None: all of a file or the mix; 8 windows of `self`)
+    rounding: str = "nearest"  # nearest | gptq
+    distill_steps: int = 0  # > 0: tune scales and biases on the KL to the unquantized model (DWQ)
 
 
 def build_plan(src: Path, options: ConvertOptions):
-    """(source, plan): every output tensor with its bits, bytes and file, without reading a weight."""
-    source = open_source(src, options.config_dir)
-    family = family_for_config(source.config, source.config_path)
-    arch_plan = family.build(source, keep_vision=options.keep_vision, keep_mtp=options.keep_mtp)
-    plan = make_plan(arch_plan, options.recipe, options.dtype, options.max_shard_bytes)
+    """(source, plan): every output tensor with its bits, bytes and file. Reads no weight, except
+    that an auto recipe without a sensitivity file estimates one first (a calibration pass)."""
+    source, arch_plan = arch_plan_of(src, options.config_dir, options.keep_vision, options.keep_mtp)
+    recipe = options.recipe
+    if recipe is not None and recipe.auto:
+        recipe = _auto_recipe(src, arch_plan, options)
+    plan = make_plan(arch_plan, recipe, options.dtype, options.max_shard_bytes)
     plan.warnings[:0] = source.warnings if hasattr(source, "warnings") else []
     return source, plan
 
 
-def parse_size(text: str) -> int:
+def _auto_recipe(src: Path, arch_plan, options: ConvertOptions):
+    from mixquant.calib.sensitivity import compute_sensitivity
+    from mixquant.quant.auto import auto_recipe
+    from mixquant.quant.sensitivity import PROXY, Sensitivity
+
+    if options.target is None:
+        raise MixquantError("--q-recipe auto: give the size to reach with --target-bpw or --target-size")
+    if options.sensitivity is not None:
+        sens = Sensitivity.load(options.sensitivity)
+        where = options.sensitivity
+    else:
+        sens = compute_sensitivity(Path(src), PROXY, options.calib, dtype=options.dtype,
+                                   config_dir=options.config_dir)
+        where = f"{src} (proxy sensitivity on {options.calib})"
+    recipe, _ = auto_recipe(make_plan(arch_plan, None, options.dtype), sens, options.target, options.recipe.rules,
+                            options.recipe.group_size, where)
+    return recipe
+
+
+def parse_size(text: str, flag: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     s = text.strip().upper()
     digits = s.rstrip("KMGTB")
@@ -74,7 +108,7 @@ def parse_size(text: str) -> int:
     except ValueError:
         value = -1
     if unit not in units or value <= 0:
-        raise MixquantError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MB)")
+        raise MixquantError(f"{flag}: cannot read {text!r} (e.g. 5GB, 500MB)")
     return int(value * units[unit])
 
 
@@ -86,11 +120,13 @@ def input_paths(src: Path, options: ConvertOptions) -> list[Path]:
     paths = split_parts(src) if src.is_file() else [src]
     if options.config_dir is not None:
         paths.append(Path(options.config_dir))
-    if options.awq is not None:
-        if options.awq.imatrix_path is not None:
-            paths.append(Path(options.awq.imatrix_path))
-        if options.awq.calib != "mix":
-            paths.append(Path(options.awq.calib))
+    if options.sensitivity is not None:
+        paths.append(Path(options.sensitivity))
+    if options.awq is not None and options.awq.imatrix_path is not None:
+        paths.append(Path(options.awq.imatrix_path))
+    for calib in {options.calib, options.awq.calib if options.awq else options.calib}:
+        if calib not in BUILTIN_CALIB:
+            paths.append(Path(calib))
     return paths
 
 
@@ -103,25 +139,35 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     for warning in plan.warnings:
         log.warning(warning)
     awq_result = run_awq(Path(src), source, plan, options.awq) if options.awq else None
-    encoder = _encoder(awq_result)
+    rounded = run_rounding(Path(src), plan, options, awq_result) if options.rounding == GPTQ else {}
+    distilled = None
+    if options.distill_steps > 0:
+        distilled = run_distill(Path(src), source, plan, options, awq_result, rounded)
+        rounded = distilled.encodings
+    encoder = _encoder(awq_result, rounded, plan.dtype)
     try:
         with staged(out) as tmp:
             write_weights(source, plan, tmp, encoder, options.progress)
             write_config(plan, tmp)
             source.write_side_files(tmp)
-            (tmp / "README.md").write_text(model_card(plan, source.name, awq_summary(options.awq, awq_result)))
+            (tmp / "README.md").write_text(model_card(plan, source.name, awq_summary(options.awq, awq_result),
+                                                      methods_summary(options, distilled)))
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise MixquantError(f"{out}: cannot write the output: {e.strerror or e}{where}") from None
     return plan
 
 
-def _encoder(awq_result):
-    """The block transform of this conversion: AWQ's channel scales, then the (possibly clipping-fit)
-    rounding."""
+def _encoder(awq_result, rounded: dict, dtype: str):
+    """The block transform of this conversion: rows already rounded (GPTQ) as they were; otherwise
+    AWQ's channel scales, then the (possibly clipping-fit) rounding to nearest."""
     from mixquant.quant import awq
 
     def encode_block(entry, part, r0, block):
+        if entry.tensor.name in rounded:
+            packed, scales, biases = rounded[entry.tensor.name][part][:3]
+            rows = slice(r0, r0 + len(block))
+            return [packed[rows], *encode_floats([scales[rows], biases[rows]], entry.dtype)]
         if awq_result is None:
             return encode(block, entry)
         ops = awq_result.for_part(entry.tensor.name, part)
@@ -130,6 +176,69 @@ def _encoder(awq_result):
         return encode(block, entry, awq_result.fit_for(entry.tensor.name, part))
 
     return encode_block
+
+
+def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> dict:
+    """GPTQ for every quantized linear and expert stack: tensor name -> per part (codes, scales, biases)."""
+    from mixquant.calib.data import calibration_set
+    from mixquant.calib.rounding import run_gptq
+    from mixquant.loading import load
+    from mixquant.progress import callback
+
+    loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
+    windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX)
+    return run_gptq(loaded.model, windows, plan, mx_dtype(plan.entries[0].dtype), awq_result,
+                    progress=callback("GPTQ") if options.progress is not False else None)
+
+
+def nearest_encodings(source, plan: Plan, awq_result, skip: dict) -> dict:
+    """(codes, scales, biases) per part of every quantized text-model tensor not in `skip`, rounded
+    to nearest as the writer would (AWQ's scales and clipping fits included)."""
+    from mixquant.blocks import read_part
+    from mixquant.quant import awq, fit
+
+    out = {}
+    for e in plan.entries:
+        t = e.tensor
+        if not e.quantized or t.scope != SCOPE_MODEL or t.name in skip:
+            continue
+        parts = []
+        for p in range(len(t.parts)):
+            w = read_part(source, t, p)
+            ops = awq_result.for_part(t.name, p) if awq_result else []
+            w = awq.apply(ops, w, 0) if ops else w
+            importance = awq_result.fit_for(t.name, p) if awq_result else None
+            q, s, b = fit.quantize(w, e.bits, e.group_size, mx_dtype(e.dtype), importance)
+            parts.append((np.array(q), *[np.array(a.astype(mx_dtype("F32"))) for a in (s, b)]))
+        out[t.name] = parts
+    return out
+
+
+def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_result, rounded: dict):
+    from mixquant.calib.data import calibration_set
+    from mixquant.loading import load
+    from mixquant.progress import callback
+    from mixquant.quant.distill import distill
+
+    loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
+    windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX)
+    encodings = {**nearest_encodings(source, plan, awq_result, rounded), **rounded}
+    result = distill(loaded.model, windows, plan, encodings, mx_dtype(plan.entries[0].dtype), options.distill_steps,
+                     awq_result, progress=callback("distilling") if options.progress is not False else None)
+    if not result.kept:
+        log.warning("distillation did not lower the held-out KL divergence (%.5f): the quant keeps its rounding",
+                    result.before)
+    return result
+
+
+def methods_summary(options: ConvertOptions, distilled) -> dict:
+    out = {"rounding": options.rounding}
+    if options.rounding != NEAREST or distilled is not None:
+        out["calibration"] = options.calib
+    if distilled is not None:
+        out["distillation"] = {"steps": distilled.steps, "kept": distilled.kept, "heldout_before": distilled.before,
+                               "heldout_after": distilled.after}
+    return out
 
 
 def run_awq(src: Path, source, plan: Plan, opts: AwqOptions):

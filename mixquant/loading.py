@@ -7,7 +7,9 @@
 
 On MLX's CPU backend the quantized matmul kernels run about 10x slower than float32 GEMM, so a
 quantized model is measured with its weights dequantized to float32 by default: the weights are
-exactly the quantized values and the computation is the reference's.
+exactly the quantized values and the computation is the reference's. Where mlx-lm would run the
+Gated DeltaNet recurrence token by token (CPU, CUDA), prompts go through mixquant.kernels'
+chunked form instead.
 """
 
 from __future__ import annotations
@@ -81,10 +83,14 @@ def load(path: Path, *, dtype: str | None = None, dequantize: bool | None = Fals
     dequantize: replace quantized layers by float32 ones holding their dequantized weights (None:
     on CPU only). mtp: also read the MTP head's weights (into `mtp_weights`). config_dir: a GGUF
     source's config and tokenizer files, as `convert --config-dir` takes them."""
+    from mixquant.kernels import chunk_prefill, uses_token_loop
+
     path = Path(path)
     kind = source_kind(path)
     loaded = (_load_mlx(path, mtp) if kind == MLX
               else _load_source(path, kind, dtype or "bfloat16", mtp, config_dir))
+    if uses_token_loop():
+        chunk_prefill(loaded.model)
     if dequantize is None:
         dequantize = default_dequantize()
     if dequantize:
@@ -210,8 +216,9 @@ def dequantize_model(model) -> None:
     from mlx.utils import tree_unflatten
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-    def weight_of(m):
-        return mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits, mode=m.mode).astype(mx.float32)
+    def weight_of(m):  # in float32 from the start: dequantizing in the scales' bfloat16 would round again
+        return mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), m.group_size,
+                             m.bits, mode=m.mode)
 
     replacements = []
     for path, m in model.named_modules():

@@ -12,7 +12,7 @@ def _bits_label(bits, dtype) -> str:
     return f"{bits}-bit" if bits else dtype.lower()
 
 
-def model_card(plan: Plan, source_name: str, awq: dict | None = None) -> str:
+def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: dict | None = None) -> str:
     s = plan.summary()
     lines = [
         f"# {source_name} — mixquant {s['recipe']}",
@@ -31,9 +31,24 @@ def model_card(plan: Plan, source_name: str, awq: dict | None = None) -> str:
         lines.append(f"| MTP head | `{MTP_FILE}` sidecar, {s['mtp_bytes'] / 1e9:.4f} GB |")
     if s["vision_bytes"]:
         lines.append(f"| vision tower | kept unquantized, {s['vision_bytes'] / 1e9:.4f} GB |")
+    if "allocation" in s:
+        a = s["allocation"]
+        lines.append(f"| allocation | target {a['target']} ({a['target_bytes']:,} bytes); predicted mean KL divergence "
+                     f"{a['predicted_kld']:.5f} from {a['sensitivity']} sensitivity on {a['calib']['spec']} |")
     if plan.arch.dropped:
         lines.append(f"| dropped | {len(plan.arch.dropped)} source tensors |")
 
+    if methods and (methods.get("rounding") != "nearest" or "distillation" in methods):
+        lines += ["", "## Rounding", ""]
+        if methods.get("rounding") == "gptq":
+            lines.append(f"GPTQ (act-order, layer by layer on the quantized layers' outputs) on calibration text "
+                         f"({methods['calibration']}); the embedding rounded to nearest.")
+        d = methods.get("distillation")
+        if d:
+            verdict = "kept" if d["kept"] else "not kept (it did not lower the held-out divergence)"
+            lines.append(f"Scales and biases distilled for {d['steps']} steps on the KL divergence to the "
+                         f"unquantized model: held-out mean KL {d['heldout_before']:.5f} -> {d['heldout_after']:.5f}, "
+                         f"{verdict}.")
     if awq:
         lines += ["", "## AWQ", "",
                   f"Channel scales folded into the preceding norms (and the up projections' rows) before quantization; "

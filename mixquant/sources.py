@@ -19,3 +19,12 @@ def open_source(path: Path, config_dir: Path | None = None) -> HFSource | GGUFSo
     if config_dir is not None:
         raise MixquantError(f"--config-dir: only for GGUF input; {path} is a folder")
     return open_hf_folder(path)
+
+
+def arch_plan_of(path: Path, config_dir: Path | None = None, keep_vision: bool = True, keep_mtp: bool = True):
+    """(source, its family's ArchPlan): every output tensor of the checkpoint, without reading a weight."""
+    from mixquant.arch import family_for_config
+
+    source = open_source(path, config_dir)
+    family = family_for_config(source.config, source.config_path)
+    return source, family.build(source, keep_vision=keep_vision, keep_mtp=keep_mtp)

@@ -48,7 +48,11 @@ CASES = [
     ("convert -i {T} -o {OUT} --q-group-size 48", "argument --q-group-size: invalid choice: 48"),
     ("convert -i {T} -o {OUT} --q-bits x", "argument --q-bits: invalid int value: 'x'"),
     ("convert -i {T} -o {OUT} --awq-alpha 2", "--awq-alpha: must be within 0..1"),
-    ("convert -i {T} -o {OUT} --calib {ROOT}/latin1.txt", "latin1.txt: not UTF-8 text"),
+    ("convert -i {T} -o {OUT} --awq --calib {ROOT}/latin1.txt", "latin1.txt: not UTF-8 text"),
+    ("convert -i {T} -o {OUT} --calib mix", "--calib: no step of this conversion uses calibration text"),
+    ("convert -i {T} -o {OUT} --target-bpw 4", "--target-bpw / --target-size: only with --q-recipe auto"),
+    ("convert -i {T} -o {OUT} --q-recipe auto", "--q-recipe auto: give the size to reach"),
+    ("plan -i {T} --q-recipe auto --target-bpw 4 --sensitivity {ROOT}/notes.txt", "not a readable sensitivity file"),
     ("convert -i {T} -o {OUT} --q-recipe {ROOT}/rules.toml", "unknown role 'ffn_gaet'"),
     ("convert -i {T} -o {T}", "the output is the input"),
     ("convert -i {T} -o {ROOT}/notes.txt --force", "is not a mixquant output"),
@@ -58,7 +62,7 @@ CASES = [
     # plan
     ("plan -i {ROOT}/notes.txt", "not a GGUF file"),
     ("plan -i {ROOT}/huge_array.gguf -q", "truncated or corrupt GGUF"),
-    ("plan -i {T} --q-recipe fancy", "--q-recipe: 'fancy' is neither uniform, unsloth nor a .toml rules file"),
+    ("plan -i {T} --q-recipe fancy", "--q-recipe: 'fancy' is neither uniform, unsloth, auto nor a .toml rules file"),
     # eval
     ("eval --model {Q} --reference {T} --chunks -1", "--chunks: must be at least 1, got -1"),
     ("eval --model {Q} --reference {T} --chunks 0", "--chunks: must be at least 1, got 0"),

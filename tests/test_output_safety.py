@@ -61,7 +61,8 @@ def test_output_may_not_touch_side_inputs(tmp_path, fixture_dir, capsys):
     calib = tmp_path / "calib" / "text.txt"
     calib.parent.mkdir()
     calib.write_text("def f():\n    return 1\n" * 50)
-    assert run_cli("convert", "-i", fixture_dir, "-o", calib.parent, "-q", "--calib", calib, "--force-delete-any") == 2
+    assert run_cli("convert", "-i", fixture_dir, "-o", calib.parent, "-q", "--awq", "--calib", calib,
+                   "--force-delete-any") == 2
     _one_error_line(capsys, "the output contains the input", "text.txt")
     assert calib.is_file()
 

@@ -20,7 +20,7 @@ from mixquant.errors import MixquantError
 
 def calibration_documents(spec: str, tokenizer) -> list[str]:
     """'mix', a .jsonl file in the mix's format, or a plain .txt file -> rendered documents."""
-    path = CALIBRATION_MIX if spec == "mix" else Path(spec)
+    path = CALIBRATION_MIX if spec == MIX else Path(spec)
     if not path.is_file():
         raise MixquantError(f"{path}: calibration file not found")
     try:
@@ -76,3 +76,39 @@ def calibration_windows(docs: list[str], tokenizer, tokens: int | None, ctx: int
     if ctx < 2:
         raise MixquantError("calibration text is empty")
     return np.asarray(ids[: n * ctx], dtype=np.int32).reshape(n, ctx)
+
+
+SELF = "self"
+MIX = "mix"
+BUILTIN_CALIB = (MIX, SELF)  # calibration specs that are not files
+SELF_WINDOWS = 8  # windows sampled for --calib self when --tokens does not say
+
+
+def self_windows(model, tokenizer, n: int, ctx: int, seed: int = 0) -> np.ndarray:
+    """n windows of ctx tokens sampled from the model itself at temperature 1, each started from the
+    tokenizer's document-start token: calibration text with no domain mismatch."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise MixquantError("calibration: --calib self needs a tokenizer with a BOS or EOS token")
+    y = mx.full((n, 1), int(start), dtype=mx.int32)
+    cache = make_prompt_cache(model)
+    key = mx.random.key(seed)
+    out = [y]
+    for _ in range(ctx - 1):
+        logits = model(y, cache=cache)[:, -1, :].astype(mx.float32)
+        key, sub = mx.random.split(key)
+        y = mx.random.categorical(logits, key=sub)[:, None].astype(mx.int32)
+        mx.eval(y)
+        out.append(y)
+    return np.array(mx.concatenate(out, axis=1))
+
+
+def calibration_set(spec: str, model, tokenizer, tokens: int | None, ctx: int, seed: int = 0) -> np.ndarray:
+    """[n, ctx] token windows: the bundled mix, a user file, or (SELF) sampled from the model."""
+    if spec == SELF:
+        n = max(1, tokens // ctx) if tokens else SELF_WINDOWS
+        return self_windows(model, tokenizer, n, ctx, seed)
+    return calibration_windows(calibration_documents(spec, tokenizer), tokenizer, tokens, ctx)

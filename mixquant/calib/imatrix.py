@@ -9,7 +9,7 @@ import numpy as np
 from mixquant.arch import family_for_config
 from mixquant.arch.tensors import SCOPE_MODEL, weight_name
 from mixquant.calib.collect import ModuleStats, collect
-from mixquant.calib.data import calibration_documents, calibration_windows
+from mixquant.calib.data import calibration_set
 from mixquant.errors import MixquantError
 from mixquant.io.imatrix import Imatrix, ImatrixEntry
 
@@ -73,7 +73,7 @@ def stats_to_imatrix(stats: dict[str, ModuleStats], config: dict, dataset: str, 
 def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, progress=None):
     """(Imatrix, per-module stats with input samples) for an unquantized model (HF, GGUF or MLX)."""
     stats, config, windows, _ = calibrate(model_path, calib, tokens, ctx, progress=progress)
-    dataset = "mixquant calibration mix" if calib == "mix" else Path(calib).name
+    dataset = {"mix": "mixquant calibration mix", "self": "sampled from the model"}.get(calib, Path(calib).name)
     return stats_to_imatrix(stats, config, dataset, len(windows), windows.shape[1]), stats, config
 
 
@@ -86,8 +86,7 @@ def calibrate(model_path: Path, calib: str, tokens: int | None, ctx: int, judge_
 
     loaded = load(Path(model_path), dtype="float32", dequantize=True, config_dir=config_dir)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
-    docs = calibration_documents(calib, tokenizer)
-    windows = calibration_windows(docs, tokenizer, tokens, ctx)
+    windows = calibration_set(calib, model, tokenizer, tokens, ctx)
     stats = collect(model, windows, progress)
     judge = None
     if judge_windows > 0:

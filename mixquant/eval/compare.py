@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mixquant.errors import MixquantError
 from mixquant.eval.kld import Reference, evaluate
+from mixquant.quant.recipe import AUTO
 
 MLX_LM_UNIFORM_BITS = (2, 3, 4, 5, 6, 8)
 MLX_LM_MIXED = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
@@ -36,13 +37,20 @@ class Candidate:
     make: object = None  # callable(dest) that creates it
 
 
-def parse_recipes(spec: str) -> list[tuple[str, int]]:
-    """'unsloth:2-6,uniform:4' -> [('unsloth', 2), ..., ('unsloth', 6), ('uniform', 4)]"""
+def parse_recipes(spec: str) -> list[tuple[str, float]]:
+    """'unsloth:2-6,uniform:4,auto:3.5' -> [('unsloth', 2), ..., ('unsloth', 6), ('uniform', 4), ('auto', 3.5)]
+    (auto takes target bits per weight)."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, bits = item.partition(":")
-        if name not in ("unsloth", "uniform") or not bits:
-            raise MixquantError(f"--recipes: cannot read {item!r} (e.g. unsloth:2-6,uniform:4)")
+        if name not in ("unsloth", "uniform", AUTO) or not bits:
+            raise MixquantError(f"--recipes: cannot read {item!r} (e.g. unsloth:2-6,uniform:4,auto:3.5)")
+        if name == AUTO:
+            try:
+                out.append((name, float(bits)))
+            except ValueError:
+                raise MixquantError(f"--recipes: cannot read the target {bits!r} in {item!r}") from None
+            continue
         lo, _, hi = bits.partition("-")
         try:
             lo_i, hi_i = int(lo), int(hi or lo)
@@ -52,16 +60,21 @@ def parse_recipes(spec: str) -> list[tuple[str, int]]:
     return out
 
 
-def our_candidate(ref_path: Path, recipe: str, bits: int, group_size: int) -> Candidate:
+def our_candidate(ref_path: Path, recipe: str, bits: float, group_size: int, sensitivity: Path | None = None
+                  ) -> Candidate:
+    """One of our quants; an auto one at `bits` bits per weight from the sensitivity file."""
     def make(dest: Path):
         from mixquant.convert import ConvertOptions, convert
+        from mixquant.quant.auto import Target
         from mixquant.quant.recipe import recipe_from_options
 
-        options = ConvertOptions(recipe=recipe_from_options(recipe, bits, group_size), keep_vision=False,
-                                 keep_mtp=False, progress=False)
+        auto = recipe == AUTO
+        options = ConvertOptions(recipe=recipe_from_options(recipe, None if auto else int(bits), group_size),
+                                 keep_vision=False, keep_mtp=False, progress=False,
+                                 target=Target(bpw=bits) if auto else None, sensitivity=sensitivity)
         convert(ref_path, dest, options)
 
-    return Candidate(f"{recipe}-{bits}", FAMILY_OURS, make=make)
+    return Candidate(f"{recipe}-{bits:g}", FAMILY_OURS, make=make)
 
 
 def mlx_lm_candidates(ref_path: Path, group_size: int) -> list[Candidate]:

@@ -36,3 +36,13 @@ def encode(block: np.ndarray, entry, fit_importance: np.ndarray | None = None) -
         out = [w, scales.view(view), biases.view(view)]
     mx.eval(out)
     return [np.array(a, copy=False) for a in out]
+
+
+def encode_floats(arrays: list[np.ndarray], tag: str) -> list[np.ndarray]:
+    """float32 arrays as the raw words of the float dtype `tag` (scales and biases computed elsewhere)."""
+    import mlx.core as mx
+
+    out = [mx.array(np.ascontiguousarray(a, dtype=np.float32)).astype(mx_dtype(tag)).view(_raw_view(tag))
+           for a in arrays]
+    mx.eval(out)
+    return [np.array(a, copy=False) for a in out]

@@ -176,6 +176,7 @@ class Plan:
             "vision_bytes": self.scope_totals(SCOPE_VISION)[1],
             "file_bytes": self.file_bytes,
             "files": list(self.files),
+            **({"allocation": self.recipe.allocation} if self.recipe and self.recipe.allocation else {}),
         }
 
     def to_json(self) -> dict:
@@ -214,6 +215,11 @@ class Plan:
         if s["vision_bytes"]:
             out.append(f"vision tower: {s['vision_bytes'] / 1e9:.4f} GB (unquantized)")
         out.append(f"files: {', '.join(s['files'])}   total {s['file_bytes'] / 1e9:.4f} GB on disk")
+        if "allocation" in s:
+            a = s["allocation"]
+            out.append(f"allocation: target {a['target']} = {a['target_bytes'] / 1e9:.4f} GB for the text model, "
+                       f"{s['model_bytes'] / 1e9:.4f} GB used; predicted mean KLD {a['predicted_kld']:.5f} "
+                       f"({a['sensitivity']} sensitivity on {a['calib']['spec']})")
         out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
 

@@ -24,6 +24,7 @@ DEFAULT_GROUP_SIZE = 64
 SCOPE_ANY = "any"
 SCOPES = (SCOPE_MODEL, SCOPE_MTP, SCOPE_VISION, SCOPE_ANY)
 ROUTER_BITS = 8
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class Rule:
     keep: bool = False  # leave unquantized
     note: str = ""
     where: str = ""  # rules from a file: "FILE: rules[i]", for messages about that rule
+    min_bits: int | None = None  # auto recipes: bounds on the options the allocation may choose
+    max_bits: int | None = None
 
     def matches(self, t: LogicalTensor) -> bool:
         if self.scope != SCOPE_ANY and t.scope != self.scope:
@@ -65,6 +68,8 @@ class Recipe:
     rules: list[Rule] = field(default_factory=list)
     group_size: int = DEFAULT_GROUP_SIZE
     bits: int | None = None  # the base bits, recorded as the config's default
+    auto: bool = False  # the rules are constraints for an allocation still to be made
+    allocation: dict | None = None  # set on the recipe an allocation made: target, predicted KLD, ...
 
     def decide(self, t: LogicalTensor) -> Decision:
         decision = UNQUANTIZED
@@ -133,7 +138,7 @@ def unsloth(base_bits: int = 3, group_size: int = DEFAULT_GROUP_SIZE, out_proj_8
     return Recipe(f"unsloth-{b}", rules, group_size, b)
 
 
-RULE_KEYS = {"name", "regex", "role", "roles", "scope", "bits", "group_size", "keep"}
+RULE_KEYS = {"name", "regex", "role", "roles", "scope", "bits", "group_size", "keep", "min_bits", "max_bits"}
 FILE_KEYS = {"recipe", "bits", "group_size", "out_proj_8bit", "rules"}
 
 
@@ -155,12 +160,14 @@ def from_file(path: Path, bits: int | None, group_size: int, out_proj_8bit: bool
     out_proj_8bit = bool(data.get("out_proj_8bit", out_proj_8bit))
     if base is None:
         recipe = Recipe(path.stem, [], group_size, check_bits(bits, f"{path}: bits") if bits is not None else None)
+    elif base == AUTO:
+        recipe = Recipe(AUTO, [], group_size, None, auto=True)
     elif base == "uniform":
         recipe = uniform(4 if bits is None else bits, group_size)
     elif base == "unsloth":
         recipe = unsloth(3 if bits is None else bits, group_size, out_proj_8bit)
     else:
-        raise MixquantError(f"{path}: unknown base recipe {base!r} (use uniform or unsloth)")
+        raise MixquantError(f"{path}: unknown base recipe {base!r} (use uniform, unsloth or auto)")
     rules = data.get("rules", [])
     if not isinstance(rules, list):
         raise MixquantError(f"{path}: rules must be an array of tables ([[rules]])")
@@ -208,24 +215,33 @@ def _rule_from_table(entry: dict, where: str) -> Rule:
         if not isinstance(bits, int) or isinstance(bits, bool):
             raise MixquantError(f"{where}: bits must be an integer")
         check_bits(bits, f"{where}: bits")
-    if not keep and bits is None and "group_size" not in entry:
-        raise MixquantError(f"{where}: says neither bits, group_size nor keep")
+    bounds = {}
+    for key in ("min_bits", "max_bits"):
+        if key in entry:
+            value = entry[key]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MixquantError(f"{where}: {key} must be an integer")
+            bounds[key] = check_bits(value, f"{where}: {key}")
+    if not keep and bits is None and "group_size" not in entry and not bounds:
+        raise MixquantError(f"{where}: says neither bits, group_size, keep nor min_bits/max_bits")
     group = entry.get("group_size")
     if group is not None:
         if not isinstance(group, int) or isinstance(group, bool):
             raise MixquantError(f"{where}: group_size must be an integer")
         check_group_size(group, f"{where}: group_size")
     return Rule(frozenset(Role(r) for r in roles), entry.get("name"), entry.get("regex"), scope, bits, group, keep,
-                where=where)
+                where=where, **bounds)
 
 
 def recipe_from_options(recipe: str, bits: int | None, group_size: int, out_proj_8bit: bool = False) -> Recipe:
     check_group_size(group_size, "--q-group-size")
+    if recipe == AUTO:
+        return Recipe(AUTO, [], group_size, None, auto=True)
     if recipe == "uniform":
         return uniform(4 if bits is None else bits, group_size)
     if recipe == "unsloth":
         return unsloth(3 if bits is None else bits, group_size, out_proj_8bit)
     path = Path(recipe)
     if path.suffix != ".toml":
-        raise MixquantError(f"--q-recipe: {recipe!r} is neither uniform, unsloth nor a .toml rules file")
+        raise MixquantError(f"--q-recipe: {recipe!r} is neither uniform, unsloth, auto nor a .toml rules file")
     return from_file(path, bits, group_size, out_proj_8bit)

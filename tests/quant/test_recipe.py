@@ -111,7 +111,7 @@ def test_rules_file_without_base_quantizes_only_matches(tmp_path):
         ("bits = 7\n[[rules]]\nrole='embed'\nbits=4\n", "unsupported bits 7"),
         ("[[rules]]\nrole='embed'\nbits=1\n", "rules[0]: bits: unsupported bits 1"),
         ("[[rules]]\nbits=4\n", "needs one of name (glob), regex or role"),
-        ("[[rules]]\nrole='embed'\n", "says neither bits, group_size nor keep"),
+        ("[[rules]]\nrole='embed'\n", "says neither bits, group_size, keep nor min_bits/max_bits"),
         ("[[rules]]\nregex='('\nbits=4\n", "bad regex"),
         ("[[rules]]\nrole='embed'\nbits=4\nscope='everything'\n", "scope must be one of"),
         ("recipe = 'magic'\n", "unknown base recipe 'magic'"),
@@ -128,7 +128,7 @@ def test_rules_file_errors(tmp_path, text, message):
 
 
 def test_unknown_recipe_name():
-    with pytest.raises(MixquantError, match="neither uniform, unsloth nor a .toml"):
+    with pytest.raises(MixquantError, match="neither uniform, unsloth, auto nor a .toml"):
         recipe_from_options("fancy", None, 64)
 
 

@@ -1,0 +1,181 @@
+"""What each step buys per byte: round-to-nearest, GPTQ, distillation, measured allocation, against
+mlx-lm's 4-bit (4.5 bpw); and mlx-lm's own GPTQ where it runs.
+
+    python benchmarks/rounding.py --model fixture [--calib heldout-tail] [--distill-steps 64]
+    python benchmarks/rounding.py --model smollm2 [--calib mix]
+
+Every quant is evaluated on the bundled held-out text (32 windows of 512 tokens) that no
+calibration sees; calibration is the same text budget for every method that uses one. Rows:
+uniform 3-bit and 4-bit (group 64) to nearest (MLX's own quantizer) and with GPTQ, GPTQ plus
+distillation at 3-bit, and the headline: `--q-recipe auto` at 3.6 and 4.5 bits per weight with
+GPTQ and distillation against `mlx_lm.convert -q --q-bits 4 --q-group-size 64`. Seconds per step
+and per billion parameters are recorded. Writes benchmarks/results/rounding-<model>.json and the
+model's section of docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.allocation import heldout_tail, hf_folder, source_of  # noqa: E402
+from benchmarks.report import replace_section  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "RESULTS.md"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("fixture", "smollm2"), default="fixture")
+    ap.add_argument("--calib", default=None, help="mix | self | heldout-tail (fixture) | FILE")
+    ap.add_argument("--calib-tokens", type=int, default=16 * 512)
+    ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--distill-steps", type=int, default=64)
+    ap.add_argument("--sensitivity", default=None, help="for the auto rows (default: a proxy on the calibration)")
+    ap.add_argument("--work", default=None)
+    args = ap.parse_args()
+
+    import mixquant
+
+    blas = mixquant.enable_cpu_blas()
+    import mlx.core as mx
+    from mlx_lm import convert as mlx_convert
+
+    from mixquant.calib.sensitivity import compute_sensitivity
+    from mixquant.convert import ConvertOptions, convert
+    from mixquant.eval.kld import Reference, compute_reference, evaluate
+    from mixquant.loading import count_parameters, load, load_tokenizer
+    from mixquant.quant.auto import Target
+    from mixquant.quant.recipe import Recipe, uniform
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mixquant-rounding-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = source_of(args.model, work)
+    calib = args.calib or ("heldout-tail" if args.model == "fixture" else "mix")
+    calib_path = heldout_tail(work, load_tokenizer(src), args.chunks) if calib == "heldout-tail" else calib
+    ref_path = work / "reference.npz"
+    if ref_path.exists():
+        reference = Reference.load(ref_path)
+    else:
+        reference = compute_reference(src, None, 512, args.chunks, topk="auto")
+        reference.save(ref_path)
+    params = count_parameters(load(src, dtype="float32").model)
+    sens = Path(args.sensitivity) if args.sensitivity else work / "sensitivity-proxy.json"
+    if not sens.exists():
+        compute_sensitivity(src, "proxy", calib_path, 8, 512, out=sens)
+
+    rows = {}
+
+    def row(name: str, make, group: str) -> dict:
+        cache = work / f"eval-{name.replace(' ', '_').replace('/', '-')}.json"
+        if cache.exists():
+            rows[name] = json.loads(cache.read_text())
+            return rows[name]
+        path = work / "models" / "current"
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        make(path)
+        seconds = time.time() - t0
+        report = evaluate(path, reference)
+        shutil.rmtree(path, ignore_errors=True)
+        k = report["kld"]
+        rows[name] = {"name": name, "group": group, "bytes": report["size_bytes"], "bpw": report["bpw"],
+                      "mean": k["mean"], "stderr": k["stderr"], "p999": k["p999"], "same_top": report["same_top"],
+                      "seconds": round(seconds, 1), "s_per_billion": round(seconds / params * 1e9, 1)}
+        cache.write_text(json.dumps(rows[name]))
+        print(f"{name:<36} {report['bpw']:6.3f} bpw  KLD {k['mean']:.5f} ± {k['stderr']:.5f}  p99.9 {k['p999']:.4f}"
+              f"  ({seconds:.0f} s)", flush=True)
+        return rows[name]
+
+    def ours(recipe, rounding="nearest", distill=0, target=None):
+        def make(dest):
+            convert(src, dest, ConvertOptions(recipe=recipe, keep_vision=False, keep_mtp=False, progress=False,
+                                              rounding=rounding, distill_steps=distill, calib=calib_path,
+                                              calib_tokens=args.calib_tokens, target=target,
+                                              sensitivity=sens if target else None))
+        return make
+
+    folder = hf_folder(src, work)
+    row("mlx-lm 4-bit", lambda d: mlx_convert(str(folder), mlx_path=str(d), quantize=True, q_bits=4, q_group_size=64),
+        "baseline")
+    for bits in (3, 4):
+        row(f"uniform-{bits} nearest", ours(uniform(bits, 64)), f"uniform-{bits}")
+        row(f"uniform-{bits} gptq", ours(uniform(bits, 64), "gptq"), f"uniform-{bits}")
+    row("uniform-3 gptq + distill", ours(uniform(3, 64), "gptq", args.distill_steps), "uniform-3")
+    auto = Recipe("auto", [], 64, None, auto=True)
+    for bpw in (3.6, 4.5):
+        row(f"auto {bpw} nearest", ours(auto, target=Target(bpw=bpw)), f"auto-{bpw}")
+        row(f"auto {bpw} gptq", ours(auto, "gptq", target=Target(bpw=bpw)), f"auto-{bpw}")
+        row(f"auto {bpw} gptq + distill", ours(auto, "gptq", args.distill_steps, Target(bpw=bpw)), f"auto-{bpw}")
+    if args.model == "smollm2":
+        row("mlx-lm gptq 4-bit", lambda d: mlx_lm_gptq(folder, d, calib_path, args.calib_tokens), "mlx-lm gptq")
+        peer = rows["mlx-lm gptq 4-bit"]
+        row("auto @ mlx-lm gptq size, gptq", ours(auto, "gptq", target=Target(bytes=peer["bytes"])), "mlx-lm gptq")
+
+    base = rows["mlx-lm 4-bit"]
+    checks = {
+        "gptq/nearest uniform-3": rows["uniform-3 gptq"]["mean"] / rows["uniform-3 nearest"]["mean"],
+        "gptq/nearest uniform-4": rows["uniform-4 gptq"]["mean"] / rows["uniform-4 nearest"]["mean"],
+        "distill/gptq uniform-3": rows["uniform-3 gptq + distill"]["mean"] / rows["uniform-3 gptq"]["mean"],
+        "auto 3.6 full / mlx-lm 4-bit (mean)": rows["auto 3.6 gptq + distill"]["mean"] / base["mean"],
+        "auto 3.6 full / mlx-lm 4-bit (p99.9)": rows["auto 3.6 gptq + distill"]["p999"] / base["p999"],
+        "auto 4.5 full / mlx-lm 4-bit (mean)": rows["auto 4.5 gptq + distill"]["mean"] / base["mean"],
+    }
+    if "mlx-lm gptq 4-bit" in rows:
+        checks["ours / mlx-lm gptq at its size"] = (rows["auto @ mlx-lm gptq size, gptq"]["mean"]
+                                                   / rows["mlx-lm gptq 4-bit"]["mean"])
+    result = {"model": args.model, "calib": calib, "calib_tokens": args.calib_tokens, "chunks": args.chunks,
+              "distill_steps": args.distill_steps, "params": params,
+              "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
+              "rows": list(rows.values()), "checks": checks}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"rounding-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_doc(result)
+    for k, v in checks.items():
+        print(f"{k:<40} {v:.3f}")
+
+
+def mlx_lm_gptq(folder: Path, dest: Path, calib: str, tokens: int) -> None:
+    """mlx-lm's own GPTQ (4-bit, its fallback for the rest) on the same calibration tokens."""
+    import mlx.core as mx
+    from mlx_lm.quant.gptq import gptq_quantize
+    from mlx_lm.utils import load, save
+
+    from mixquant.calib.data import calibration_set
+
+    model, tokenizer, config = load(str(folder), return_config=True)
+    windows = calibration_set(calib, model, tokenizer, tokens, 512)
+    model, config["quantization"] = gptq_quantize(model, mx.array(windows), 4, 64, 6, 64)
+    save(str(dest), str(folder), model, tokenizer, config)
+
+
+def write_doc(result: dict) -> None:
+    key = f"rounding-{result['model']}"
+    lines = [f"<!-- {key}:begin -->", f"## Rounding and allocation on {result['model']}: what each step buys", "",
+             f"`python benchmarks/rounding.py --model {result['model']}` ({result['machine']}). Calibration: "
+             f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
+             f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text.", "",
+             "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {r['bpw']:.3f} | {r['mean']:.5f} ± {r['stderr']:.5f} | {r['p999']:.4f} | "
+                     f"{100 * r['same_top']:.2f}% | {r['seconds']} | {r['s_per_billion']} |")
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in result["checks"].items()]
+    lines.append(f"<!-- {key}:end -->")
+    replace_section(DOC, key, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

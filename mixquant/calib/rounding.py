@@ -1,0 +1,171 @@
+"""GPTQ over a whole model, layer by layer, each layer seeing the inputs the layers before it
+produce once quantized (sequential), and within a layer one stage at a time.
+
+The unquantized model runs in float32 (mlx-lm's own classes). For decoder layer L, the runner
+replays the kept states entering L and runs L alone. The layer's linears are grouped into stages
+by the input they read (q/k/v read the norm's output, o_proj the attention's, ...), in the order
+the layer calls them; for each stage, the Hessians of its linears (per expert for MoE: only the
+tokens routed to it) are collected with the earlier stages already quantized, each linear is
+quantized with GPTQ, and its dequantized weights replace the float ones. Then the states entering
+L + 1 are computed from the quantized layer. Memory holds one stage's Hessians. The embedding is
+rounded to nearest (a lookup has no input to compensate on); the head is done last, on the final
+states of the quantized model.
+
+AWQ composes: a linear whose input columns AWQ scales by s is quantized as W s with the Hessian of
+x / s, and its float stand-in is the dequantized W s divided by s again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from mixquant.arch.roles import Kind
+from mixquant.arch.tensors import SCOPE_MODEL
+
+log = logging.getLogger(__name__)
+
+
+def _hooks():
+    import itertools
+
+    import mlx.core as mx
+
+    from mixquant.wrap import Wrapper
+
+    calls = itertools.count()
+
+    class Hessian(Wrapper):
+        """Wraps a Linear or SwitchLinear: sums x x^T of its inputs (per expert for a SwitchLinear)
+        and notes which input object it read, for grouping modules into stages."""
+
+        def __init__(self, inner, n_mat: int, n_in: int, collect: bool):
+            super().__init__(inner)
+            self._h = np.zeros((n_mat, n_in, n_in)) if collect else None
+            self._count = np.zeros(n_mat)
+            self._input = None
+            self._order = None
+
+        def __call__(self, x, *args, **kwargs):
+            if self._order is None:
+                self._input, self._order = id(x), next(calls)
+            if self._h is not None:
+                xs = np.array(x.astype(mx.float32), dtype=np.float64)
+                if args:  # SwitchLinear(x, indices): the rows routed to each expert
+                    idx = np.array(args[0])
+                    while xs.ndim > idx.ndim + 1 and xs.shape[-2] == 1:
+                        xs = xs[..., 0, :]
+                    xs = np.broadcast_to(xs, (*idx.shape, xs.shape[-1])).reshape(-1, xs.shape[-1])
+                    flat = idx.reshape(-1)
+                    for e in np.unique(flat):
+                        rows = xs[flat == e]
+                        self._h[e] += rows.T @ rows
+                        self._count[e] += len(rows)
+                else:
+                    rows = xs.reshape(-1, xs.shape[-1])
+                    self._h[0] += rows.T @ rows
+                    self._count[0] += len(rows)
+            return self.inner(x, *args, **kwargs)
+
+    return Hessian
+
+
+def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=None) -> dict:
+    """tensor name -> list (per part) of (packed codes, scales, biases, dequantized) for every
+    quantized linear and expert stack of the text model (not the embedding)."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    from mixquant.calib.runner import LayerRunner
+    from mixquant.quant.gptq import gptq
+
+    Hessian = _hooks()
+    modules = dict(model.named_modules())
+    entries = {e.tensor.module: e for e in plan.entries
+               if e.quantized and e.tensor.scope == SCOPE_MODEL and e.tensor.module in modules
+               and e.tensor.role.kind != Kind.EMBEDDING}
+    runner = LayerRunner(model, windows)
+    out: dict = {}
+
+    def where(obj) -> str:  # the runner wraps the layers: paths move, the module objects stay
+        return next(p for p, m in model.named_modules() if m is obj)
+
+    def wrap(names, collect):
+        hooks = {m: Hessian(modules[m], entries[m].tensor.n_matrices, entries[m].tensor.in_features, collect)
+                 for m in names}
+        model.update_modules(tree_unflatten([(where(modules[m]), h) for m, h in hooks.items()]))
+        return hooks
+
+    def unwrap(hooks):
+        model.update_modules(tree_unflatten([(where(h), h.inner) for h in hooks.values()]))
+
+    def quantize(name, hook):
+        entry = entries[name]
+        t = entry.tensor
+        w = np.array(modules[name].weight.astype(mx.float32))
+        parts, deqs = [], []
+        for p, wp in enumerate(w if t.stacked else [w]):
+            h = hook._h[p] / max(hook._count[p], 1.0)
+            ops = awq_result.for_part(t.name, p) if awq_result else []
+            wp, h = _scaled(ops, wp, h)
+            packed, s, b, deq = gptq(wp, h, entry.bits, entry.group_size, dtype)
+            parts.append((packed, s, b))
+            deqs.append(_unscaled(ops, deq))
+        out[t.name] = parts
+        modules[name].weight = mx.array(np.stack(deqs) if t.stacked else deqs[0])
+
+    try:
+        n_layers = len(runner.layers)
+        for layer in range(n_layers):
+            names = [m for m, e in entries.items() if e.tensor.layer == layer]
+            for stage in _stages(runner, layer, names, wrap, unwrap):
+                hooks = wrap(stage, collect=True)
+                for w in range(runner.n_batches):
+                    runner.run_to(layer, w)
+                unwrap(hooks)
+                for m in stage:
+                    quantize(m, hooks[m])
+            runner.advance(layer)
+            if progress:
+                progress(layer + 1, n_layers + 1)
+        heads = [m for m, e in entries.items() if e.tensor.layer is None]
+        if heads:
+            hooks = wrap(heads, collect=True)
+            runner.logits(n_layers)
+            unwrap(hooks)
+            for m in heads:
+                quantize(m, hooks[m])
+        if progress:
+            progress(n_layers + 1, n_layers + 1)
+    finally:
+        runner.unwrap()
+    return out
+
+
+def _stages(runner, layer: int, names: list[str], wrap, unwrap) -> list[list[str]]:
+    """The layer's modules grouped by the input object they read, in the order the layer calls them."""
+    hooks = wrap(names, collect=False)
+    runner.run_to(layer, 0)
+    unwrap(hooks)
+    stages: dict[int, list[str]] = {}
+    for _, m in sorted((h._order, m) for m, h in hooks.items() if h._order is not None):
+        stages.setdefault(hooks[m]._input, []).append(m)
+    return list(stages.values())
+
+
+def _scaled(ops, w, h):
+    """The tensor and Hessian AWQ's ops make: columns scaled by s see inputs divided by s."""
+    from mixquant.quant import awq
+
+    w = awq.apply(ops, w, 0)
+    for op, vec in ops:
+        if op == "cols":
+            h = h / np.outer(vec, vec)
+    return w, h
+
+
+def _unscaled(ops, deq):
+    from mixquant.quant import awq
+
+    return awq.undo(ops, deq).astype(np.float32)

@@ -1,0 +1,78 @@
+"""`mixquant sensitivity`: measure (or estimate) every unit's sensitivity on calibration windows.
+
+The model is loaded unquantized in float32; the windows come from the bundled mix, a file, or the
+model itself. A measured run saves its file after every unit and, run again with the same output,
+model and windows, resumes: finished units are not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from mixquant.errors import MixquantError
+from mixquant.quant.sensitivity import MEASURED, PROXY, Sensitivity, measure, proxy, units_of
+
+DEFAULT_WINDOWS = 4
+DEFAULT_CTX = 512
+
+
+def windows_hash(windows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int32).tobytes()).hexdigest()[:16]
+
+
+def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = "mix", n_windows: int = DEFAULT_WINDOWS,
+                        ctx: int = DEFAULT_CTX, dtype: str = "bfloat16", out: Path | None = None,
+                        config_dir: Path | None = None, progress=None) -> Sensitivity:
+    import mlx.core as mx
+
+    from mixquant.calib.data import calibration_set
+    from mixquant.loading import load
+    from mixquant.quant.plan import make_plan
+    from mixquant.sources import arch_plan_of
+
+    if mode not in (MEASURED, PROXY):
+        raise MixquantError(f"--mode: {mode!r} is neither {MEASURED} nor {PROXY}")
+    _, arch = arch_plan_of(Path(src), config_dir, keep_vision=False, keep_mtp=False)
+    units = units_of(make_plan(arch, None, dtype))
+    loaded = load(Path(src), dtype="float32", dequantize=True, config_dir=config_dir)
+    windows = calibration_set(calib, loaded.model, loaded.tokenizer, n_windows * ctx, ctx)[:n_windows]
+    info = {"spec": str(calib), "windows": int(len(windows)), "ctx": int(windows.shape[1]),
+            "tokens_hash": windows_hash(windows)}
+    sens = Sensitivity(mode, str(src), info, dtype, {})
+    if out is not None and Path(out).exists() and mode == MEASURED:
+        sens = _resumable(Path(out), sens)
+    mx_dtype = getattr(mx, dtype)
+    if mode == PROXY:
+        estimates = proxy(loaded.model, windows, units, mx_dtype, progress=progress)
+    else:
+        estimates = {name: v["options"] for name, v in sens.units.items()}
+        roles = {u.name: u for u in units}
+
+        def save():
+            sens.units = {name: _entry(roles[name], opts) for name, opts in estimates.items()}
+            if out is not None:
+                sens.save(out)
+
+        measure(loaded.model, windows, units, mx_dtype, estimates, saved=save, progress=progress)
+    sens.units = {u.name: _entry(u, estimates[u.name]) for u in units}
+    if out is not None:
+        sens.save(out)
+    return sens
+
+
+def _entry(unit, options: dict) -> dict:
+    return {"role": unit.role.value, "shape": list(unit.shape), "options": options}
+
+
+def _resumable(path: Path, fresh: Sensitivity) -> Sensitivity:
+    """The partial run at `path` if it was made on the same model, windows and dtype; else an error."""
+    old = Sensitivity.load(path)
+    same = (old.mode == fresh.mode and old.source == fresh.source and old.dtype == fresh.dtype
+            and old.calib == fresh.calib)
+    if not same:
+        raise MixquantError(f"{path}: exists and was measured on other windows, another model or dtype "
+                            "(delete it, or choose another output)")
+    return old

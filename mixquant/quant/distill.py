@@ -1,0 +1,234 @@
+"""Distillation of a quant's scales and biases (DWQ): the codes stay, every group's scale and bias
+move to lower the KL divergence between the unquantized model's next-token distribution and the
+quantized model's, by gradient descent on calibration windows.
+
+The quantized model is the unquantized mlx-lm model with each quantized module replaced by one that
+rebuilds its weight in float32 from the fixed codes and the trainable pair (scale = s0 * exp(a),
+bias = b0 + c * |s0|, a and c starting at zero): float32 GEMMs, which on MLX's CPU backend are far
+faster than its quantized kernels, and gradients reach every scale and bias. A quarter of the
+windows is held out: the run keeps the state with the least held-out KL, and the result is kept
+only if that beats the start (once the scales and biases are rounded to the output dtype).
+mlx-lm's fused Gated DeltaNet kernel has no vjp, so the model runs in training mode (its ops path).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+HELD_OUT = 0.25
+LEARNING_RATE = 1e-3
+
+
+@dataclass
+class DistillResult:
+    encodings: dict  # tensor name -> per part (packed, scales, biases): scales/biases tuned (or as given)
+    before: float  # held-out mean KL with the given scales and biases
+    after: float  # ... with the kept ones (equal to before when nothing improved)
+    steps: int
+    kept: bool
+
+
+def _student_classes():
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    class Dequantized(nn.Module):
+        """A quantized Linear / SwitchLinear / Embedding in float32 with trainable scales and biases.
+        `post` undoes channel scales folded elsewhere (AWQ): weight = deq * row_mul[:, None] * col_mul."""
+
+        def __init__(self, codes, s0, b0, group_size, kind, row_mul=None, col_mul=None, bias=None):
+            super().__init__()
+            self.codes = mx.array(codes)  # [..., out, in] float32 integers
+            self.s0, self.b0 = mx.array(s0), mx.array(b0)  # [..., out, groups]
+            self.a, self.c = mx.zeros(self.s0.shape), mx.zeros(self.s0.shape)
+            self.row_mul = None if row_mul is None else mx.array(row_mul)
+            self.col_mul = None if col_mul is None else mx.array(col_mul)
+            if bias is not None:
+                self.bias = bias
+            self._group, self._kind = group_size, kind
+
+        def pairs(self):
+            return self.s0 * mx.exp(self.a), self.b0 + self.c * mx.abs(self.s0)
+
+        def weight_now(self):
+            s, b = self.pairs()
+            *lead, width = self.codes.shape
+            w = self.codes.reshape(*lead, width // self._group, self._group) * s[..., None] + b[..., None]
+            w = w.reshape(*lead, width)
+            if self.row_mul is not None:
+                w = w * self.row_mul[..., None]
+            if self.col_mul is not None:
+                w = w * self.col_mul
+            return w
+
+        def __call__(self, x, *args, **kwargs):
+            w = self.weight_now()
+            if self._kind == "embedding":
+                return w[x]
+            if self._kind == "experts":
+                indices = args[0]
+                y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=kwargs.get(
+                    "sorted_indices", args[1] if len(args) > 1 else False))
+                return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
+            y = x @ w.T
+            return y + self["bias"] if "bias" in self else y
+
+        def as_linear(self, x):
+            return x @ self.weight_now().T
+
+    return Dequantized
+
+
+def _codes(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """Integer codes [rows, width] (float32) from MLX's packing."""
+    rows = packed.shape[0]
+    raw = np.ascontiguousarray(packed).view(np.uint8).reshape(rows, -1)
+    bitplanes = np.unpackbits(raw, axis=1, bitorder="little")[:, : width * bits].reshape(rows, width, bits)
+    return (bitplanes.astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(-1).astype(np.float32)
+
+
+def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int, awq_result=None,
+            lr: float = LEARNING_RATE, eval_every: int | None = None, seed: int = 0, progress=None) -> DistillResult:
+    """Tune the scales and biases of `encodings` (tensor name -> per part (packed, scales, biases)) on
+    `model`, the unquantized mlx-lm model in float32; returns the encodings to write."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_unflatten
+
+    Dequantized = _student_classes()
+    modules = dict(model.named_modules())
+    entries = {e.tensor.name: e for e in plan.entries if e.tensor.name in encodings}
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(windows))
+    n_held = max(1, int(round(HELD_OUT * len(windows))))
+    held, train = windows[order[:n_held]], windows[order[n_held:]]
+    if len(train) == 0:
+        train = held
+
+    def logprobs(m, w):
+        lg = m(mx.array(w[None]))[0].astype(mx.float32)
+        return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
+
+    teacher_train = [logprobs(model, w) for w in train]
+    teacher_held = [logprobs(model, w) for w in held]
+    mx.eval(teacher_train, teacher_held)
+
+    students = {}
+    for name, entry in entries.items():
+        t = entry.tensor
+        module = modules[t.module]
+        parts = encodings[name]
+        codes = np.stack([_codes(p[0], entry.bits, t.in_features) for p in parts])
+        s0 = np.stack([p[1] for p in parts])
+        b0 = np.stack([p[2] for p in parts])
+        if not t.stacked:
+            codes, s0, b0 = codes[0], s0[0], b0[0]
+        row_mul, col_mul = _undo_vectors(awq_result, name, t)
+        kind = "embedding" if isinstance(module, nn.Embedding) else "experts" if t.stacked else "linear"
+        bias = module["bias"] if "bias" in module else None
+        students[t.module] = Dequantized(codes, s0, b0, entry.group_size, kind, row_mul, col_mul, bias)
+    originals = [(m, modules[m]) for m in students]
+    model.update_modules(tree_unflatten(list(students.items())))
+    training = model.training
+    model.freeze()
+    for s in students.values():
+        s.unfreeze(keys=["a", "c"])
+    model.train()
+
+    def loss_fn(m, tokens, teacher):
+        return (mx.exp(teacher) * (teacher - logprobs(m, tokens))).sum(-1).mean()
+
+    def held_kl(rounded: bool) -> float:
+        if rounded:
+            saved = {k: (s.a, s.c) for k, s in students.items()}
+            for s in students.values():
+                _round_pairs(s, dtype)
+        total = float(np.mean([float(loss_fn(model, w, t)) for w, t in zip(held, teacher_held)]))
+        if rounded:
+            for k, (a, c) in saved.items():
+                students[k].a, students[k].c = a, c
+        return total
+
+    try:
+        before = held_kl(rounded=False)
+        best, best_state = before, None
+        optimizer = optim.Adam(learning_rate=lr)
+        step_fn = nn.value_and_grad(model, loss_fn)
+        eval_every = eval_every or max(1, len(train))
+        for step in range(steps):
+            i = step % len(train)
+            loss, grads = step_fn(model, train[i], teacher_train[i])
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                current = held_kl(rounded=True)
+                if current < best:
+                    best, best_state = current, {k: (mx.array(s.a), mx.array(s.c)) for k, s in students.items()}
+            if progress:
+                progress(step + 1, steps)
+        kept = best_state is not None and best < before
+        out = dict(encodings)
+        if kept:
+            for module_name, (a, c) in best_state.items():
+                student = students[module_name]
+                student.a, student.c = a, c
+                s, b = student.pairs()
+                name = next(n for n, e in entries.items() if e.tensor.module == module_name)
+                s, b = np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32))
+                if not entries[name].tensor.stacked:
+                    s, b = s[None], b[None]
+                out[name] = [(p[0], _as_dtype(sp, dtype), _as_dtype(bp, dtype)) for p, sp, bp in
+                             zip(encodings[name], s, b)]
+        return DistillResult(out, before, best if kept else before, steps, kept)
+    finally:
+        model.update_modules(tree_unflatten(originals))
+        model.unfreeze()
+        model.train(training)
+
+
+def _as_dtype(a: np.ndarray, dtype) -> np.ndarray:
+    import mlx.core as mx
+
+    return np.array(mx.array(a).astype(dtype).astype(mx.float32))
+
+
+def _round_pairs(student, dtype) -> None:
+    """Offsets that give the scales and biases the output dtype can hold (for honest held-out checks)."""
+    import mlx.core as mx
+
+    s, b = student.pairs()
+    s_r, b_r = s.astype(dtype).astype(mx.float32), b.astype(dtype).astype(mx.float32)
+    safe = mx.where(student.s0 == 0, 1.0, student.s0)
+    ratio = mx.where(student.s0 == 0, 1.0, s_r / safe)
+    student.a = mx.log(mx.maximum(ratio, 1e-30))
+    student.c = mx.where(student.s0 == 0, 0.0, (b_r - student.b0) / mx.abs(safe))
+
+
+def _undo_vectors(awq_result, name: str, t):
+    """AWQ's ops on a tensor (per part) as the multipliers that undo them on the dequantized weight:
+    (row multipliers, column multipliers), each None when AWQ left that side alone."""
+    if awq_result is None:
+        return None, None
+    *lead, out, width = t.shape
+    rows, cols = [], []
+    for p in range(t.n_matrices):
+        r, c = np.ones(out, np.float32), np.ones(width, np.float32)
+        for op, vec in awq_result.for_part(name, p):
+            if op == "cols":
+                c = c / vec
+            elif op == "rows":
+                r = r / vec
+        rows.append(r)
+        cols.append(c)
+    rows, cols = np.stack(rows), np.stack(cols)
+    if not t.stacked:
+        rows, cols = rows[0], cols[0]
+    else:
+        cols = cols[:, None, :]
+    return (None if np.all(rows == 1) else rows), (None if np.all(cols == 1) else cols)
