@@ -106,7 +106,7 @@ def main() -> None:
     from mixquant.eval.kld import Reference, compute_reference, evaluate
     from mixquant.loading import load_tokenizer
     from mixquant.quant.auto import Target
-    from mixquant.quant.recipe import Recipe, unsloth
+    from mixquant.quant.recipe import auto_base, unsloth
     from mixquant.quant.sensitivity import MEASURED, PROXY, Sensitivity
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mixquant-alloc-"))
@@ -168,7 +168,7 @@ def main() -> None:
 
     def auto(target: Target, mode: str, label: str) -> dict:
         def make(dest):
-            return convert(src, dest, ConvertOptions(recipe=Recipe("auto", [], 64, None, auto=True), target=target,
+            return convert(src, dest, ConvertOptions(recipe=auto_base(), target=target,
                                               sensitivity=sens_files[mode], keep_vision=False, keep_mtp=False,
                                               progress=False))
         return evaluated(label, make)

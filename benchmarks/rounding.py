@@ -56,7 +56,7 @@ def main() -> None:
     from mixquant.eval.kld import Reference, compute_reference, evaluate
     from mixquant.loading import count_parameters, load, load_tokenizer
     from mixquant.quant.auto import Target
-    from mixquant.quant.recipe import Recipe, uniform
+    from mixquant.quant.recipe import auto_base, uniform
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mixquant-rounding-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def main() -> None:
         row(f"uniform-{bits} nearest", ours(uniform(bits, 64)), f"uniform-{bits}")
         row(f"uniform-{bits} gptq", ours(uniform(bits, 64), "gptq"), f"uniform-{bits}")
     row("uniform-3 gptq + distill", ours(uniform(3, 64), "gptq", args.distill_steps), "uniform-3")
-    auto = Recipe("auto", [], 64, None, auto=True)
+    auto = auto_base()
     for bpw in (3.6, 4.5):
         row(f"auto {bpw} nearest", ours(auto, target=Target(bpw=bpw)), f"auto-{bpw}")
         row(f"auto {bpw} gptq", ours(auto, "gptq", target=Target(bpw=bpw)), f"auto-{bpw}")

@@ -37,7 +37,10 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype of unquantized tensors, scales and biases (default bfloat16)")
     p.add_argument("--drop-vision", action="store_true", help="leave the vision tower out")
-    p.add_argument("--drop-mtp", action="store_true", help="leave the MTP head out (default: kept, in a sidecar file mlx-lm does not read)")
+    p.add_argument("--drop-mtp", action="store_true",
+                   help="leave the MTP head out (default: kept, in a sidecar file mlx-lm does not read)")
+    p.add_argument("--mtp-bf16", action="store_true",
+                   help="keep the MTP head's projections unquantized (default: the recipe's attention bits; auto: 8)")
     p.add_argument("--max-shard-size", default="5GB", help="largest model shard (default 5GB)")
     p.add_argument("--calib", default=None,
                    help="calibration text of the steps that need one (AWQ, auto's proxy): mix (bundled, default), "
@@ -81,7 +84,8 @@ def _options(args):
     wants_q = args.quantize or args.q_recipe is not None or args.q_bits is not None or args.q_out_proj_8bit
     recipe = None
     if wants_q:
-        recipe = recipe_from_options(args.q_recipe or "unsloth", args.q_bits, args.q_group_size, args.q_out_proj_8bit)
+        recipe = recipe_from_options(args.q_recipe or "unsloth", args.q_bits, args.q_group_size, args.q_out_proj_8bit,
+                                     args.mtp_bf16)
     target = _target(args)
     if target is not None and (recipe is None or not recipe.auto):
         raise MixquantError("--target-bpw / --target-size: only with --q-recipe auto (or a rules file with "
@@ -233,11 +237,20 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from mixquant.runtime.bench import BenchConfig, bench, format_table
+    from mixquant.runtime.bench import BenchConfig, bench, bench_mtp, format_mtp_table, format_table
 
     for flag in ("prompt_tokens", "turns", "turn_tokens", "repeats"):
         positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     cfg = BenchConfig(args.prompt_tokens, args.gen_tokens, args.turns, args.turn_tokens, args.repeats)
+    if args.mtp:
+        if args.compare:
+            raise MixquantError("--mtp and --compare: one at a time (--mtp compares plain and MTP decoding)")
+        result = bench_mtp(Path(args.model), cfg, _depths(args.mtp_depths))
+        print(format_mtp_table(result))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"config": vars(cfg), **result}, indent=2) + "\n")
+        return 0
     paths = [Path(args.model)] + ([Path(args.compare)] if args.compare else [])
     results = bench(paths, cfg)
     print(format_table(results, cfg))
@@ -248,6 +261,14 @@ def cmd_bench(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def _depths(text: str) -> list[int]:
+    try:
+        depths = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise MixquantError(f"--mtp-depths: a comma-separated list of depths, got {text!r}") from None
+    return depths
 
 
 def cmd_imatrix(args) -> int:
@@ -278,8 +299,13 @@ def cmd_sensitivity(args) -> int:
 def cmd_chat(args) -> int:
     from mixquant.runtime.repl import run
 
+    from mixquant.runtime.mtp import DEFAULT_DEPTH, check_depth
+
     positive(args.max_tokens, "--max-tokens")
-    return run(Path(args.model), args.max_tokens, args.temperature)
+    if args.mtp_depth is not None and not args.mtp:
+        raise MixquantError("--mtp-depth: only with --mtp")
+    mtp = (DEFAULT_DEPTH if args.mtp_depth is None else check_depth(args.mtp_depth)) if args.mtp else 0
+    return run(Path(args.model), args.max_tokens, args.temperature, mtp=mtp)
 
 
 def cmd_generate(args) -> int:
@@ -409,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--turn-tokens", type=int, default=64, help="new tokens per later turn (default 64)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mtp", action="store_true", help="MTP speculative decoding against plain decoding")
+    p.add_argument("--mtp-depths", default="1,2,3", help="with --mtp: the draft depths to measure (default 1,2,3)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench)
 
@@ -437,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config")
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
+    p.add_argument("--mtp-depth", type=int, default=None, help="tokens drafted per step (default: the measured best)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")

@@ -13,6 +13,8 @@ gamma_s) q_t . k_s for s <= t, and the state moves on. Decay ratios are taken in
 
 from __future__ import annotations
 
+import functools
+
 CHUNK = 16  # 64 loses float32 accuracy on trained weights (decays near 1, large betas); 16 keeps 1e-8
 
 
@@ -84,41 +86,96 @@ def _unit_lower_inverse(lower, size: int):
     return result
 
 
-def _chunked_class(base):
-    """A subclass of mlx-lm's GatedDeltaNet (`base`) whose prompt pass uses chunked_gated_delta; single
-    tokens, masked batches and sharded layers go to mlx-lm's own code."""
+class StepStates:
+    """Marks a Gated DeltaNet layer's cache (mlx-lm's ArraysCache: conv state, recurrent state) whose
+    next multi-token pass runs token by token, as decoding does, keeping the states after every
+    position in `steps` so a caller can roll back to any of them (speculative verification)."""
+
+
+@functools.cache
+def step_states_cache(base):
+    """A subclass of mlx-lm's ArraysCache (`base`) that is a StepStates: `record` asks the next pass
+    to keep per-position states in `steps` [(conv state, recurrent state), ...]."""
+
+    class RecordingArraysCache(base, StepStates):
+        def __init__(self, size):
+            super().__init__(size)
+            self.record = False
+            self.steps: list = []
+
+        def rewind(self, position: int) -> None:
+            """Back to the states after `position` of the last recorded pass."""
+            self[0], self[1] = self.steps[position]
+            self.steps = []
+
+    return RecordingArraysCache
+
+
+@functools.cache
+def _kernel_class(base, chunked: bool):
+    """A subclass of mlx-lm's GatedDeltaNet (`base`): prompts through chunked_gated_delta (when
+    `chunked`), recorded passes token by token with every state kept; single tokens, masked batches
+    and sharded layers go to mlx-lm's own code."""
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx_lm.models.gated_delta import compute_g, normalize_qk
+    from mlx_lm.models.gated_delta import compute_g, gated_delta_update, normalize_qk
 
-    class ChunkedGatedDeltaNet(base):
+    class GatedDeltaNetKernels(base):
+        CHUNKED = chunked
+
         def __call__(self, inputs, mask=None, cache=None):
-            B, S, _ = inputs.shape
-            if S == 1 or mask is not None or self.sharding_group is not None:
+            S = inputs.shape[1]
+            own = mask is None and self.sharding_group is None
+            if own and isinstance(cache, StepStates) and cache.record:
+                return self._recorded(inputs, cache)
+            if not own or S == 1 or not self.CHUNKED:
                 return super().__call__(inputs, mask, cache)
+            q, k, v, a, b, z, conv_input = self._project(inputs, cache)
+            state = cache[1] if cache is not None else None
+            out, state = chunked_gated_delta(q, k, v, compute_g(self.A_log, a, self.dt_bias), mx.sigmoid(b), state)
+            if cache is not None:
+                cache[0] = mx.contiguous(conv_input[:, -(self.conv_kernel_size - 1):, :])
+                cache[1] = state
+                cache.advance(S)
+            return self._output(out.astype(inputs.dtype), z)
+
+        def _recorded(self, inputs, cache):
+            S = inputs.shape[1]
+            keep = self.conv_kernel_size - 1
+            q, k, v, a, b, z, conv_input = self._project(inputs, cache)
+            state, outs, steps = cache[1], [], []
+            for t in range(S):
+                step = slice(t, t + 1)
+                out, state = gated_delta_update(q[:, step], k[:, step], v[:, step], a[:, step], b[:, step],
+                                                self.A_log, self.dt_bias, state, None, use_kernel=not self.training)
+                outs.append(out)
+                steps.append((mx.contiguous(conv_input[:, t + 1 : t + 1 + keep, :]), state))
+            cache[0], cache[1] = steps[-1]
+            cache.steps = steps
+            cache.advance(S)
+            return self._output(mx.concatenate(outs, axis=1), z)
+
+        def _project(self, inputs, cache):
+            B, S, _ = inputs.shape
             qkv = self.in_proj_qkv(inputs)
             z = self.in_proj_z(inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
             b, a = self.in_proj_b(inputs), self.in_proj_a(inputs)
             conv_state = cache[0] if cache is not None and cache[0] is not None else mx.zeros(
                 (B, self.conv_kernel_size - 1, self.conv_dim), dtype=inputs.dtype)
             conv_input = mx.concatenate([conv_state, qkv], axis=1)
-            if cache is not None:
-                cache[0] = mx.contiguous(conv_input[:, -(self.conv_kernel_size - 1):, :])
             conv_out = nn.silu(self.conv1d(conv_input))
             q, k, v = [t.reshape(B, S, h, d) for t, h, d in zip(
                 mx.split(conv_out, [self.key_dim, 2 * self.key_dim], -1),
                 [self.num_k_heads, self.num_k_heads, self.num_v_heads],
                 [self.head_k_dim, self.head_k_dim, self.head_v_dim])]
             q, k = normalize_qk(q, k, inv_scale=self.head_k_dim**-0.5, eps=1e-6)
-            state = cache[1] if cache is not None else None
-            out, state = chunked_gated_delta(q, k, v, compute_g(self.A_log, a, self.dt_bias), mx.sigmoid(b), state)
-            if cache is not None:
-                cache[1] = state
-                cache.advance(S)
-            out = self.norm(out.astype(inputs.dtype), z)
-            return self.out_proj(out.reshape(B, S, -1))
+            return q, k, v, a, b, z, conv_input
 
-    return ChunkedGatedDeltaNet
+        def _output(self, out, z):
+            B, S = out.shape[:2]
+            return self.out_proj(self.norm(out, z).reshape(B, S, -1))
+
+    return GatedDeltaNetKernels
 
 
 def uses_token_loop() -> bool:
@@ -128,14 +185,16 @@ def uses_token_loop() -> bool:
     return mx.default_device() != mx.gpu or not mx.metal.is_available()
 
 
-def chunk_prefill(model) -> int:
-    """Give every mlx-lm Gated DeltaNet of `model` the chunked prompt pass (the module objects keep
-    their parameters; they become instances of a subclass). Returns how many were changed."""
+def adopt_kernels(model, chunked: bool) -> int:
+    """Give every mlx-lm Gated DeltaNet of `model` this module's passes (the module objects keep
+    their parameters; they become instances of a subclass): recorded passes always, the chunked
+    prompt pass when `chunked`. Layers that already have them are left as they are. Returns how
+    many were changed."""
     from mlx.utils import tree_unflatten
     from mlx_lm.models.qwen3_5 import GatedDeltaNet
 
     swaps = []
-    cls = _chunked_class(GatedDeltaNet)
+    cls = _kernel_class(GatedDeltaNet, chunked)
     for path, module in model.named_modules():
         if type(module) is GatedDeltaNet:
             new = cls.__new__(cls)
@@ -145,3 +204,16 @@ def chunk_prefill(model) -> int:
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
+
+
+def chunk_prefill(model) -> int:
+    """adopt_kernels with the chunked prompt pass."""
+    return adopt_kernels(model, chunked=True)
+
+
+def recording_cache(model) -> list:
+    """mlx-lm's prompt cache for `model` with every ArraysCache able to record per-position states."""
+    from mlx_lm.models.cache import ArraysCache, make_prompt_cache
+
+    cls = step_states_cache(ArraysCache)
+    return [cls(len(c.cache)) if type(c) is ArraysCache else c for c in make_prompt_cache(model)]

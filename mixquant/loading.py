@@ -44,7 +44,7 @@ class Loaded:
     template: str | None = None  # the chat template's source
     specials: dict = field(default_factory=dict)  # bos/eos/pad/unk token strings, for the template
     generation_config: dict = field(default_factory=dict)
-    mtp_weights: dict = field(default_factory=dict)  # mtp.* output tensors (name -> mx.array), when asked
+    mtp: object = None  # the MTP head and the main model's parts it runs with (arch's MTPParts), when asked
 
 
 def source_kind(path: Path) -> str:
@@ -81,28 +81,43 @@ def load(path: Path, *, dtype: str | None = None, dequantize: bool | None = Fals
     dtype: for HF and GGUF sources the float dtype the weights are built in (default bfloat16, as a
     conversion writes them); for MLX folders, a dtype the unquantized parameters are cast to.
     dequantize: replace quantized layers by float32 ones holding their dequantized weights (None:
-    on CPU only). mtp: also read the MTP head's weights (into `mtp_weights`). config_dir: a GGUF
+    on CPU only). mtp: also build the MTP head (into `mtp`). config_dir: a GGUF
     source's config and tokenizer files, as `convert --config-dir` takes them."""
-    from mixquant.kernels import chunk_prefill, uses_token_loop
+    from mixquant.kernels import adopt_kernels, uses_token_loop
 
     path = Path(path)
     kind = source_kind(path)
-    loaded = (_load_mlx(path, mtp) if kind == MLX
-              else _load_source(path, kind, dtype or "bfloat16", mtp, config_dir))
-    if uses_token_loop():
-        chunk_prefill(loaded.model)
+    loaded, mtp_weights = (_load_mlx(path, mtp) if kind == MLX
+                           else _load_source(path, kind, dtype or "bfloat16", mtp, config_dir))
+    adopt_kernels(loaded.model, chunked=uses_token_loop())
+    if mtp:
+        loaded.mtp = _mtp_parts(loaded, mtp_weights)
     if dequantize is None:
         dequantize = default_dequantize()
     if dequantize:
         dequantize_model(loaded.model)
+        if loaded.mtp is not None:
+            dequantize_model(loaded.mtp.head)
     elif dtype is not None and kind == MLX:
         import mlx.core as mx
 
         loaded.model.set_dtype(getattr(mx, dtype))
+        if loaded.mtp is not None:
+            loaded.mtp.head.set_dtype(getattr(mx, dtype))
     return loaded
 
 
-def _load_mlx(path: Path, mtp: bool) -> Loaded:
+def _mtp_parts(loaded: Loaded, weights: dict):
+    family = family_for_config(loaded.config, loaded.path)
+    if family.mtp is None:
+        raise MixquantError(f"{loaded.path}: {family.name} models have no MTP head")
+    if not weights:
+        raise MixquantError(f"{loaded.path}: no MTP head in this model (a mixquant conversion keeps it in "
+                            f"mtp.safetensors unless --drop-mtp)")
+    return family.mtp(loaded.model, weights, loaded.config.get("quantization"), str(loaded.path))
+
+
+def _load_mlx(path: Path, mtp: bool) -> tuple[Loaded, dict]:
     from mlx_lm import load as mlx_load
 
     try:
@@ -111,9 +126,7 @@ def _load_mlx(path: Path, mtp: bool) -> Loaded:
         raise MixquantError(f"{path}: mlx-lm cannot load it ({e})") from None
     loaded = Loaded(model, tokenizer, config, path, MLX)
     _read_chat_files(loaded, path)
-    if mtp:
-        loaded.mtp_weights = _mtp_sidecar(path)
-    return loaded
+    return loaded, _mtp_sidecar(path) if mtp else {}
 
 
 def _mtp_sidecar(path: Path) -> dict:
@@ -125,7 +138,8 @@ def _mtp_sidecar(path: Path) -> dict:
     return dict(mx.load(str(sidecar))) if sidecar.is_file() else {}
 
 
-def _load_source(path: Path, kind: str, dtype: str, mtp: bool, config_dir: Path | None = None) -> Loaded:
+def _load_source(path: Path, kind: str, dtype: str, mtp: bool,
+                 config_dir: Path | None = None) -> tuple[Loaded, dict]:
     import mlx.core as mx
 
     from mixquant.quant.encode import DTYPE_NAMES
@@ -145,9 +159,9 @@ def _load_source(path: Path, kind: str, dtype: str, mtp: bool, config_dir: Path 
     model = build_model(config, weights, source.where)
     with side_files(source) as folder:
         tokenizer = load_tokenizer(folder, config)
-        loaded = Loaded(model, tokenizer, config, path, kind, mtp_weights=mtp_weights)
+        loaded = Loaded(model, tokenizer, config, path, kind)
         _read_chat_files(loaded, folder)
-    return loaded
+    return loaded, mtp_weights
 
 
 def build_model(config: dict, weights: dict, where: str):

@@ -43,7 +43,10 @@ def test_every_role_gets_its_bits(unsloth_out):
     q = json.loads((out / "config.json").read_text())["quantization"]
     modules = {k: v for k, v in q.items() if k not in ("group_size", "bits", "mode") and not k.startswith("mtp.")}
     mtp = {k: v for k, v in q.items() if k.startswith("mtp.")}
-    assert len(mtp) == 1 + 7 and not any(mtp.values())  # fc + one layer's q,k,v,o,gate,up,down: kept
+    # fc + one layer's q,k,v,o,gate,up,down: at the recipe's attention bits (B + 2)
+    assert len(mtp) == 1 + 7
+    assert all(v == {"group_size": 64, "bits": UD_TABLES[base]["qkv"], "mode": "affine"} for v in mtp.values()), mtp
+    assert json.loads((out / "config.json").read_text())["mixquant"]["mtp"] == {"file": "mtp.safetensors"}
     seen = set()
     for module, value in modules.items():
         kind = _kind(module)
@@ -115,3 +118,15 @@ def test_side_files_copied(unsloth_out, fixture_dir):
     _, out = unsloth_out
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (fixture_dir / name).read_bytes()
+
+
+def test_mtp_bf16_keeps_the_head_unquantized(fixture_dir, tmp_path):
+    out = tmp_path / "model"
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "-q", "--q-recipe", "uniform", "--q-bits", "4",
+                   "--mtp-bf16", "--drop-vision") == 0
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    mtp = {k: v for k, v in q.items() if k.startswith("mtp.")}
+    assert len(mtp) == 8 and not any(mtp.values())
+    assert q["language_model.lm_head"]["bits"] == 4
+    with safe_open(out / "mtp.safetensors", "np") as f:
+        assert not any(k.endswith(".scales") for k in f.keys())

@@ -68,3 +68,27 @@ def _unchunked(model):
     assert swaps and chunk_prefill(model) == 0  # the loaded model was already chunked
     model.update_modules(tree_unflatten(swaps))
     return model
+
+
+@pytest.mark.parametrize("which", ["float32", "unsloth-4"])
+def test_greedy_output_is_the_plain_paths(which, fixture_dir, tmp_path):
+    """20 prompts, greedy: mlx-lm's own Gated DeltaNet modules and ours (chunked prompts) decode the same
+    tokens."""
+    from mlx_lm.generate import generate_step
+
+    from conftest import run_cli
+    from mixquant.loading import load, load_tokenizer
+
+    path = fixture_dir
+    if which != "float32":
+        path = tmp_path / "ud4"
+        assert run_cli("convert", "-i", fixture_dir, "-o", path, "-q", "--q-bits", "4", "--drop-vision",
+                       "--drop-mtp") == 0
+    ours = load(path, dtype="float32", dequantize=True).model
+    plain = _unchunked(load(path, dtype="float32", dequantize=True).model)
+    ids = load_tokenizer(fixture_dir).encode((fixture_dir / "heldout.txt").read_text(encoding="utf-8")[:100_000])
+    step = len(ids) // 20
+    for i in range(20):
+        prompt = mx.array(ids[i * step : i * step + 48])
+        decoded = [[t for t, _ in generate_step(prompt, m, max_tokens=24)] for m in (ours, plain)]
+        assert decoded[0] == decoded[1], i

@@ -13,6 +13,7 @@ missing, extra, or of another shape is an error naming it.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass
 
@@ -464,6 +465,75 @@ def gguf_arch_for(config: dict) -> str:
 GGUF = GGUFSpec(("qwen35", "qwen35moe"), GGUF_GLOBAL, GGUF_BLOCK, GGUF_NEXTN, GGUF_IGNORED, gguf_layout, gguf_config,
                 gguf_main_layers, gguf_arch_for, hf_name_of)
 
+# -- the MTP head at run time ----------------------------------------------------------------------
+# fc(cat[pre_fc_norm_embedding(embed(tok[t+1])), pre_fc_norm_hidden(h[t])]) through one full-attention
+# decoder layer at rope position t+1, then `norm`; h[t] is the main model's last hidden state after its
+# final norm. Embedding and lm_head are the main model's. Drafting further, the head's own output takes
+# h's place.
+
+
+@functools.cache
+def _mtp_head_class():
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.qwen3_5 import DecoderLayer
+
+    class MTPHead(nn.Module):
+        def __init__(self, args):
+            super().__init__()
+            self.pre_fc_norm_embedding = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+            self.pre_fc_norm_hidden = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+            self.fc = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+            self.layers = [DecoderLayer(args, args.full_attention_interval - 1)]  # a full-attention layer
+            self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+        def __call__(self, embeddings, hidden, mask, cache):
+            x = self.fc(mx.concatenate([self.pre_fc_norm_embedding(embeddings), self.pre_fc_norm_hidden(hidden)],
+                                       axis=-1))
+            return self.norm(self.layers[0](x, mask, cache))
+
+    return MTPHead
+
+
+@dataclass
+class MTPParts:
+    """What speculative decoding runs, all of it mlx-lm's modules but the head: `body(tokens, cache)`
+    is the main model up to its final norm, `logits(h)` its lm_head, `embed(tokens)` its embedding."""
+
+    body: object
+    logits: object
+    embed: object
+    head: object
+
+
+def mtp_parts(model, weights: dict, quantization: dict | None, where: str) -> MTPParts:
+    """The MTP head of a loaded mlx-lm qwen3_5 model from its `mtp.*` tensors (quantized where
+    `quantization` says so, as the main model's `quantization` block lists them)."""
+    import mlx.nn as nn
+
+    text = model.language_model
+    args = text.args
+    layers = len({k.split(".")[2] for k in weights if k.startswith(MTP_PREFIX + "layers.")})
+    if layers != 1:
+        raise MixquantError(f"{where}: an MTP head of {layers} layers; only one is supported")
+    head = _mtp_head_class()(args)
+    if quantization:
+        def predicate(path, module):
+            spec = quantization.get(MTP_PREFIX + path)
+            return spec if isinstance(spec, dict) and hasattr(module, "to_quantized") else False
+
+        nn.quantize(head, class_predicate=predicate)
+    own = {k[len(MTP_PREFIX):]: v for k, v in weights.items() if k.startswith(MTP_PREFIX)}
+    try:
+        head.load_weights(list(own.items()), strict=True)
+    except ValueError as e:
+        raise MixquantError(f"{where}: its MTP tensors do not fit the model ({e})") from None
+    head.eval()
+    body = text.model
+    logits = body.embed_tokens.as_linear if args.tie_word_embeddings else text.lm_head
+    return MTPParts(body, logits, body.embed_tokens, head)
+
+
 STRUCTURE = Structure(
     norm_groups=(
         NormGroup("attn", Role.INPUT_NORM, (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.SSM_IN_QKV, Role.SSM_IN_Z,
@@ -476,4 +546,4 @@ STRUCTURE = Structure(
 )
 
 FAMILY = Family("qwen35", MODEL_TYPES, build, STRUCTURE, GGUF, imatrix_order, mlx_prefix="language_model.",
-                excluded_prefixes=(VISION_PREFIX, "vision_tower.", MTP_PREFIX))
+                excluded_prefixes=(VISION_PREFIX, "vision_tower.", MTP_PREFIX), mtp=mtp_parts)

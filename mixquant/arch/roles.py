@@ -99,3 +99,5 @@ SSM_GATES = frozenset({Role.SSM_IN_A, Role.SSM_IN_B})
 ROUTERS = frozenset({Role.MOE_ROUTER, Role.SHEXP_ROUTER})
 EMBED = frozenset({Role.EMBED})
 LM_HEAD = frozenset({Role.LM_HEAD})
+# the MTP head's own projections (it shares the embedding and lm_head with the model)
+MTP_PROJECTIONS = frozenset({Role.MTP_FC}) | ATTN_IN | ATTN_OUT | FFN_GATE_UP | FFN_DOWN | ROUTERS

@@ -114,6 +114,9 @@ class Family:
     mlx_prefix: str | None = None
     # tensors of an MLX folder that are not the language model (vision tower, MTP head)
     excluded_prefixes: tuple[str, ...] = ()
+    # (mlx-lm model, mtp.* tensors, quantization block, where) -> the parts MTP speculative decoding
+    # runs (mixquant.arch.qwen35.MTPParts); None: the family has no MTP head
+    mtp: Callable | None = None
 
 
 def _norm_shift(a):

@@ -141,6 +141,8 @@ class Plan:
 
         config = json.loads(json.dumps(self.arch.config))
         config[CONFIG_MARKER] = {"version": __version__, "recipe": self.recipe.name if self.recipe else "none"}
+        if MTP_FILE in self.files:  # the sidecar mlx-lm does not read; its modules' bits are in `quantization`
+            config[CONFIG_MARKER]["mtp"] = {"file": MTP_FILE}
         q = self.quantization_config()
         if q is not None:
             config["quantization"] = q

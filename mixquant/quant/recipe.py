@@ -14,7 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mixquant.arch.roles import ATTN_IN, ATTN_OUT, EMBED, FFN_DOWN, FFN_GATE_UP, LM_HEAD, ROUTERS, SSM_GATES, Role
+from mixquant.arch.roles import (ATTN_IN, ATTN_OUT, EMBED, FFN_DOWN, FFN_GATE_UP, LM_HEAD, MTP_PROJECTIONS, ROUTERS,
+                                 SSM_GATES, Role)
 from mixquant.arch.tensors import SCOPE_MODEL, SCOPE_MTP, SCOPE_VISION, LogicalTensor
 from mixquant.errors import MixquantError
 
@@ -110,18 +111,33 @@ def check_group_size(group_size: int, where: str) -> int:
     return group_size
 
 
-def uniform(bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> Recipe:
-    """Every linear, the embedding and lm_head at `bits`; MoE routers at 8 bits, as mlx_lm.convert does."""
+AUTO_MTP_BITS = 8
+
+
+def mtp_rules(bits: int | None) -> list[Rule]:
+    """The MTP head's projections at `bits` (None: kept unquantized), its routers at 8 bits; its norms,
+    as everywhere, never quantized."""
+    return [Rule(roles=MTP_PROJECTIONS, scope=SCOPE_MTP, bits=bits, keep=bits is None, note="the MTP head"),
+            Rule(roles=ROUTERS, scope=SCOPE_MTP, bits=None if bits is None else ROUTER_BITS,
+                 keep=bits is None)]
+
+
+def uniform(bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, mtp_bits: int | None = -1) -> Recipe:
+    """Every linear, the embedding and lm_head at `bits`; MoE routers at 8 bits, as mlx_lm.convert does.
+    The MTP head's projections at `bits` too (mtp_bits None: unquantized)."""
     check_bits(bits, "--q-bits")
     rules = [
         Rule(roles=FFN_GATE_UP | FFN_DOWN | ATTN_IN | ATTN_OUT | SSM_GATES | EMBED | LM_HEAD, bits=bits),
         Rule(roles=ROUTERS, bits=ROUTER_BITS, note="routers stay at 8 bits"),
+        *mtp_rules(bits if mtp_bits == -1 else mtp_bits),
     ]
     return Recipe(f"uniform-{bits}", rules, group_size, bits)
 
 
-def unsloth(base_bits: int = 3, group_size: int = DEFAULT_GROUP_SIZE, out_proj_8bit: bool = False) -> Recipe:
-    """The Unsloth-Dynamic per-tensor rules, for base bits B in 2..8."""
+def unsloth(base_bits: int = 3, group_size: int = DEFAULT_GROUP_SIZE, out_proj_8bit: bool = False,
+            mtp_bits: int | None = -1) -> Recipe:
+    """The Unsloth-Dynamic per-tensor rules, for base bits B in 2..8; the MTP head's projections at the
+    attention bits (mtp_bits None: unquantized)."""
     if not 2 <= base_bits <= 8:
         raise MixquantError(f"--q-bits: unsloth base bits must be 2..8, got {base_bits}")
     b = base_bits
@@ -134,6 +150,7 @@ def unsloth(base_bits: int = 3, group_size: int = DEFAULT_GROUP_SIZE, out_proj_8
         Rule(roles=ATTN_OUT, bits=8) if out_proj_8bit else Rule(roles=ATTN_OUT, keep=True),
         Rule(roles=SSM_GATES, keep=True),
         Rule(roles=ROUTERS, bits=ROUTER_BITS),
+        *mtp_rules(snap_bits(b + 2) if mtp_bits == -1 else mtp_bits),
     ]
     return Recipe(f"unsloth-{b}", rules, group_size, b)
 
@@ -142,7 +159,7 @@ RULE_KEYS = {"name", "regex", "role", "roles", "scope", "bits", "group_size", "k
 FILE_KEYS = {"recipe", "bits", "group_size", "out_proj_8bit", "rules"}
 
 
-def from_file(path: Path, bits: int | None, group_size: int, out_proj_8bit: bool) -> Recipe:
+def from_file(path: Path, bits: int | None, group_size: int, out_proj_8bit: bool, mtp_bf16: bool = False) -> Recipe:
     """A TOML rules file: an optional base recipe, then [[rules]] applied after it, in order."""
     path = Path(path)
     try:
@@ -161,11 +178,11 @@ def from_file(path: Path, bits: int | None, group_size: int, out_proj_8bit: bool
     if base is None:
         recipe = Recipe(path.stem, [], group_size, check_bits(bits, f"{path}: bits") if bits is not None else None)
     elif base == AUTO:
-        recipe = Recipe(AUTO, [], group_size, None, auto=True)
+        recipe = auto_base(group_size, mtp_bf16)
     elif base == "uniform":
-        recipe = uniform(4 if bits is None else bits, group_size)
+        recipe = uniform(4 if bits is None else bits, group_size, mtp_bits=None if mtp_bf16 else -1)
     elif base == "unsloth":
-        recipe = unsloth(3 if bits is None else bits, group_size, out_proj_8bit)
+        recipe = unsloth(3 if bits is None else bits, group_size, out_proj_8bit, mtp_bits=None if mtp_bf16 else -1)
     else:
         raise MixquantError(f"{path}: unknown base recipe {base!r} (use uniform, unsloth or auto)")
     rules = data.get("rules", [])
@@ -233,15 +250,22 @@ def _rule_from_table(entry: dict, where: str) -> Rule:
                 where=where, **bounds)
 
 
-def recipe_from_options(recipe: str, bits: int | None, group_size: int, out_proj_8bit: bool = False) -> Recipe:
+def auto_base(group_size: int = DEFAULT_GROUP_SIZE, mtp_bf16: bool = False) -> Recipe:
+    """The start of an auto recipe: its constraints (the allocation adds one rule per unit)."""
+    return Recipe(AUTO, mtp_rules(None if mtp_bf16 else AUTO_MTP_BITS), group_size, None, auto=True)
+
+
+def recipe_from_options(recipe: str, bits: int | None, group_size: int, out_proj_8bit: bool = False,
+                        mtp_bf16: bool = False) -> Recipe:
     check_group_size(group_size, "--q-group-size")
+    mtp_bits = None if mtp_bf16 else -1
     if recipe == AUTO:
-        return Recipe(AUTO, [], group_size, None, auto=True)
+        return auto_base(group_size, mtp_bf16)
     if recipe == "uniform":
-        return uniform(4 if bits is None else bits, group_size)
+        return uniform(4 if bits is None else bits, group_size, mtp_bits)
     if recipe == "unsloth":
-        return unsloth(3 if bits is None else bits, group_size, out_proj_8bit)
+        return unsloth(3 if bits is None else bits, group_size, out_proj_8bit, mtp_bits)
     path = Path(recipe)
     if path.suffix != ".toml":
         raise MixquantError(f"--q-recipe: {recipe!r} is neither uniform, unsloth, auto nor a .toml rules file")
-    return from_file(path, bits, group_size, out_proj_8bit)
+    return from_file(path, bits, group_size, out_proj_8bit, mtp_bf16)

@@ -4,7 +4,9 @@ path `chat` decodes on (mlx-lm's generate_step on a ChatSession's cache).
 
 Decode is measured in steady state: the first WARMUP_TOKENS of each generation are not timed.
 Each figure is the median over repeats; with --compare the two models alternate repeat by repeat
-in one process, so drift on a noisy machine hits both alike.
+in one process, so drift on a noisy machine hits both alike. With --mtp, plain decoding and MTP
+speculative decoding at each depth alternate the same way on one loaded model, and the drafts'
+acceptance is counted by position.
 """
 
 from __future__ import annotations
@@ -46,15 +48,13 @@ def prompt_ids(tokenizer, n: int, offset: int = 0) -> np.ndarray:
     return list(ids[offset : offset + n])
 
 
-def _generate(model, session, new_tokens: list[int], gen_tokens: int) -> tuple[float, float]:
+def _generate(model, session, new_tokens: list[int], gen_tokens: int, mtp: int = 0, stats=None) -> tuple[float, float]:
     """Prefill `new_tokens` after what the session holds, decode `gen_tokens` greedily; returns
     (prefill tok/s, decode tok/s)."""
-    from mlx_lm.sample_utils import make_sampler
-
     prompt = session.tokens + new_tokens
     t0 = time.perf_counter()
     times = []
-    for _ in model.stream(prompt, session, max_new_tokens=gen_tokens, sampler=make_sampler(0.0)):
+    for _ in model.stream(prompt, session, max_new_tokens=gen_tokens, mtp=mtp, stats=stats):
         times.append(time.perf_counter())
     prefill = len(new_tokens) / (times[0] - t0)
     timed = times[WARMUP_TOKENS:]
@@ -62,20 +62,22 @@ def _generate(model, session, new_tokens: list[int], gen_tokens: int) -> tuple[f
     return prefill, decode
 
 
-def run_once(model, cfg: BenchConfig, runs: Runs) -> None:
+def run_once(model, cfg: BenchConfig, runs: Runs, mtp: int = 0, stats=None) -> None:
     import mlx.core as mx
 
     from mixquant.runtime.chat import ChatSession
 
     mx.reset_peak_memory()
     session = ChatSession(model)
-    prefill, decode = _generate(model, session, prompt_ids(model.tokenizer, cfg.prompt_tokens), cfg.gen_tokens)
+    prefill, decode = _generate(model, session, prompt_ids(model.tokenizer, cfg.prompt_tokens), cfg.gen_tokens,
+                                mtp, stats)
     runs.prefill.append(prefill)
     runs.decode.append(decode)
     last = decode
     offset = cfg.prompt_tokens
     for _ in range(cfg.turns - 1):  # later turns prefill only their new tokens on top of the kept cache
-        _, last = _generate(model, session, prompt_ids(model.tokenizer, cfg.turn_tokens, offset), cfg.gen_tokens)
+        _, last = _generate(model, session, prompt_ids(model.tokenizer, cfg.turn_tokens, offset), cfg.gen_tokens,
+                            mtp, stats)
         offset += cfg.turn_tokens
     runs.last_turn_decode.append(last)
     runs.peak_memory = max(runs.peak_memory, mx.get_peak_memory())
@@ -120,4 +122,46 @@ def format_table(results: list[dict], cfg: BenchConfig) -> str:
         lines.append(f"ratio (second / first): prefill {b['prefill_tok_s'] / a['prefill_tok_s']:.3f}, "
                      f"decode {b['decode_tok_s'] / a['decode_tok_s']:.3f}, "
                      f"turn {cfg.turns} decode {b[turn_key] / a[turn_key]:.3f}")
+    return "\n".join(lines)
+
+
+def bench_mtp(path: Path, cfg: BenchConfig, depths: list[int], model=None) -> dict:
+    """Plain decoding and MTP speculative decoding at each depth, alternating, on one loaded model
+    (`model`: a chat Model loaded with its MTP head; default: `path` as chat loads it)."""
+    from mixquant.runtime.chat import load
+    from mixquant.runtime.mtp import Stats, check_depth
+
+    for d in depths:
+        check_depth(d)
+    if cfg.gen_tokens <= WARMUP_TOKENS + 1:
+        raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
+    model = model or load(path, mtp=True)
+    modes = [0] + list(depths)
+    runs = {m: Runs() for m in modes}
+    stats = {m: Stats() for m in modes}
+    for m in modes:
+        run_once(model, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs(), m, Stats())
+    for _ in range(cfg.repeats):
+        for m in modes:
+            run_once(model, cfg, runs[m], m, stats[m])
+    plain = summarize(path, runs[0], cfg)
+    rows = []
+    for d in depths:
+        r = summarize(path, runs[d], cfg)
+        r.update(depth=d, speedup=r["decode_tok_s"] / plain["decode_tok_s"],
+                 acceptance=stats[d].acceptance()[:d], tokens_per_round=stats[d].emitted / max(stats[d].rounds, 1))
+        rows.append(r)
+    best = max(rows, key=lambda r: r["speedup"])
+    return {"plain": plain, "mtp": rows, "best_depth": best["depth"]}
+
+
+def format_mtp_table(result: dict) -> str:
+    plain = result["plain"]
+    lines = [f"{'decoding':<12} {'decode tok/s':>13} {'speed-up':>9} {'tokens/round':>13}  acceptance by draft position",
+             f"{'plain':<12} {plain['decode_tok_s']:>13.2f} {1.0:>9.3f} {1.0:>13.2f}"]
+    for r in result["mtp"]:
+        acc = ", ".join("-" if a is None else f"{a:.1%}" for a in r["acceptance"])
+        lines.append(f"{'mtp depth ' + str(r['depth']):<12} {r['decode_tok_s']:>13.2f} {r['speedup']:>9.3f} "
+                     f"{r['tokens_per_round']:>13.2f}  {acc}")
+    lines.append(f"best depth: {result['best_depth']}")
     return "\n".join(lines)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixquant.errors import MixquantError
+from mixquant.runtime.mtp import DEFAULT_DEPTH, check_depth
+from mixquant.runtime.sampling import GREEDY, Sampling
 from mixquant.runtime.template import render
 from mixquant.runtime.toolcalls import ToolCall, parse_tool_calls
 
@@ -72,9 +74,9 @@ def _snapshot(cache) -> list:
 
 
 def _restore(model, snapshot) -> list:
-    from mlx_lm.models.cache import make_prompt_cache
+    from mixquant.kernels import recording_cache
 
-    cache = make_prompt_cache(model)
+    cache = recording_cache(model)
     for c, (kind, value, offset) in zip(cache, snapshot):
         if kind == "kv":
             c.keys, c.values = value
@@ -97,6 +99,7 @@ class Model:
         eos = self.generation_config.get("eos_token_id", self.tokenizer.eos_token_id)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.mtp = loaded.mtp  # the MTP head's parts, when loaded with mtp=True
 
     # -- prompt -------------------------------------------------------------------------------------
     def _template(self) -> str:
@@ -116,16 +119,15 @@ class Model:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     # -- generation ---------------------------------------------------------------------------------
-    def sampler(self, temperature=None, top_p=None, top_k=None, min_p=None):
-        from mlx_lm.sample_utils import make_sampler
-
+    def sampling(self, temperature=None, top_p=None, top_k=None, min_p=None) -> Sampling:
+        """The settings given, the rest from generation_config.json."""
         g = self.generation_config
         temp = g.get("temperature", 0.0) if temperature is None else temperature
         if not g.get("do_sample", True) and temperature is None:
             temp = 0.0
-        return make_sampler(temp=temp, top_p=g.get("top_p", 0.0) if top_p is None else top_p,
-                            top_k=g.get("top_k", 0) if top_k is None else top_k,
-                            min_p=g.get("min_p", 0.0) if min_p is None else min_p)
+        return Sampling(temperature=temp, top_p=g.get("top_p", 0.0) if top_p is None else top_p,
+                        top_k=g.get("top_k", 0) if top_k is None else top_k,
+                        min_p=g.get("min_p", 0.0) if min_p is None else min_p)
 
     def processors(self, repetition_penalty=None, presence_penalty=None) -> list:
         from mlx_lm.sample_utils import make_logits_processors
@@ -135,19 +137,29 @@ class Model:
             repetition_penalty=g.get("repetition_penalty") if repetition_penalty is None else repetition_penalty,
             presence_penalty=presence_penalty)
 
-    def stream(self, prompt: list[int], session: "ChatSession", *, max_new_tokens: int, sampler=None,
-               processors=None, boundary: int | None = None):
+    def stream(self, prompt: list[int], session: "ChatSession", *, max_new_tokens: int, sampling: Sampling = GREEDY,
+               processors=None, boundary: int | None = None, mtp: int = 0, stats=None):
         """Token ids as mlx-lm's generate_step decodes them on the session's cache, after prefilling
-        what of `prompt` the cache does not hold. The path every chat, stream and benchmark takes."""
+        what of `prompt` the cache does not hold; with `mtp` (a draft depth), speculatively with the
+        MTP head (stats: a mixquant.runtime.mtp.Stats to count drafts in). The path every chat,
+        stream and benchmark takes."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
         if max_new_tokens < 1:
             raise MixquantError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
+        if mtp and self.mtp is None:
+            raise MixquantError(f"{self.path}: loaded without its MTP head (load it with mtp=True / --mtp)")
         fresh = session.prepare(prompt, boundary)
         history = mx.array(prompt[: len(prompt) - len(fresh)])  # for penalties: they see the whole context
         processors = [_with_history(p, history) for p in processors or []]
-        steps = generate_step(mx.array(fresh), self.model, max_tokens=max_new_tokens, sampler=sampler,
+        if mtp:
+            from mixquant.runtime.mtp import speculative_steps
+
+            yield from speculative_steps(self.mtp, session, fresh, max_new_tokens=max_new_tokens, sampling=sampling,
+                                         processors=processors, depth=mtp, stats=stats, prefill_step=PREFILL_STEP)
+            return
+        steps = generate_step(mx.array(fresh), self.model, max_tokens=max_new_tokens, sampler=sampling.sampler(),
                               logits_processors=processors or None, prompt_cache=session.cache,
                               prefill_step_size=PREFILL_STEP)
         for token, _ in steps:
@@ -174,11 +186,13 @@ class Model:
 
     def chat_stream(self, messages, *, max_new_tokens: int = 2048, temperature=None, top_p=None, top_k=None,
                     min_p=None, repetition_penalty=None, presence_penalty=None, enable_thinking=None, tools=None,
-                    stop=None, seed=None, session: "ChatSession | None" = None):
+                    stop=None, seed=None, session: "ChatSession | None" = None, mtp: bool | int = False):
         """Events as tokens decode; stopping the iteration stops generation. The text events join to
-        the result's text, stop strings included (they end both where the stop string begins)."""
+        the result's text, stop strings included (they end both where the stop string begins).
+        mtp: speculative decoding with the model's MTP head (True: the default depth; or a depth)."""
         import mlx.core as mx
 
+        depth = 0 if mtp is False else DEFAULT_DEPTH if mtp is True else check_depth(mtp)
         if seed is not None:
             mx.random.seed(seed)
         prompt_text = self.prompt(messages, tools, enable_thinking)
@@ -194,8 +208,9 @@ class Model:
         t0 = time.perf_counter()
         t1 = None
         tokens = self.stream(prompt, session, max_new_tokens=max_new_tokens,
-                             sampler=self.sampler(temperature, top_p, top_k, min_p),
-                             processors=self.processors(repetition_penalty, presence_penalty), boundary=boundary)
+                             sampling=self.sampling(temperature, top_p, top_k, min_p),
+                             processors=self.processors(repetition_penalty, presence_penalty), boundary=boundary,
+                             mtp=depth)
         for token in tokens:
             n += 1
             if t1 is None:
@@ -252,15 +267,22 @@ class ChatSession:
         self.tokens: list[int] = []  # exactly the tokens in self.cache
         self.snapshot: tuple[list[int], list] | None = None
         self.last_prefill = 0
+        self.drafter = None  # the MTP head's state (mixquant.runtime.mtp.Drafter), when the model has one
+        if model.mtp is not None:
+            from mixquant.runtime.mtp import Drafter
+
+            self.drafter = Drafter(model.mtp)
 
     def reset(self) -> None:
         self.cache, self.tokens, self.snapshot = None, [], None
+        if self.drafter is not None:
+            self.drafter.reset()
 
     def prepare(self, prompt: list[int], boundary: int | None = None) -> list[int]:
         """Bring the cache as close to `prompt` as kept state allows, snapshotting at `boundary` (where
         the conversation ends and the generation prompt begins); the tokens still to feed (never
         none: the last prompt token is always fed by the generator)."""
-        from mlx_lm.models.cache import make_prompt_cache
+        from mixquant.kernels import recording_cache
 
         def extends(tokens):
             return tokens is not None and len(tokens) < len(prompt) and prompt[: len(tokens)] == tokens
@@ -273,8 +295,10 @@ class ChatSession:
             self.cache = _restore(self.model.model, self.snapshot[1])
             start = len(snap_tokens)
         else:
-            self.cache = make_prompt_cache(self.model.model)
+            self.cache = recording_cache(self.model.model)
             start = 0
+        if self.drafter is not None and start != len(live or ()):  # the head's cache follows the live one
+            self.drafter.reset()
         self.last_prefill = len(prompt) - start  # what kept state does not cover
         if boundary is not None and start < boundary < len(prompt):
             self.feed(prompt[start:boundary])
@@ -414,9 +438,9 @@ class _StreamSplitter:
             self.held = ""
 
 
-def load(path) -> Model:
+def load(path, mtp: bool = False) -> Model:
     """Our quants, plain mlx-lm quants, an unquantized Hugging Face folder or a GGUF file (built in
-    memory in bfloat16), ready to chat with mlx-lm's native kernels."""
+    memory in bfloat16), ready to chat with mlx-lm's native kernels; with `mtp`, its MTP head too."""
     from mixquant.loading import load as load_model
 
-    return Model(load_model(Path(path), dequantize=False))
+    return Model(load_model(Path(path), dequantize=False, mtp=mtp))

@@ -15,8 +15,8 @@ HELP = "commands: /reset, /system TEXT, /think on|off, /exit"
 DIM, RESET = "\033[2m", "\033[0m"
 
 
-def run(model_path, max_tokens: int = 512, temperature: float | None = None, out=sys.stdout) -> int:
-    model = load(model_path)
+def run(model_path, max_tokens: int = 512, temperature: float | None = None, out=sys.stdout, mtp: int = 0) -> int:
+    model = load(model_path, mtp=bool(mtp))
     session = ChatSession(model)
     messages: list[dict] = []
     system: str | None = None
@@ -59,7 +59,7 @@ def run(model_path, max_tokens: int = 512, temperature: float | None = None, out
         result = None
         try:
             for event in session.chat_stream(convo, max_new_tokens=max_tokens, temperature=temperature,
-                                             enable_thinking=thinking):
+                                             enable_thinking=thinking, mtp=mtp or False):
                 if event.type == "thinking":
                     out.write(f"{DIM}{event.text}{RESET}" if color else event.text)
                 elif event.type == "text":

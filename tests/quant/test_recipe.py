@@ -5,7 +5,7 @@ import pytest
 from mixquant.arch.roles import Role
 from mixquant.arch.tensors import LogicalTensor, Part
 from mixquant.errors import MixquantError
-from mixquant.quant.recipe import recipe_from_options, snap_bits, uniform, unsloth
+from mixquant.quant.recipe import auto_base, recipe_from_options, snap_bits, uniform, unsloth
 
 
 def tensor(role, name=None, scope="model", shape=(128, 256)):
@@ -49,10 +49,16 @@ def test_unsloth_pins_out_proj_to_8bit():
     assert bits(r, "attn_o") == bits(r, "ssm_out") == 8
 
 
-def test_builtin_recipes_leave_mtp_and_vision_alone():
-    for r in (uniform(4), unsloth(3)):
-        assert bits(r, "attn_q", scope="mtp") is None
+def test_builtin_recipes_give_the_mtp_head_attention_bits_and_leave_vision_alone():
+    for r, attention in ((uniform(4), 4), (unsloth(3), 5), (unsloth(4), 6)):
+        for role in ("mtp_fc", "attn_q", "attn_o", "ffn_gate", "ffn_down"):
+            assert bits(r, role, scope="mtp") == attention, (r.name, role)
+        assert bits(r, "moe_router", scope="mtp") == 8
+        assert bits(r, "mtp_norm", scope="mtp") is None
         assert bits(r, "vision_tower", scope="vision") is None
+    for r in (uniform(4, mtp_bits=None), unsloth(3, mtp_bits=None), auto_base(mtp_bf16=True)):
+        assert bits(r, "mtp_fc", scope="mtp") is None and bits(r, "attn_q", scope="mtp") is None
+    assert bits(auto_base(), "mtp_fc", scope="mtp") == bits(auto_base(), "ffn_down", scope="mtp") == 8
 
 
 def test_uniform():

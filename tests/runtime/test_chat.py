@@ -15,7 +15,7 @@ def fixture_f32(fixture_dir, tmp_path_factory):
 
 
 def test_turn_two_prefills_only_new_tokens_and_matches_full_prefill(fixture_f32):
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
     m = fixture_f32
     session = mixquant.ChatSession(m)
@@ -36,7 +36,7 @@ def test_turn_two_prefills_only_new_tokens_and_matches_full_prefill(fixture_f32)
     logits = np.array(m.model(mx.array([tail]), cache=session.cache)[0, -1])
     full = np.array(m.model(mx.array([prompt2]), cache=make_prompt_cache(m.model))[0, -1])
     assert np.abs(logits - full).max() <= 1e-4
-    assert any(type(c).__name__ == "ArraysCache" for c in session.cache)  # Gated DeltaNet state was reused
+    assert any(isinstance(c, ArraysCache) for c in session.cache)  # Gated DeltaNet state was reused
 
 
 def test_edited_history_falls_back_to_full_prefill(fixture_f32):
