@@ -308,6 +308,28 @@ def cmd_chat(args) -> int:
     return run(Path(args.model), args.max_tokens, args.temperature, mtp=mtp)
 
 
+def cmd_serve(args) -> int:
+    from mixquant.runtime.mtp import DEFAULT_DEPTH, check_depth
+
+    for flag in ("max_concurrency", "max_prompt_tokens", "max_tokens"):
+        positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    positive(args.port, "--port", 0)
+    if args.mtp_depth is not None and not args.mtp:
+        raise MixquantError("--mtp-depth: only with --mtp")
+    mtp = (DEFAULT_DEPTH if args.mtp_depth is None else check_depth(args.mtp_depth)) if args.mtp else 0
+    try:
+        from mixquant.server.app import serve
+    except ImportError as e:
+        raise MixquantError(f"serve needs the server extra ({e.name} is missing): pip install 'mixquant[serve]'") \
+            from None
+    import os
+
+    return serve(Path(args.model), host=args.host, port=args.port,
+                 api_key=args.api_key or os.environ.get("MIXQUANT_API_KEY"), max_concurrency=args.max_concurrency,
+                 max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, mtp=mtp,
+                 dequantize=args.dequantize)
+
+
 def cmd_generate(args) -> int:
     from mixquant.runtime.generate import generate_text
 
@@ -468,6 +490,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
     p.add_argument("--mtp-depth", type=int, default=None, help="tokens drafted per step (default: the measured best)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server with continuous batching")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None,
+                   help="require this key on every endpoint but /health (default: $MIXQUANT_API_KEY, else none)")
+    p.add_argument("--max-concurrency", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-prompt-tokens", type=int, default=32768)
+    p.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may generate")
+    p.add_argument("--mtp", action="store_true",
+                   help="speculative decoding with the model's MTP head (requests then run one at a time)")
+    p.add_argument("--mtp-depth", type=int, default=None)
+    p.add_argument("--dequantize", action="store_true",
+                   help="compute in float32 with the weights dequantized: faster on MLX's CPU backend, for models "
+                        "whose float32 weights fit in memory")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")
     p.add_argument("model", help="converted model folder")

@@ -88,8 +88,18 @@ CASES = [
     # chat
     ("chat {Q} --max-tokens 0", "--max-tokens: must be at least 1, got 0"),
     ("chat {ROOT}/missing", "not a model folder"),
+    ("chat {Q} --mtp-depth 2", "--mtp-depth: only with --mtp"),
+    ("chat {Q} --mtp --mtp-depth 9", "mtp depth: must be 1..4, got 9"),
+    ("chat {Q} --mtp", "no MTP head in this model"),
     # bench
     ("bench {Q} --repeats 0", "--repeats: must be at least 1, got 0"),
+    ("bench {Q} --mtp --mtp-depths 1,x", "--mtp-depths: a comma-separated list of depths, got '1,x'"),
+    ("bench {Q} --mtp --compare {Q}", "--mtp and --compare: one at a time"),
+    # serve
+    ("serve {Q} --max-concurrency 0", "--max-concurrency: must be at least 1, got 0"),
+    ("serve {Q} --port -1", "--port: must be at least 0, got -1"),
+    ("serve {Q} --mtp-depth 2", "--mtp-depth: only with --mtp"),
+    ("serve {ROOT}/missing", "not a model folder"),
 ]
 
 

@@ -37,6 +37,7 @@ class ChatResult:
     finish_reason: str  # stop | length | tool_calls
     timings: dict = field(default_factory=dict)
     malformed_tool_calls: bool = False
+    stop_string: str | None = None  # the stop string that ended the reply, if one did
 
 
 @dataclass
@@ -53,7 +54,7 @@ def create_tool_definition(name: str, description: str, properties: dict, requir
         "type": "object", "properties": properties, "required": list(required or [])}}}
 
 
-def _snapshot(cache) -> list:
+def snapshot_cache(cache) -> list:
     """Copies of the cache contents: KV up to its offset, the recurrent-state arrays as they are now
     (mlx-lm writes KV buffers in place, so they are sliced into new arrays)."""
     import mlx.core as mx
@@ -73,7 +74,9 @@ def _snapshot(cache) -> list:
     return snap
 
 
-def _restore(model, snapshot) -> list:
+def restore_cache(model, snapshot) -> list:
+    """A cache holding what `snapshot` holds (KV buffers exactly as long as their content, so the
+    next token appends to a new buffer and the snapshot can be restored again)."""
     from mixquant.kernels import recording_cache
 
     cache = recording_cache(model)
@@ -115,6 +118,14 @@ class Model:
         return render(self._template(), messages, tools=tools, add_generation_prompt=False, specials=self.specials,
                       enable_thinking=enable_thinking)
 
+    def rendered(self, messages, tools=None, enable_thinking=None) -> tuple[str, list[int], int | None]:
+        """The prompt's text and tokens, and where the conversation before the generation prompt ends
+        in them (None when the template renders it differently there)."""
+        prompt_text = self.prompt(messages, tools, enable_thinking)
+        prompt = self.encode(prompt_text)
+        history = self.encode(self.render_history(messages, tools, enable_thinking))
+        return prompt_text, prompt, len(history) if prompt[: len(history)] == history else None
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -129,13 +140,13 @@ class Model:
                         top_k=g.get("top_k", 0) if top_k is None else top_k,
                         min_p=g.get("min_p", 0.0) if min_p is None else min_p)
 
-    def processors(self, repetition_penalty=None, presence_penalty=None) -> list:
+    def processors(self, repetition_penalty=None, presence_penalty=None, frequency_penalty=None) -> list:
         from mlx_lm.sample_utils import make_logits_processors
 
         g = self.generation_config
         return make_logits_processors(
             repetition_penalty=g.get("repetition_penalty") if repetition_penalty is None else repetition_penalty,
-            presence_penalty=presence_penalty)
+            presence_penalty=presence_penalty or None, frequency_penalty=frequency_penalty or None)
 
     def stream(self, prompt: list[int], session: "ChatSession", *, max_new_tokens: int, sampling: Sampling = GREEDY,
                processors=None, boundary: int | None = None, mtp: int = 0, stats=None):
@@ -195,16 +206,9 @@ class Model:
         depth = 0 if mtp is False else DEFAULT_DEPTH if mtp is True else check_depth(mtp)
         if seed is not None:
             mx.random.seed(seed)
-        prompt_text = self.prompt(messages, tools, enable_thinking)
-        prompt = self.encode(prompt_text)
-        history = self.encode(self.render_history(messages, tools, enable_thinking))
-        boundary = len(history) if prompt[: len(history)] == history else None
+        prompt_text, prompt, boundary = self.rendered(messages, tools, enable_thinking)
         session = session or ChatSession(self)
-        splitter = _StreamSplitter(thinking=prompt_text.rstrip().endswith(THINK_OPEN), tools=tools)
-        stops = _StopFilter(stop or [])
-        detok = self.tokenizer.detokenizer
-        detok.reset()
-        n, finish = 0, "length"
+        decoder = Decoder(self, prompt_text, tools, stop)
         t0 = time.perf_counter()
         t1 = None
         tokens = self.stream(prompt, session, max_new_tokens=max_new_tokens,
@@ -212,35 +216,58 @@ class Model:
                              processors=self.processors(repetition_penalty, presence_penalty), boundary=boundary,
                              mtp=depth)
         for token in tokens:
-            n += 1
             if t1 is None:
                 t1 = time.perf_counter()
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            detok.add_token(token)
-            yield from splitter.feed(stops.feed(detok.last_segment))
-            if stops.hit:
-                finish = "stop"
+            yield from decoder.feed(token)
+            if decoder.finished:
                 break
         tokens.close()
-        if not stops.hit:
-            detok.finalize()
-            yield from splitter.feed(stops.feed(detok.last_segment))
-            yield from splitter.feed(stops.flush())
-        yield from splitter.close()
         t2 = time.perf_counter()
         t1 = t1 or t2
-        calls = splitter.calls
-        result = ChatResult(
-            text=splitter.text,
-            thinking=splitter.thinking_text.strip("\n"),
-            tool_calls=calls, num_tokens=n, finish_reason="tool_calls" if calls else finish,
-            timings={"prefill_tokens": session.last_prefill, "prefill_tok_s": session.last_prefill / max(t1 - t0, 1e-9),
-                     "decode_tok_s": (n - 1) / max(t2 - t1, 1e-9) if n > 1 else 0.0},
-            malformed_tool_calls=splitter.malformed,
-        )
-        yield Event("done", result=result)
+        n = decoder.num_tokens
+        yield from decoder.close({"prefill_tokens": session.last_prefill,
+                                  "prefill_tok_s": session.last_prefill / max(t1 - t0, 1e-9),
+                                  "decode_tok_s": (n - 1) / max(t2 - t1, 1e-9) if n > 1 else 0.0})
+
+
+class Decoder:
+    """Generated token ids in, events out: detokenizing, the end-of-sequence tokens, stop strings,
+    and the thinking / tool-call split. `finished` once an end-of-sequence token or a stop string
+    ends the reply; `close` flushes what is held back and gives the result."""
+
+    def __init__(self, model: Model, prompt_text: str, tools=None, stop=None, forced: str = ""):
+        """forced: text the prompt ends with that belongs to the reply (a tool call it must make)."""
+        self.model = model
+        self.splitter = _StreamSplitter(thinking=prompt_text.rstrip().endswith(THINK_OPEN), tools=tools)
+        for _ in self.splitter.feed(forced):  # a tool call's opening: it emits nothing yet
+            pass
+        self.stops = _StopFilter(stop or [])
+        self.detok = model.tokenizer.detokenizer
+        self.num_tokens = 0
+        self.finished = False
+        self.finish = "length"
+
+    def feed(self, token: int):
+        self.num_tokens += 1
+        if token in self.model.eos_ids:
+            self.finished, self.finish = True, "stop"
+            return
+        self.detok.add_token(token)
+        yield from self.splitter.feed(self.stops.feed(self.detok.last_segment))
+        if self.stops.hit:
+            self.finished, self.finish = True, "stop"
+
+    def close(self, timings: dict | None = None):
+        if not self.stops.hit:
+            self.detok.finalize()
+            yield from self.splitter.feed(self.stops.feed(self.detok.last_segment))
+            yield from self.splitter.feed(self.stops.flush())
+        yield from self.splitter.close()
+        calls = self.splitter.calls
+        yield Event("done", result=ChatResult(
+            text=self.splitter.text, thinking=self.splitter.thinking_text.strip("\n"), tool_calls=calls,
+            num_tokens=self.num_tokens, finish_reason="tool_calls" if calls else self.finish,
+            timings=timings or {}, malformed_tool_calls=self.splitter.malformed, stop_string=self.stops.matched))
 
 
 def _with_history(processor, history):
@@ -292,7 +319,7 @@ class ChatSession:
         if extends(live) and (not extends(snap_tokens) or len(live) >= len(snap_tokens)):
             start = len(live)
         elif extends(snap_tokens):
-            self.cache = _restore(self.model.model, self.snapshot[1])
+            self.cache = restore_cache(self.model.model, self.snapshot[1])
             start = len(snap_tokens)
         else:
             self.cache = recording_cache(self.model.model)
@@ -302,7 +329,7 @@ class ChatSession:
         self.last_prefill = len(prompt) - start  # what kept state does not cover
         if boundary is not None and start < boundary < len(prompt):
             self.feed(prompt[start:boundary])
-            self.snapshot = (list(prompt[:boundary]), _snapshot(self.cache))
+            self.snapshot = (list(prompt[:boundary]), snapshot_cache(self.cache))
             start = boundary
         self.tokens = list(prompt[:start])
         return list(prompt[start:])
@@ -331,14 +358,16 @@ class _StopFilter:
         self.longest = max((len(s) for s in self.stops), default=0)
         self.pending = ""
         self.hit = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, delta: str) -> str:
         if not self.stops or self.hit:
             return "" if self.hit else delta
         self.pending += delta
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        found = sorted((i, s) for s in self.stops if (i := self.pending.find(s)) >= 0)
         if found:
-            out, self.pending, self.hit = self.pending[: min(found)], "", True
+            at, self.matched = found[0]
+            out, self.pending, self.hit = self.pending[:at], "", True
             return out
         keep = next((k for k in range(min(self.longest - 1, len(self.pending)), 0, -1)
                      if any(s.startswith(self.pending[-k:]) for s in self.stops)), 0)
@@ -366,6 +395,7 @@ class _StreamSplitter:
         self.in_call = False
         self.call_buf = ""
         self.held = ""  # trailing whitespace of the answer: dropped if a tool call follows it
+        self.thinking_held = ""  # trailing newlines of the thinking: dropped if it ends there
         self.before_call = ""
 
     def _markers(self):
@@ -389,7 +419,7 @@ class _StreamSplitter:
             yield from self._emit(self.pending[:at])
             self.pending = self.pending[at + len(mk):]
             if mk == THINK_CLOSE:
-                self.in_thinking, self.strip_newlines = False, True
+                self.in_thinking, self.strip_newlines, self.thinking_held = False, True, ""
             elif mk == THINK_OPEN:
                 self.in_thinking = True
             elif mk == CALL_OPEN:
@@ -408,9 +438,15 @@ class _StreamSplitter:
     def _emit(self, out: str):
         if not out:
             return
-        if self.in_thinking:
-            self.thinking_text += out
-            yield Event("thinking", out)
+        if self.in_thinking:  # newlines at either end of the thinking are the template's, not the model's
+            if not self.thinking_text:
+                out = out.lstrip("\n")
+            body = out.rstrip("\n")
+            out, self.thinking_held = (self.thinking_held + body, out[len(body):]) if body else \
+                ("", self.thinking_held + out)
+            if out:
+                self.thinking_text += out
+                yield Event("thinking", out)
         elif self.in_call:
             self.call_buf += out
         else:

@@ -208,6 +208,7 @@ def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, 
     while produced < max_new_tokens:
         k = min(depth, max_new_tokens - produced)
         drafted, q = drafter.draft(k, sampling)
+        mx.async_eval(drafted)  # drafting runs while the verification pass is built
         fed = mx.concatenate([mx.array([y]), drafted])
         snapshot = [list(c.cache) if isinstance(c, ArraysCache) else None for c in cache] \
             if rollback == RECOMPUTE else None

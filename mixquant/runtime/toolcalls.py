@@ -206,3 +206,11 @@ def parse_tool_calls(text: str, tools=None) -> ParsedToolCalls:
     if calls:
         content = content.strip()
     return ParsedToolCalls(content, calls, malformed)
+
+
+def forced_call_prefix(template: str, name: str | None = None) -> str:
+    """What to append to a prompt so the reply must be a tool call (of `name`, when given), in the
+    form the chat template writes calls: Qwen3.5's XML, else Qwen3's JSON."""
+    if FUNCTION_OPEN in template:
+        return f"{OPEN}\n" + (f"{FUNCTION_OPEN}{name}>\n" if name else "")
+    return f"{OPEN}\n" + (f'{{"name": {json.dumps(name)}, "arguments": ' if name else "")

@@ -1,0 +1,180 @@
+"""`mixquant serve` under load: concurrent streaming clients on the bundled fixture.
+
+    python benchmarks/server_load.py [--clients 1 4 16] [--tokens 64] [--rounds 2] [--native]
+
+Starts `mixquant serve tests/fixtures/qwen35-tiny --dequantize` (float32 weights: on MLX's CPU
+backend batched decoding gains only with them and an optimised BLAS; --native keeps bf16) in a
+subprocess, then for each client count runs that many clients at once, each streaming a chat
+completion of --tokens tokens (end-of-sequence ignored through a long max_tokens and counting
+content chunks), --rounds times. Reports aggregate tokens/s (all tokens over wall time), p50/p95
+time to first token, errors; then a two-turn conversation: the second turn's cached prompt tokens
+and time to first token against the first's. Writes benchmarks/results/server_load.json and its
+section of docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.report import replace_section  # noqa: E402
+FIXTURE = ROOT / "tests" / "fixtures" / "qwen35-tiny"
+RESULTS = ROOT / "benchmarks" / "results" / "server_load.json"
+DOC = ROOT / "docs" / "RESULTS.md"
+QUESTIONS = ["Write a Python function that parses a config file.", "Explain what a hash map is.",
+             "How do I sort a list of dictionaries by a key?", "What does the with statement do?"]
+
+
+def stream_once(url: str, question: str, tokens: int) -> dict:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": question}], "max_tokens": tokens,
+                       "temperature": 0.7, "stream": True,
+                       "chat_template_kwargs": {"enable_thinking": False}}).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
+                                 headers={"content-type": "application/json"})
+    t0 = time.perf_counter()
+    first, n, error = None, 0, None
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    n += 1
+    except Exception as e:  # noqa: BLE001 - counted, not raised: the benchmark reports errors
+        error = repr(e)
+    return {"ttft": (first or time.perf_counter()) - t0, "chunks": n, "seconds": time.perf_counter() - t0,
+            "error": error}
+
+
+def load_round(url: str, clients: int, tokens: int) -> dict:
+    results = [None] * clients
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, stream_once(url, QUESTIONS[i % len(QUESTIONS)] + f" (client {i})", tokens))) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "results": results}
+
+
+def two_turns(url: str) -> dict:
+    def ask(messages):
+        body = json.dumps({"model": "m", "messages": messages, "max_tokens": 32, "temperature": 0, "stream": True,
+                           "stream_options": {"include_usage": True},
+                           "chat_template_kwargs": {"enable_thinking": False}}).encode()
+        req = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"content-type": "application/json"})
+        t0, first, text, usage = time.perf_counter(), None, "", None
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    text += chunk["choices"][0]["delta"]["content"]
+        return (first or time.perf_counter()) - t0, text, usage
+
+    long_question = (ROOT / "tests" / "fixtures" / "qwen35-tiny" / "heldout.txt").read_text()[:6000]
+    messages = [{"role": "user", "content": "Summarise this file:\n" + long_question}]
+    ttft1, reply, usage1 = ask(messages)
+    messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Shorter, please."}]
+    ttft2, _, usage2 = ask(messages)
+    return {"turn1_ttft": ttft1, "turn1_prompt_tokens": usage1["prompt_tokens"],
+            "turn1_cached": usage1["prompt_tokens_details"]["cached_tokens"], "turn2_ttft": ttft2,
+            "turn2_prompt_tokens": usage2["prompt_tokens"],
+            "turn2_cached": usage2["prompt_tokens_details"]["cached_tokens"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--native", action="store_true", help="serve bf16 weights, not float32")
+    args = parser.parse_args()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mixquant.cli", "serve", str(FIXTURE), "--port", str(port),
+           "--max-concurrency", str(max(args.clients)), "--max-tokens", str(max(args.tokens, 64))]
+    if not args.native:
+        cmd.append("--dequantize")
+    server = subprocess.Popen(cmd, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        stream_once(url, "warm up", 8)
+        rows = []
+        for clients in args.clients:
+            rounds = [load_round(url, clients, args.tokens) for _ in range(args.rounds)]
+            results = [r for rnd in rounds for r in rnd["results"]]
+            ttfts = sorted(r["ttft"] for r in results)
+            rows.append({
+                "clients": clients,
+                "tok_s": statistics.median(sum(r["chunks"] for r in rnd["results"]) / rnd["wall"] for rnd in rounds),
+                "ttft_p50": ttfts[len(ttfts) // 2], "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
+                "errors": sum(r["error"] is not None for r in results),
+                "completed": sum(r["error"] is None for r in results), "requests": len(results)})
+            print(f"{clients:>3} clients: {rows[-1]['tok_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50']:.2f} s, "
+                  f"p95 {rows[-1]['ttft_p95']:.2f} s, errors {rows[-1]['errors']}", flush=True)
+        turns = two_turns(url)
+        print(f"two turns: TTFT {turns['turn1_ttft']:.2f} s -> {turns['turn2_ttft']:.2f} s, cached prompt tokens "
+              f"{turns['turn1_cached']} -> {turns['turn2_cached']} of {turns['turn2_prompt_tokens']}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    from mixquant import cpu_blas
+
+    machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {cpu_blas.enable()}"
+    out = {"machine": machine, "weights": "bfloat16" if args.native else "float32 (--dequantize)",
+           "tokens": args.tokens, "rounds": args.rounds, "rows": rows, "two_turns": turns}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    write_doc(out)
+
+
+def write_doc(out: dict) -> None:
+    single = next(r["tok_s"] for r in out["rows"] if r["clients"] == 1)
+    t = out["two_turns"]
+    lines = ["<!-- server-load:begin -->", "## Server under load", "",
+             f"`python benchmarks/server_load.py` ({out['machine']}): `mixquant serve` on the fixture, "
+             f"{out['weights']} weights, each client streaming {out['tokens']} tokens at temperature 0.7, "
+             f"median of {out['rounds']} rounds.", "",
+             "| clients | aggregate tok/s | vs 1 client | TTFT p50 s | TTFT p95 s | completed | errors |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['clients']} | {r['tok_s']:.1f} | {r['tok_s'] / single:.2f}x | {r['ttft_p50']:.2f} | "
+              f"{r['ttft_p95']:.2f} | {r['completed']}/{r['requests']} | {r['errors']} |" for r in out["rows"]]
+    lines += ["", f"A two-turn conversation (a {t['turn1_prompt_tokens']}-token first prompt): time to first token "
+              f"{t['turn1_ttft']:.2f} s on turn 1, {t['turn2_ttft']:.2f} s on turn 2, which found "
+              f"{t['turn2_cached']} of its {t['turn2_prompt_tokens']} prompt tokens in the prefix cache.",
+              "<!-- server-load:end -->"]
+    replace_section(DOC, "server-load", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

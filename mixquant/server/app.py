@@ -1,0 +1,447 @@
+"""`mixquant serve`: the OpenAI- and Anthropic-compatible HTTP server (FastAPI on uvicorn).
+
+Every endpoint but /health needs the API key when one is set (`Authorization: Bearer KEY` or
+`x-api-key: KEY`). Errors are JSON in the style of the API the path belongs to; a malformed body is
+a 400, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mixquant.server import anthropic_api as anth
+from mixquant.server import openai_api as oai
+from mixquant.server.generation import APIError, Limits, Usage, prepare, run
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_BODY = 8 << 20
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    api_key: str | None = None
+    limits: Limits = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+
+    def __post_init__(self):
+        self.limits = self.limits or Limits()
+
+
+def _anthropic_path(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def error_response(path: str, status: int, message: str, kind: str = "invalid_request_error",
+                   param: str | None = None) -> JSONResponse:
+    if _anthropic_path(path):
+        kind = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}.get(status, kind)
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status)
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes (413), by Content-Length and while reading."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await error_response(scope["path"], 413, f"request body over {self.limit} bytes")(scope, receive,
+                                                                                                   send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise APIError(413, f"request body over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def create_app(engine, config: ServerConfig) -> FastAPI:
+    model = engine.model
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="mixquant", version="1", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return error_response(request.url.path, e.status, e.message, e.kind, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(request.url.path, 400, "the body is not valid JSON")
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error_response(request.url.path, 400, f"{where or 'body'}: {first.get('msg', 'invalid request')}",
+                              param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = "the body is not valid JSON" if e.status_code == 400 else str(e.detail)
+        return error_response(request.url.path, e.status_code, message,
+                              "not_found_error" if e.status_code == 404 else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        log.exception("request failed")
+        return error_response(request.url.path, 500, "internal error", "server_error")
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if config.api_key and request.url.path not in ("/health",):
+            given = request.headers.get("x-api-key")
+            bearer = request.headers.get("authorization", "")
+            if given is None and bearer.lower().startswith("bearer "):
+                given = bearer[7:].strip()
+            if given is None or not hmac.compare_digest(given.encode(), config.api_key.encode()):
+                return error_response(request.url.path, 401, "invalid or missing API key", "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.model_id, "active_requests": len(engine.active)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": 0,
+                                            "owned_by": "mixquant"}]}
+
+    async def collect(request: Request, turn, prepared, usage):
+        """The events of a non-streamed reply; a client that leaves stops it."""
+        events = []
+
+        async def consume():
+            async for event in run(engine, turn, prepared, usage):
+                events.append(event)
+
+        task = asyncio.ensure_future(consume())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+        await task
+        return events
+
+    def sse_stream(gen):
+        return StreamingResponse(gen, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -- OpenAI: chat completions ---------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
+        turn = oai.chat_turn(body, min(config.limits.max_tokens, 4096))
+        prepared = prepare(model, turn, config.limits)
+        usage, cid = Usage(), oai.new_id("chatcmpl-")
+        if not body.stream:
+            events = await collect(request, turn, prepared, usage)
+            return oai.chat_completion(cid, config.model_id, events[-1].result, usage)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream():
+            def data(chunk):
+                return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+            yield data(oai.chat_chunk(cid, config.model_id, {"role": "assistant", "content": ""}))
+            calls = 0
+            async for event in run(engine, turn, prepared, usage):
+                if event.type == "text" and event.text:
+                    yield data(oai.chat_chunk(cid, config.model_id, {"content": event.text}))
+                elif event.type == "thinking" and event.text:
+                    yield data(oai.chat_chunk(cid, config.model_id, {"reasoning_content": event.text}))
+                elif event.type == "tool_call":
+                    call = event.tool_call.to_openai()
+                    yield data(oai.chat_chunk(cid, config.model_id, {"tool_calls": [{"index": calls, **call}]}))
+                    calls += 1
+                elif event.type == "done":
+                    yield data(oai.chat_chunk(cid, config.model_id, {}, event.result.finish_reason))
+            if include_usage:
+                yield data(oai.chat_chunk(cid, config.model_id, {}, usage=usage))
+            yield "data: [DONE]\n\n"
+
+        return sse_stream(stream())
+
+    # -- OpenAI: completions --------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: oai.CompletionRequest, request: Request):
+        text = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+        if not text:
+            raise APIError(400, "prompt is empty", "prompt")
+        max_tokens = body.max_tokens or 16
+        limits = config.limits
+        if not 1 <= max_tokens <= limits.max_tokens:
+            raise APIError(400, f"max_tokens must be 1..{limits.max_tokens}, got {max_tokens}", "max_tokens")
+        ids = model.encode(text)
+        if len(ids) > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of "
+                           f"{limits.max_prompt_tokens}", "prompt")
+        from mixquant.server.generation import Prepared, Turn
+
+        turn = Turn(messages=[], max_tokens=max_tokens, stop=oai._stops(body.stop), **oai._sampling(body))
+        prepared = Prepared(text, ids, None, None, "")
+        usage, cid = Usage(), oai.new_id("cmpl-")
+
+        def obj(text_out, finish):
+            out = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": config.model_id,
+                   "choices": [{"index": 0, "text": text_out, "finish_reason": finish, "logprobs": None}]}
+            return out
+
+        if not body.stream:
+            events = await collect(request, turn, prepared, usage)
+            result = events[-1].result
+            out = obj((text if body.echo else "") + result.text, result.finish_reason)
+            out["usage"] = oai.usage_dict(usage)
+            return out
+
+        async def stream():
+            async for event in run(engine, turn, prepared, usage):
+                if event.type == "text" and event.text:
+                    yield f"data: {json.dumps(obj(event.text, None))}\n\n"
+                elif event.type == "done":
+                    final = obj("", event.result.finish_reason)
+                    if body.stream_options and body.stream_options.include_usage:
+                        final["usage"] = oai.usage_dict(usage)
+                    yield f"data: {json.dumps(final)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return sse_stream(stream())
+
+    # -- OpenAI: responses ----------------------------------------------------------------------
+    @app.post("/v1/responses")
+    async def responses(body: oai.ResponsesRequest, request: Request):
+        turn = oai.responses_turn(body, min(config.limits.max_tokens, 4096))
+        prepared = prepare(model, turn, config.limits)
+        usage, rid, created = Usage(), oai.new_id("resp_"), int(time.time())
+
+        def final_output(result):
+            output = [oai.reasoning_item(result.thinking)] if result.thinking else []
+            if result.text or not result.tool_calls:
+                output.append(oai.message_item(result.text))
+            output += [oai.call_item(c) for c in result.tool_calls]
+            return output
+
+        def status(result):
+            return "incomplete" if result.finish_reason == "length" else "completed"
+
+        if not body.stream:
+            events = await collect(request, turn, prepared, usage)
+            result = events[-1].result
+            return oai.response_object(rid, config.model_id, created, final_output(result), status(result), usage,
+                                       body.max_output_tokens)
+
+        async def stream():
+            seq = 0
+            output: list[dict] = []
+            open_item: dict | None = None
+            text_parts: list[str] = []
+
+            def ev(kind, **fields):
+                nonlocal seq
+                seq += 1
+                return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq, **fields})}\n\n"
+
+            def close_item():
+                nonlocal open_item
+                item, open_item = open_item, None
+                if item is None:
+                    return []
+                index = len(output)
+                text = "".join(text_parts)
+                text_parts.clear()
+                out = []
+                if item["type"] == "message":
+                    item["content"] = [{"type": "output_text", "text": text, "annotations": []}]
+                    out.append(ev("response.output_text.done", item_id=item["id"], output_index=index,
+                                  content_index=0, text=text))
+                    out.append(ev("response.content_part.done", item_id=item["id"], output_index=index,
+                                  content_index=0, part=item["content"][0]))
+                else:
+                    item["content"] = [{"type": "reasoning_text", "text": text}]
+                    out.append(ev("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                  content_index=0, text=text))
+                item["status"] = "completed"
+                out.append(ev("response.output_item.done", output_index=index, item=item))
+                output.append(item)
+                return out
+
+            def open_(kind):
+                nonlocal open_item
+                index = len(output)
+                if kind == "message":
+                    open_item = {**oai.message_item("", "in_progress"), "content": []}
+                    yield ev("response.output_item.added", output_index=index, item=open_item)
+                    yield ev("response.content_part.added", item_id=open_item["id"], output_index=index,
+                             content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+                else:
+                    open_item = {**oai.reasoning_item(""), "content": [], "status": "in_progress"}
+                    yield ev("response.output_item.added", output_index=index, item=open_item)
+
+            yield ev("response.created", response=oai.response_object(rid, config.model_id, created, [],
+                                                                      "in_progress"))
+            yield ev("response.in_progress", response=oai.response_object(rid, config.model_id, created, [],
+                                                                          "in_progress"))
+            result = None
+            async for event in run(engine, turn, prepared, usage):
+                if event.type in ("text", "thinking") and event.text:
+                    kind = "message" if event.type == "text" else "reasoning"
+                    if open_item is None or open_item["type"] != kind:
+                        for line in close_item():
+                            yield line
+                        for line in open_(kind):
+                            yield line
+                    text_parts.append(event.text)
+                    delta_kind = "response.output_text.delta" if kind == "message" else \
+                        "response.reasoning_text.delta"
+                    yield ev(delta_kind, item_id=open_item["id"], output_index=len(output), content_index=0,
+                             delta=event.text)
+                elif event.type == "tool_call":
+                    for line in close_item():
+                        yield line
+                    item = oai.call_item(event.tool_call, "in_progress")
+                    index = len(output)
+                    yield ev("response.output_item.added", output_index=index, item={**item, "arguments": ""})
+                    yield ev("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                             delta=item["arguments"])
+                    yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                             arguments=item["arguments"])
+                    item["status"] = "completed"
+                    yield ev("response.output_item.done", output_index=index, item=item)
+                    output.append(item)
+                elif event.type == "done":
+                    result = event.result
+            for line in close_item():
+                yield line
+            if not output:
+                for line in open_("message"):
+                    yield line
+                for line in close_item():
+                    yield line
+            final = oai.response_object(rid, config.model_id, created, output, status(result), usage,
+                                        body.max_output_tokens)
+            yield ev("response.completed" if final["status"] == "completed" else "response.incomplete",
+                     response=final)
+
+        return sse_stream(stream())
+
+    # -- Anthropic: messages --------------------------------------------------------------------
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: anth.CountTokensRequest):
+        prepared = prepare(model, anth.turn(body), config.limits)
+        return {"input_tokens": len(prepared.prompt)}
+
+    @app.post("/v1/messages")
+    async def messages(body: anth.MessagesRequest, request: Request):
+        turn = anth.turn(body, body.max_tokens)
+        prepared = prepare(model, turn, config.limits)
+        usage, mid = Usage(), anth.new_id("msg_")
+        if not body.stream:
+            events = await collect(request, turn, prepared, usage)
+            result = events[-1].result
+            content = []
+            if result.thinking:
+                content.append({"type": "thinking", "thinking": result.thinking, "signature": ""})
+            if result.text or not result.tool_calls:
+                content.append({"type": "text", "text": result.text})
+            content += [anth.tool_use_block(c) for c in result.tool_calls]
+            stop = result.stop_string
+            return anth.message_object(mid, config.model_id, content, anth.stop_reason(result, stop), stop, usage)
+
+        async def stream():
+            start = anth.message_object(mid, config.model_id, [], None, None, usage)
+            start["usage"]["input_tokens"] = len(prepared.prompt)
+            yield anth.sse("message_start", {"type": "message_start", "message": start})
+            index, open_kind = -1, None
+
+            def stop_block():
+                extra = []
+                if open_kind == "thinking":
+                    extra.append(anth.sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                                  "delta": {"type": "signature_delta",
+                                                                            "signature": ""}}))
+                return extra + [anth.sse("content_block_stop", {"type": "content_block_stop", "index": index})]
+
+            result = None
+            async for event in run(engine, turn, prepared, usage):
+                if event.type in ("text", "thinking") and event.text:
+                    if open_kind != event.type:
+                        if open_kind is not None:
+                            for line in stop_block():
+                                yield line
+                        index, open_kind = index + 1, event.type
+                        block = {"type": "text", "text": ""} if event.type == "text" else \
+                            {"type": "thinking", "thinking": "", "signature": ""}
+                        yield anth.sse("content_block_start", {"type": "content_block_start", "index": index,
+                                                               "content_block": block})
+                    delta = {"type": "text_delta", "text": event.text} if event.type == "text" else \
+                        {"type": "thinking_delta", "thinking": event.text}
+                    yield anth.sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                           "delta": delta})
+                elif event.type == "tool_call":
+                    if open_kind is not None:
+                        for line in stop_block():
+                            yield line
+                    index, open_kind = index + 1, None
+                    block = anth.tool_use_block(event.tool_call)
+                    yield anth.sse("content_block_start", {"type": "content_block_start", "index": index,
+                                                           "content_block": {**block, "input": {}}})
+                    yield anth.sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
+                        "type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
+                    yield anth.sse("content_block_stop", {"type": "content_block_stop", "index": index})
+                elif event.type == "done":
+                    result = event.result
+            if open_kind is not None:
+                for line in stop_block():
+                    yield line
+            stop = result.stop_string
+            yield anth.sse("message_delta", {"type": "message_delta", "delta": {
+                "stop_reason": anth.stop_reason(result, stop), "stop_sequence": stop},
+                "usage": {"output_tokens": usage.completion_tokens}})
+            yield anth.sse("message_stop", {"type": "message_stop"})
+
+        return sse_stream(stream())
+
+    return app
+
+
+def serve(model_path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+          max_concurrency: int = 16, max_prompt_tokens: int = 32768, max_tokens: int = 4096, mtp: int = 0,
+          dequantize: bool = False) -> int:
+    import uvicorn
+
+    from mixquant.loading import load
+    from mixquant.runtime.chat import Model
+    from mixquant.server.engine import Engine
+
+    model = Model(load(model_path, dequantize=dequantize, mtp=bool(mtp)))
+    engine = Engine(model, max_concurrency=max_concurrency, mtp=mtp)
+    config = ServerConfig(model_id=str(model_path).rstrip("/").split("/")[-1], api_key=api_key,
+                          limits=Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens))
+    app = BodyLimit(create_app(engine, config), config.max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

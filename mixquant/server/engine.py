@@ -1,0 +1,236 @@
+"""The server's decoding engine: one model, every request decoded together.
+
+A worker thread owns the model. Requests arrive as Jobs; without MTP they are decoded by mlx-lm's
+BatchGenerator (continuous batching: a request joins the running batch at the next step and leaves
+it when done or cancelled). With MTP, jobs are decoded one after another, speculatively.
+
+A prefix cache shared by all requests keeps prompt caches (KV for attention, the recurrent state
+for Gated DeltaNet) keyed by the exact tokens they hold: taken where a conversation ends and the
+generation prompt begins, and after each reply. A request starts from the longest kept prefix of
+its prompt and prefills only the rest; Gated DeltaNet state is never trimmed, only restored whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from mixquant.runtime.chat import restore_cache, snapshot_cache
+from mixquant.runtime.sampling import Sampling
+
+log = logging.getLogger(__name__)
+END = None  # what a job's queue receives after its last token
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    boundary: int | None  # where the conversation before the generation prompt ends, if it does
+    max_tokens: int
+    sampling: Sampling
+    processors: list
+    deliver: object  # called from the worker with each token, then END (or an exception)
+    uid: int | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    cancelled: bool = False
+    snapshot_at_segment_end: bool = False  # the first prompt segment ends at `boundary`: keep the cache there
+
+
+@dataclass
+class _Entry:
+    tokens: tuple
+    snapshot: list
+    nbytes: int
+
+
+@dataclass
+class PrefixCache:
+    """Prompt-cache snapshots by the tokens they hold, least recently used dropped first."""
+
+    max_bytes: int
+    entries: list = field(default_factory=list)  # most recently used last
+
+    def lookup(self, prompt: list[int]):
+        """The longest kept snapshot whose tokens are a proper prefix of `prompt`: (its length, the
+        snapshot), or (0, None)."""
+        best = None
+        for e in self.entries:
+            n = len(e.tokens)
+            if n < len(prompt) and (best is None or n > len(best.tokens)) and tuple(prompt[:n]) == e.tokens:
+                best = e
+        if best is None:
+            return 0, None
+        self.entries.remove(best)
+        self.entries.append(best)
+        return len(best.tokens), best.snapshot
+
+    def store(self, tokens: list[int], cache) -> None:
+        key = tuple(tokens)
+        if not key:
+            return
+        self.entries = [e for e in self.entries if e.tokens != key]
+        snap = snapshot_cache(cache)
+        nbytes = sum(a.nbytes for _, v, _ in snap for a in v if a is not None)
+        self.entries.append(_Entry(key, snap, nbytes))
+        while sum(e.nbytes for e in self.entries) > self.max_bytes and len(self.entries) > 1:
+            self.entries.pop(0)
+
+
+class Engine:
+    def __init__(self, model, *, max_concurrency: int = 16, mtp: int = 0, cache_bytes: int = 2 << 30):
+        self.model = model
+        self.max_concurrency = max_concurrency
+        self.mtp = mtp
+        self.prefix = PrefixCache(cache_bytes)
+        self.inbox: queue.Queue = queue.Queue()
+        self.active: dict[int, Job] = {}
+        self.closing = False
+        self.thread = threading.Thread(target=self._run, name="mixquant-engine", daemon=True)
+        self.thread.start()
+
+    # -- called from the server's event loop ----------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self.inbox.put(("job", job))
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled = True
+        self.inbox.put(("cancel", job))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking work; in-flight jobs are ended (their streams close) and the worker exits."""
+        self.closing = True
+        self.inbox.put(("close", None))
+        self.thread.join(timeout)
+
+    # -- the worker -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self.mtp:
+            self._run_sequential()
+        else:
+            self._run_batched()
+
+    def _end(self, job: Job, error: Exception | None = None) -> None:
+        self.active.pop(job.uid, None)
+        job.deliver(error if error is not None else END)
+
+    def _run_batched(self) -> None:
+        from mlx_lm.generate import BatchGenerator
+
+        gen = BatchGenerator(self.model.model, completion_batch_size=self.max_concurrency,
+                             prefill_batch_size=min(8, self.max_concurrency), prefill_step_size=512,
+                             stop_tokens=[[t] for t in sorted(self.model.eos_ids)])
+        jobs: dict[int, Job] = {}
+        while True:
+            for kind, job in self._take(block=not jobs):
+                if kind == "close":
+                    for j in list(jobs.values()):
+                        self._end(j)
+                    gen.close()
+                    return
+                if kind == "cancel":
+                    if job.uid in jobs:
+                        gen.remove([job.uid])
+                        self._end(jobs.pop(job.uid))
+                    continue
+                if job.cancelled:
+                    job.deliver(END)
+                    continue
+                try:
+                    job.uid = self._insert(gen, job)
+                except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
+                    log.exception("could not start a request")
+                    job.deliver(e)
+                    continue
+                jobs[job.uid] = job
+                self.active[job.uid] = job
+            if not jobs:
+                continue
+            try:
+                prompt_responses, responses = gen.next()
+            except Exception as e:  # noqa: BLE001 - every request in the batch fails, the engine goes on
+                log.exception("decoding failed")
+                for j in list(jobs.values()):
+                    self._end(j, e)
+                jobs.clear()
+                gen.close()
+                gen = BatchGenerator(self.model.model, completion_batch_size=self.max_concurrency,
+                                     prefill_batch_size=min(8, self.max_concurrency), prefill_step_size=512,
+                                     stop_tokens=[[t] for t in sorted(self.model.eos_ids)])
+                continue
+            for r in prompt_responses:
+                job = jobs.get(r.uid)
+                if job is not None and r.end_of_segment and job.snapshot_at_segment_end:
+                    job.snapshot_at_segment_end = False
+                    cache, _ = gen.extract_cache([r.uid])[r.uid]
+                    self.prefix.store(job.prompt[: job.boundary], cache)
+            for r in responses:
+                job = jobs.get(r.uid)
+                if job is None:
+                    continue
+                job.deliver(r.token)
+                if r.finish_reason is not None:
+                    if r.prompt_cache is not None and r.all_tokens:
+                        self.prefix.store(list(r.all_tokens), r.prompt_cache)
+                    jobs.pop(r.uid)
+                    self._end(job)
+
+    def _insert(self, gen, job: Job) -> int:
+        cached, snapshot = self.prefix.lookup(job.prompt)
+        cache = restore_cache(self.model.model, snapshot) if snapshot is not None else None
+        job.cached_tokens = cached
+        rest = job.prompt[cached:]
+        cut = job.boundary - cached if job.boundary and cached < job.boundary < len(job.prompt) else None
+        segments = [rest[:cut], rest[cut:]] if cut else [rest]
+        job.snapshot_at_segment_end = bool(cut)
+        (uid,) = gen.insert_segments([segments], max_tokens=[job.max_tokens], caches=[cache],
+                                     all_tokens=[list(job.prompt[:cached])], samplers=[job.sampling.sampler()],
+                                     logits_processors=[job.processors])
+        return uid
+
+    def _run_sequential(self) -> None:
+        """MTP: one job at a time on one session (the session's own kept state is the prefix cache)."""
+        from mixquant.runtime.chat import ChatSession
+
+        session = ChatSession(self.model)
+        count = 0
+        while True:
+            for kind, job in self._take(block=True):
+                if kind == "close":
+                    return
+                if kind == "cancel" or job.cancelled:
+                    if kind == "job":
+                        job.deliver(END)
+                    continue
+                count += 1
+                job.uid = count
+                self.active[job.uid] = job
+                try:
+                    steps = self.model.stream(job.prompt, session, max_new_tokens=job.max_tokens,
+                                              sampling=job.sampling, processors=job.processors,
+                                              boundary=job.boundary, mtp=self.mtp)
+                    job.cached_tokens = -1
+                    for token in steps:
+                        if job.cached_tokens == -1:
+                            job.cached_tokens = len(job.prompt) - session.last_prefill
+                        job.deliver(token)
+                        if job.cancelled or self.closing or token in self.model.eos_ids:
+                            break
+                    steps.close()
+                    self._end(job)
+                except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
+                    log.exception("decoding failed")
+                    session.reset()
+                    self._end(job, e)
+
+    def _take(self, block: bool) -> list:
+        """Messages waiting in the inbox (waiting for one when `block`)."""
+        out = []
+        try:
+            out.append(self.inbox.get(block=block, timeout=0.5 if block else None))
+            while True:
+                out.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return out
