@@ -109,7 +109,7 @@ def _options(args):
         keep_vision=not args.drop_vision,
         keep_mtp=not args.drop_mtp,
         force=getattr(args, "force", False) or getattr(args, "force_delete_any", False),
-        replace_any=getattr(args, "force_delete_any", False),
+        replace_any=getattr(args, "force_delete_any", False), resume=getattr(args, "resume", False),
         config_dir=Path(args.config_dir) if getattr(args, "config_dir", None) else None,
         awq=awq,
         target=target,
@@ -401,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="output folder (must not exist unless --force; missing parent folders are created)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder that mixquant wrote")
+    p.add_argument("--resume", action="store_true",
+                   help="stage in .OUTPUT.resume.partial, which a failure leaves behind, and continue an earlier "
+                        "interrupted run of the same plan from its last complete shard")
     p.add_argument("--force-delete-any", action="store_true",
                    help="replace the output path whatever it holds: its contents are deleted")
     p.add_argument("--config-dir", default=None,

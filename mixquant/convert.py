@@ -10,6 +10,7 @@ bounded and a failed run leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from mixquant.arch import family_for_config
 from mixquant.arch.tensors import SCOPE_MODEL
 from mixquant.calib.data import BUILTIN_CALIB
 from mixquant.errors import MixquantError
-from mixquant.io.output import check_output, staged
+from mixquant.io.output import check_output, resumable, staged
 from mixquant.modelcard import model_card
 from mixquant.quant.auto import Target
 from mixquant.quant.encode import encode, encode_floats, mx_dtype
@@ -65,6 +66,7 @@ class ConvertOptions:
     calib_tokens: int | None = None  # how much of it (None: all of a file or the mix; 8 windows of `self`)
     rounding: str = "nearest"  # nearest | gptq
     distill_steps: int = 0  # > 0: tune scales and biases on the KL to the unquantized model (DWQ)
+    resume: bool = False  # stage in a folder a failure leaves behind; continue an earlier run of the same plan
 
 
 def build_plan(src: Path, options: ConvertOptions):
@@ -145,17 +147,43 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
         distilled = run_distill(Path(src), source, plan, options, awq_result, rounded)
         rounded = distilled.encodings
     encoder = _encoder(awq_result, rounded, plan.dtype)
+
+    def write(tmp: Path, done=frozenset(), completed=None) -> None:
+        write_weights(source, plan, tmp, encoder, options.progress, done, completed)
+        write_config(plan, tmp)
+        source.write_side_files(tmp)
+        (tmp / "README.md").write_text(model_card(plan, source.name, awq_summary(options.awq, awq_result),
+                                                  methods_summary(options, distilled)))
+
     try:
-        with staged(out) as tmp:
-            write_weights(source, plan, tmp, encoder, options.progress)
-            write_config(plan, tmp)
-            source.write_side_files(tmp)
-            (tmp / "README.md").write_text(model_card(plan, source.name, awq_summary(options.awq, awq_result),
-                                                      methods_summary(options, distilled)))
+        if options.resume:
+            with resumable(out, fingerprint(src, plan, options)) as state:
+                write(state.folder, state.done, state.complete)
+        else:
+            with staged(out) as tmp:
+                write(tmp)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         raise MixquantError(f"{out}: cannot write the output: {e.strerror or e}{where}") from None
     return plan
+
+
+def fingerprint(src: Path, plan: Plan, options: ConvertOptions) -> str:
+    """What a resumed conversion must share with the run it continues: the inputs as they are on disk
+    (names, sizes, modification times), the plan's every tensor, and the steps that change weights."""
+    import hashlib
+
+    files = []
+    for path in input_paths(src, options):
+        path = Path(path)
+        for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+            if f.is_file():
+                st = f.stat()
+                files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    steps = {"awq": repr(options.awq), "rounding": options.rounding, "distill_steps": options.distill_steps,
+             "calib": options.calib, "calib_tokens": options.calib_tokens}
+    text = json.dumps({"files": files, "plan": plan.rows(), "steps": steps}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _encoder(awq_result, rounded: dict, dtype: str):

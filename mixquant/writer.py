@@ -19,8 +19,9 @@ from mixquant.progress import Progress
 from mixquant.quant.plan import SAFETENSORS_METADATA, Plan
 
 
-
-def write_weights(source, plan: Plan, folder: Path, encode: Callable, progress: bool | None = None) -> None:
+def write_weights(source, plan: Plan, folder: Path, encode: Callable, progress: bool | None = None,
+                  done: set[str] = frozenset(), completed: Callable | None = None) -> None:
+    """done: files already there whole (a resumed run); completed(name) is called after each file."""
     import mlx.core as mx
 
     weight_map = {}
@@ -28,6 +29,12 @@ def write_weights(source, plan: Plan, folder: Path, encode: Callable, progress: 
                   byte_counts=True) as bar:
         for file_name, entries in plan.files.items():
             specs = [s for e in entries for s in e.out_specs()]
+            if file_name in plan.model_files:
+                weight_map.update({s.name: file_name for s in specs})
+            if file_name in done:
+                for entry in entries:
+                    bar.advance(entry.nbytes)
+                continue
             writer = StreamingWriter(folder / file_name, specs, SAFETENSORS_METADATA)
             for entry in entries:
                 for part, r0, block in tensor_blocks(source, entry.tensor):
@@ -36,8 +43,8 @@ def write_weights(source, plan: Plan, folder: Path, encode: Callable, progress: 
                 bar.advance(entry.nbytes)
                 mx.clear_cache()
             writer.close()
-            if file_name in plan.model_files:
-                weight_map.update({s.name: file_name for s in specs})
+            if completed is not None:
+                completed(file_name)
     if len(plan.model_files) > 1:
         index = {
             "metadata": {"total_size": sum(e.nbytes for f in plan.model_files for e in plan.files[f])},

@@ -196,3 +196,69 @@ def test_missing_parents_are_created(model_copy, tmp_path):
     out = tmp_path / "a" / "b" / "out"
     assert run_cli("convert", "-i", model_copy, "-o", out) == 0
     assert (out / "config.json").is_file()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_resume_after_a_failure_midway_gives_the_uninterrupted_output(fixture_dir, tmp_path, monkeypatch, capsys):
+    """Shards of 2 MB: the run fails while writing the third of five; --resume keeps the two complete
+    ones (they are not rewritten) and the result is byte for byte an uninterrupted run's."""
+    import mixquant.writer as writer
+    from mixquant.io.output import resume_folder
+
+    args = ["-q", "--q-recipe", "unsloth", "--q-bits", "3", "--max-shard-size", "2MB", "--drop-vision"]
+    whole = tmp_path / "whole"
+    assert run_cli("convert", "-i", fixture_dir, "-o", whole, *args) == 0
+    shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
+    assert len(shards) >= 4
+
+    out = tmp_path / "out"
+    real_writer, opened = writer.StreamingWriter, []
+
+    def failing(path, *a, **kw):
+        opened.append(Path(path).name)
+        if len(opened) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        return real_writer(path, *a, **kw)
+
+    monkeypatch.setattr(writer, "StreamingWriter", failing)
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "--resume", *args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists()
+    partial = resume_folder(out)
+    assert sorted(p.name for p in partial.glob("model-*.safetensors")) == shards[:2]
+    assert not (partial / "config.json").exists()  # nothing there looks like a finished model
+
+    opened.clear()
+    monkeypatch.setattr(writer, "StreamingWriter", lambda path, *a, **kw: opened.append(Path(path).name) or
+                        real_writer(path, *a, **kw))
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "--resume", *args) == 0
+    assert shards[0] not in opened and shards[1] not in opened and shards[2] in opened
+    assert not partial.exists()
+    assert _files(out) == _files(whole)
+
+
+def test_resume_of_another_plan_starts_over(fixture_dir, tmp_path, monkeypatch, caplog):
+    import mixquant.writer as writer
+    from mixquant.io.output import resume_folder
+
+    args = ["-q", "--max-shard-size", "2MB", "--drop-vision"]
+    out, direct = tmp_path / "out", tmp_path / "direct"
+    real_writer, opened = writer.StreamingWriter, []
+
+    def failing(path, *a, **kw):
+        opened.append(path)
+        if len(opened) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real_writer(path, *a, **kw)
+
+    monkeypatch.setattr(writer, "StreamingWriter", failing)
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "--resume", "--q-bits", "3", *args) == 2
+    assert len(list(resume_folder(out).glob("model-*.safetensors"))) == 1
+    monkeypatch.setattr(writer, "StreamingWriter", real_writer)
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "--resume", "--q-bits", "4", *args) == 0
+    assert "was left by a conversion of another plan: starting over" in caplog.text
+    assert run_cli("convert", "-i", fixture_dir, "-o", direct, "--q-bits", "4", *args) == 0
+    assert _files(out) == _files(direct)

@@ -4,6 +4,10 @@ the new one in a staging folder beside it that becomes the output only when it i
 A staging folder is `.<name>.<random>.partial` next to the output and holds an owner file with the
 writing process's id. One left behind by a process that was killed (SIGKILL, power loss) is
 removed by the next run for the same output.
+
+A resumable conversion stages in `.<name>.resume.partial` instead, which a failure leaves in place
+with a record of the plan it was made for and the files it completed; a later run of the same plan
+keeps those files and writes the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from mixquant.io.atomic import default_mode
 log = logging.getLogger(__name__)
 
 OWNER_FILE = ".mixquant-owner"
+RESUME_FILE = ".mixquant-resume.json"
 CONFIG_MARKER = "mixquant"  # config.json key of every folder mixquant writes
 CARD_MARKER = "Converted with mixquant"
 REPLACE_ANY_FLAG = "--force-delete-any"
@@ -126,3 +131,69 @@ def staged(out: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def resume_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.resume.partial"
+
+
+class Resumable:
+    """The resume folder's record: the plan's fingerprint and the files completed (name -> bytes)."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder, self.fingerprint = folder, fingerprint
+        self.files: dict[str, int] = {}
+
+    def complete(self, name: str) -> None:
+        with open(self.folder / name, "rb+") as f:
+            os.fsync(f.fileno())
+        self.files[name] = (self.folder / name).stat().st_size
+        tmp = self.folder / (RESUME_FILE + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "files": self.files}))
+        os.replace(tmp, self.folder / RESUME_FILE)
+
+    @property
+    def done(self) -> set[str]:
+        return set(self.files)
+
+
+def _load_resume(folder: Path, fingerprint: str) -> dict[str, int]:
+    """Files of an earlier run of the same plan that are there whole; the rest of the folder cleared."""
+    try:
+        state = json.loads((folder / RESUME_FILE).read_text())
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        if state is not None:
+            log.warning("%s was left by a conversion of another plan: starting over", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        return {}
+    files = {name: size for name, size in state.get("files", {}).items()
+             if (folder / name).is_file() and (folder / name).stat().st_size == size}
+    for child in folder.iterdir():
+        if child.name not in files and child.name != RESUME_FILE:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    return files
+
+
+@contextmanager
+def resumable(out: Path, fingerprint: str):
+    """Like `staged`, in the resume folder: yields a Resumable whose `done` files an earlier
+    interrupted run of the same plan completed. On failure the folder stays for the next run."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = resume_folder(out)
+    files = _load_resume(folder, fingerprint) if folder.is_dir() else {}
+    if files:
+        log.warning("resuming %s: %d file(s) already complete", out, len(files))
+    folder.mkdir(exist_ok=True)
+    state = Resumable(folder, fingerprint)
+    state.files = files
+    yield state
+    (folder / RESUME_FILE).unlink(missing_ok=True)
+    os.chmod(folder, default_mode(0o777))
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        shutil.rmtree(out)
+    os.rename(folder, out)
