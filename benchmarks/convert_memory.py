@@ -41,14 +41,15 @@ def synthetic_config(layers: int) -> dict:
             "tie_word_embeddings": False}
 
 
-def make_checkpoint(folder: Path, target_gb: float) -> float:
-    """Write random bf16 weights shaped by the config, one tensor at a time. Returns GB written."""
+def make_checkpoint(folder: Path, target_gb: float, config: dict | None = None) -> float:
+    """Write random bf16 weights shaped by the config (default: synthetic_config with as many layers
+    as make ~target_gb), one tensor at a time. Returns GB written."""
     from mixquant.arch import qwen35
     from mixquant.io.safetensors import OutSpec, StreamingWriter
 
-    per_layer = 3 * 2048 * 6144 + (2 * 16 * 128 + 32 * 128) * 2048 * 2 + 2048 * 4096
-    layers = max(4, int(round(target_gb * 1e9 / 2 / per_layer / 4)) * 4)
-    config = synthetic_config(layers)
+    if config is None:
+        per_layer = 3 * 2048 * 6144 + (2 * 16 * 128 + 32 * 128) * 2048 * 2 + 2048 * 4096
+        config = synthetic_config(max(4, int(round(target_gb * 1e9 / 2 / per_layer / 4)) * 4))
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):

@@ -7,6 +7,7 @@ The mlx-lm model is used as it is; its linear modules are wrapped in recorders f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,12 +21,15 @@ class ModuleStats:
     counts: np.ndarray  # [n_mat] int64
     samples: list[np.ndarray | None] = field(default_factory=list)  # per matrix: reservoir [<=K, n_in]
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    keep_samples: bool = True
 
     def add(self, mat: int, rows: np.ndarray) -> None:
         """Accumulate; keep a uniform random sample of SAMPLE_ROWS rows over everything seen."""
         seen = int(self.counts[mat])
         self.sum2[mat] += (rows.astype(np.float64) ** 2).sum(0)
         self.counts[mat] += len(rows)
+        if not self.keep_samples:
+            return
         reservoir = self.samples[mat]
         if reservoir is None:
             reservoir = np.zeros((0, rows.shape[1]), np.float32)
@@ -79,9 +83,10 @@ def _recorder_classes():
     return LinearRecorder, SwitchRecorder
 
 
-def collect(model, windows: np.ndarray, progress=None) -> dict[str, ModuleStats]:
-    """Module path -> stats, for every Linear / SwitchLinear of the model (embedding excluded)."""
-    import mlx.core as mx
+@contextmanager
+def recording(model, samples: bool = True):
+    """The model's Linear / SwitchLinear modules (embedding excluded) wrapped in recorders while the
+    block runs; yields module path -> stats (input rows kept for AWQ only with `samples`)."""
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
     from mlx_lm.models.switch_layers import SwitchLinear
@@ -98,15 +103,24 @@ def collect(model, windows: np.ndarray, progress=None) -> dict[str, ModuleStats]
             cls = LinearRecorder
         else:
             continue
-        stats[path] = ModuleStats(np.zeros((n_mat, n_in)), np.zeros(n_mat, np.int64), [None] * n_mat)
+        stats[path] = ModuleStats(np.zeros((n_mat, n_in)), np.zeros(n_mat, np.int64), [None] * n_mat,
+                                  keep_samples=samples)
         wrapped.append((path, cls(m, stats[path])))
         originals.append((path, m))
     model.update_modules(tree_unflatten(wrapped))
     try:
+        yield stats
+    finally:
+        model.update_modules(tree_unflatten(originals))
+
+
+def collect(model, windows: np.ndarray, progress=None) -> dict[str, ModuleStats]:
+    """Module path -> stats, for every Linear / SwitchLinear of the model (embedding excluded)."""
+    import mlx.core as mx
+
+    with recording(model) as stats:
         for i, w in enumerate(windows):
             mx.eval(model(mx.array(w[None])))
             if progress:
                 progress(i + 1, len(windows))
-    finally:
-        model.update_modules(tree_unflatten(originals))
     return stats

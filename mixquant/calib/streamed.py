@@ -1,0 +1,141 @@
+"""A model calibrated one decoder layer at a time, in the memory of one layer.
+
+The mlx-lm model is built with its parameters left unevaluated (MLX allocates nothing for them);
+a layer's weights are read from the source (through the plan, as conversion reads them) just before
+that layer runs over every calibration window, and put back to unevaluated placeholders after.
+The hidden states between layers are kept by mixquant.calib.runner.LayerRunner, which drives the
+model's own forward pass; the embedding is read only while layer 0 runs (later layers replay kept
+states, so the embedding's output is not used and a placeholder stands in for it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixquant.arch.tensors import SCOPE_MODEL
+from mixquant.blocks import read_tensor
+
+
+def _embedding_stand_in():
+    from mixquant.wrap import Wrapper
+
+    class Embedding(Wrapper):
+        """The model's embedding, or zeros of its output's shape while its output is not used."""
+
+        def __init__(self, inner):
+            super().__init__(inner)
+            self._live = True
+
+        def __call__(self, ids):
+            import mlx.core as mx
+
+            if self._live:
+                return self.inner(ids)
+            return mx.zeros((*ids.shape, self.inner.weight.shape[-1]), mx.float32)
+
+    return Embedding
+
+
+class StreamedModel:
+    """An mlx-lm model (float32) whose weights stay in the source until `load_layer` / `load_outer`."""
+
+    def __init__(self, path: Path, config_dir: Path | None = None):
+        import importlib
+
+        import mlx.core as mx
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        from mixquant.arch import family_for_config
+        from mixquant.errors import MixquantError
+        from mixquant.kernels import adopt_kernels, uses_token_loop
+        from mixquant.loading import load_tokenizer, side_files
+        from mixquant.quant.plan import make_plan
+        from mixquant.sources import open_source
+
+        self.source = open_source(Path(path), config_dir)
+        family = family_for_config(self.source.config, self.source.config_path)
+        plan = make_plan(family.build(self.source, keep_vision=False, keep_mtp=False), None, "float32")
+        self.config = plan.output_config()
+        module = importlib.import_module(f"mlx_lm.models.{self.config['model_type']}")
+        self.model = module.Model(module.ModelArgs.from_dict(self.config))
+        self.model.eval()
+        adopt_kernels(self.model, chunked=uses_token_loop())
+        entries = [e for e in plan.entries if e.tensor.scope == SCOPE_MODEL]
+        self.layer_entries: dict[int | None, list] = {}
+        for e in entries:
+            self.layer_entries.setdefault(e.tensor.layer, []).append(e)
+        # where each weight goes: (module, key), found before anything wraps a module
+        modules = dict(self.model.named_modules())
+        self.slots = {}
+        for name, value in tree_flatten(self.model.parameters()):
+            owner, key = name.rsplit(".", 1)
+            self.slots[name] = (modules[owner], key, value.shape, value.dtype)
+        missing = set(self.slots) - {e.tensor.name for e in entries}
+        if missing:
+            raise MixquantError(f"{path}: the plan gives no tensor for {sorted(missing)[:3]}")
+        with side_files(self.source) as folder:
+            self.tokenizer = load_tokenizer(folder, self.config)
+        embed_path = next(p for p in modules if p.endswith("embed_tokens"))
+        self.embedding = _embedding_stand_in()(modules[embed_path])
+        self.model.update_modules(tree_unflatten([(embed_path, self.embedding)]))
+        self._mx = mx
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.model.layers)
+
+    def _load(self, entries) -> None:
+        mx = self._mx
+        arrays = []
+        for e in entries:
+            module, key, _, _ = self.slots[e.tensor.name]
+            module[key] = mx.array(read_tensor(self.source, e.tensor), dtype=mx.float32)
+            arrays.append(module[key])
+        mx.eval(arrays)
+
+    def _release(self, entries) -> None:
+        for e in entries:
+            module, key, shape, dtype = self.slots[e.tensor.name]
+            module[key] = self._mx.zeros(shape, dtype)  # unevaluated: holds no memory
+
+    def load_layer(self, layer: int) -> None:
+        self._load(self.layer_entries.get(layer, []))
+
+    def release_layer(self, layer: int) -> None:
+        self._release(self.layer_entries.get(layer, []))
+
+    def load_outer(self) -> None:
+        """The embedding, final norm and lm_head (the tensors outside the decoder layers)."""
+        self._load(self.layer_entries.get(None, []))
+
+    def release_outer(self) -> None:
+        self._release(self.layer_entries.get(None, []))
+
+    def embedding_live(self, live: bool) -> None:
+        self.embedding._live = live
+
+
+def collect_streamed(streamed: StreamedModel, windows, progress=None, samples: bool = True) -> dict:
+    """mixquant.calib.collect.collect's statistics, computed layer by layer (same windows, same order,
+    one window per pass, so the same numbers)."""
+    from mixquant.calib.collect import recording
+    from mixquant.calib.runner import LayerRunner
+
+    model = streamed.model
+    with recording(model, samples) as stats:
+        runner = LayerRunner(model, windows, batch=1)
+        n = streamed.n_layers
+        streamed.load_outer()
+        for layer in range(n):
+            streamed.embedding_live(layer == 0)
+            streamed.load_layer(layer)
+            runner.advance(layer)
+            runner.inputs[layer] = None
+            streamed.release_layer(layer)
+            if progress:
+                progress(layer + 1, n + 1)
+        runner.unwrap()  # the last layer's pass went on through the final norm and lm_head
+        streamed.release_outer()
+        if progress:
+            progress(n + 1, n + 1)
+    return stats
