@@ -128,6 +128,8 @@ def _kernel_class(base, chunked: bool):
             own = mask is None and self.sharding_group is None
             if own and isinstance(cache, StepStates) and cache.record:
                 return self._recorded(inputs, cache)
+            if own and S == 1 and self.CHUNKED and cache is not None:
+                return self._recorded(inputs, cache, keep_steps=False)  # decoding: the compiled step
             if not own or S == 1 or not self.CHUNKED:
                 return super().__call__(inputs, mask, cache)
             q, k, v, a, b, z, conv_input = self._project(inputs, cache)
@@ -139,21 +141,34 @@ def _kernel_class(base, chunked: bool):
                 cache.advance(S)
             return self._output(out.astype(inputs.dtype), z)
 
-        def _recorded(self, inputs, cache):
+        def _recorded(self, inputs, cache, keep_steps: bool = True):
+            """Token by token, as decoding runs (where mlx-lm loops over tokens, through one compiled
+            graph per length), keeping the states after every token in `cache.steps`."""
             S = inputs.shape[1]
             keep = self.conv_kernel_size - 1
             q, k, v, a, b, z, conv_input = self._project(inputs, cache)
-            state, outs, steps = cache[1], [], []
-            for t in range(S):
-                step = slice(t, t + 1)
-                out, state = gated_delta_update(q[:, step], k[:, step], v[:, step], a[:, step], b[:, step],
-                                                self.A_log, self.dt_bias, state, None, use_kernel=not self.training)
-                outs.append(out)
-                steps.append((mx.contiguous(conv_input[:, t + 1 : t + 1 + keep, :]), state))
-            cache[0], cache[1] = steps[-1]
-            cache.steps = steps
+            state = cache[1]
+            if self.CHUNKED:
+                if state is None:
+                    state = mx.zeros((q.shape[0], self.num_v_heads, self.head_v_dim, self.head_k_dim), mx.float32)
+                out, states = _token_loop(S, self.num_v_heads // self.num_k_heads)(
+                    q, k, v, compute_g(self.A_log, a, self.dt_bias), mx.sigmoid(b), state)
+            else:
+                outs, states = [], []
+                for t in range(S):
+                    step = slice(t, t + 1)
+                    o, state = gated_delta_update(q[:, step], k[:, step], v[:, step], a[:, step], b[:, step],
+                                                  self.A_log, self.dt_bias, state, None, use_kernel=not self.training)
+                    outs.append(o)
+                    states.append(state)
+                out = mx.concatenate(outs, axis=1)
+            if keep_steps:
+                cache.steps = [(mx.contiguous(conv_input[:, t + 1 : t + 1 + keep, :]), st)
+                               for t, st in enumerate(states)]
+            cache[0] = mx.contiguous(conv_input[:, -keep:, :])
+            cache[1] = states[-1]
             cache.advance(S)
-            return self._output(mx.concatenate(outs, axis=1), z)
+            return self._output(out, z)
 
         def _project(self, inputs, cache):
             B, S, _ = inputs.shape
@@ -176,6 +191,26 @@ def _kernel_class(base, chunked: bool):
             return self.out_proj(self.norm(out, z).reshape(B, S, -1))
 
     return GatedDeltaNetKernels
+
+
+@functools.cache
+def _token_loop(n_tokens: int, repeat: int):
+    """mlx-lm's recurrent step (its ops) over `n_tokens` tokens as one compiled graph: (q, k, v, g,
+    beta, state) -> (y [B, T, Hv, Dv], the state after each token)."""
+    import mlx.core as mx
+    from mlx_lm.models.gated_delta import _gated_delta_step_ops
+
+    def run(q, k, v, g, beta, state):
+        if repeat > 1:
+            q, k = mx.repeat(q, repeat, -2), mx.repeat(k, repeat, -2)
+        ys, states = [], []
+        for t in range(n_tokens):
+            y, state = _gated_delta_step_ops(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+            ys.append(y)
+            states.append(state)
+        return mx.stack(ys, axis=1), states
+
+    return mx.compile(run)
 
 
 def uses_token_loop() -> bool:
