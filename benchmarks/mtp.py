@@ -2,10 +2,11 @@
 
     python benchmarks/mtp.py [--gen-tokens 128] [--prompt-tokens 128] [--repeats 3] [--depths 1 2 3 4]
 
-For each way of running the fixture (as `chat` loads it; float32; its unsloth-3 quant with native
-kernels and dequantized to float32), `mixquant bench --mtp`'s measurement: plain greedy decoding
-and MTP decoding at each depth alternate repeat by repeat, decode tok/s is the median, acceptance is
-counted by draft position. Then the two ways of rolling back rejected drafts (recording per-position
+For each way of running the fixture (float32, greedy and sampled with its generation_config; as
+`chat` loads it; its unsloth-3 quant with native kernels and dequantized to float32),
+`mixquant bench --mtp`'s measurement: plain decoding and MTP decoding at each depth alternate on
+each of --repeats prompts from the bundled held-out text; the speed-up is the median over prompts of
+the paired ratio, acceptance is counted by draft position over all of them. Then the two ways of rolling back rejected drafts (recording per-position
 states during verification; restoring the states from before it and running the accepted tokens
 again) are timed against each other. Last, what the same acceptance predicts where decoding is
 memory-bound (a GPU): a verification pass costs one decode step and a draft step costs the bytes
@@ -79,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="prompts (each a repeat; default 5)")
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4])
     args = parser.parse_args()
 
@@ -97,20 +98,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         quant = Path(tmp) / "unsloth3"
         convert(FIXTURE, quant, ConvertOptions(recipe=unsloth(3), keep_vision=False, progress=False))
-        ways = [("qwen35-tiny, as `chat` loads it (bfloat16)", lambda: mixquant.load(FIXTURE, mtp=True)),
-                ("qwen35-tiny, float32", lambda: Model(load(FIXTURE, dtype="float32", dequantize=True, mtp=True))),
-                ("unsloth-3, native quantized kernels", lambda: mixquant.load(quant, mtp=True)),
-                ("unsloth-3, dequantized to float32", lambda: Model(load(quant, dequantize=True, mtp=True)))]
-        for name, make in ways:
+        float32 = lambda: Model(load(FIXTURE, dtype="float32", dequantize=True, mtp=True))  # noqa: E731
+        ways = [("qwen35-tiny, float32", float32, False),
+                ("qwen35-tiny, float32, sampled", float32, True),
+                ("qwen35-tiny, as `chat` loads it (bfloat16)", lambda: mixquant.load(FIXTURE, mtp=True), False),
+                ("unsloth-3, native quantized kernels", lambda: mixquant.load(quant, mtp=True), False),
+                ("unsloth-3, dequantized to float32", lambda: Model(load(quant, dequantize=True, mtp=True)), False)]
+        rollback = None
+        for name, make, sampled in ways:
             model = make()
-            result = bench_mtp(FIXTURE, cfg, args.depths, model=model)
+            result = bench_mtp(FIXTURE, cfg, args.depths, model=model, sampled=sampled)
             print(f"\n{name}\n{format_mtp_table(result)}", flush=True)
             main_bytes, head_bytes = step_bytes(model)
             result.update(name=name, main_step_bytes=main_bytes, head_step_bytes=head_bytes)
             for r in result["mtp"]:
                 r["predicted_memory_bound"] = r["tokens_per_round"] / (1 + r["depth"] * head_bytes / main_bytes)
             variants.append(result)
-            if name.endswith("float32") and "unsloth" not in name:
+            if rollback is None:
                 rollback = rollback_times(model, prompt_ids(model.tokenizer, args.prompt_tokens), args.depths,
                                           args.gen_tokens, args.repeats)
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}"
@@ -123,9 +127,11 @@ def main() -> None:
 def write_doc(out: dict) -> None:
     cfg = out["config"]
     lines = ["<!-- mtp:begin -->", "## MTP speculative decoding", "",
-             f"`python benchmarks/mtp.py` ({out['machine']}): greedy decoding of {cfg['gen_tokens']} tokens after a "
-             f"{cfg['prompt_tokens']}-token prompt of the bundled text, plain and with the fixture's own MTP head "
-             f"drafting, alternating in one process, median of {cfg['repeats']}. Acceptance: the share of drafts "
+             f"`python benchmarks/mtp.py` ({out['machine']}): decoding of {cfg['gen_tokens']} tokens after a "
+             f"{cfg['prompt_tokens']}-token prompt of the bundled held-out text (greedy unless marked sampled: "
+             f"then the fixture's generation_config), plain and with the fixture's own MTP head drafting, "
+             f"alternating in one process on each of {cfg['repeats']} prompts; speed-up: the median of the "
+             f"per-prompt ratios. Acceptance: the share of drafts "
              f"kept at each position of a round. Predicted: tokens per round / (1 + depth x head bytes / main-step "
              f"bytes), the speed-up where a pass of a few tokens costs what one token does (memory-bound decoding).",
              "", "| model | decoding | tok/s | speed-up | tokens/round | acceptance by position | predicted, memory-bound |",
@@ -139,9 +145,10 @@ def write_doc(out: dict) -> None:
                          f"{r['tokens_per_round']:.2f} | {acc} | {r['predicted_memory_bound']:.2f} |")
     v = out["variants"][0]
     lines += ["", f"Head bytes per draft step / main bytes per decode step: "
-              + ", ".join(f"{x['name'].split(',')[0]} {x['head_step_bytes'] / x['main_step_bytes']:.2f}"
-                          for x in out["variants"][1:3]) + ".", "",
-              "Rolling back rejected drafts (qwen35-tiny, float32): recorded per-position states against restoring "
+              + ", ".join(f"{x['name']} {x['head_step_bytes'] / x['main_step_bytes']:.2f}"
+                          for x in out["variants"] if not x["sampled"]) + ".", "",
+              f"Rolling back rejected drafts ({out['variants'][0]['name']}, greedy, first prompt): recorded "
+              "per-position states against restoring "
               "the states from before verification and running the accepted tokens again.", "",
               "| depth | recorded states tok/s | snapshot and recompute tok/s |", "|---:|---:|---:|"]
     lines += [f"| {r['depth']} | {r['capture_tok_s']:.2f} | {r['recompute_tok_s']:.2f} |" for r in out["rollback"]]

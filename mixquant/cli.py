@@ -242,17 +242,20 @@ def cmd_bench(args) -> int:
     for flag in ("prompt_tokens", "turns", "turn_tokens", "repeats"):
         positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     cfg = BenchConfig(args.prompt_tokens, args.gen_tokens, args.turns, args.turn_tokens, args.repeats)
+    if args.sample and not args.mtp:
+        raise MixquantError("--sample: only with --mtp")
     if args.mtp:
         if args.compare:
             raise MixquantError("--mtp and --compare: one at a time (--mtp compares plain and MTP decoding)")
-        result = bench_mtp(Path(args.model), cfg, _depths(args.mtp_depths))
+        result = bench_mtp(Path(args.model), cfg, _depths(args.mtp_depths), sampled=args.sample,
+                           dequantize=args.dequantize)
         print(format_mtp_table(result))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"config": vars(cfg), **result}, indent=2) + "\n")
         return 0
     paths = [Path(args.model)] + ([Path(args.compare)] if args.compare else [])
-    results = bench(paths, cfg)
+    results = bench(paths, cfg, dequantize=args.dequantize)
     print(format_table(results, cfg))
     if args.json:
         out = {"config": vars(cfg), "results": results}
@@ -462,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mtp", action="store_true", help="MTP speculative decoding against plain decoding")
     p.add_argument("--mtp-depths", default="1,2,3", help="with --mtp: the draft depths to measure (default 1,2,3)")
+    p.add_argument("--sample", action="store_true",
+                   help="with --mtp: sample with the model's generation_config instead of decoding greedily")
+    p.add_argument("--dequantize", action="store_true",
+                   help="compute in float32 with the weights dequantized (how small models run fastest on MLX's "
+                        "CPU backend)")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench)
 

@@ -48,13 +48,17 @@ def prompt_ids(tokenizer, n: int, offset: int = 0) -> np.ndarray:
     return list(ids[offset : offset + n])
 
 
-def _generate(model, session, new_tokens: list[int], gen_tokens: int, mtp: int = 0, stats=None) -> tuple[float, float]:
-    """Prefill `new_tokens` after what the session holds, decode `gen_tokens` greedily; returns
-    (prefill tok/s, decode tok/s)."""
+def _generate(model, session, new_tokens: list[int], gen_tokens: int, mtp: int = 0, stats=None,
+              sampling=None) -> tuple[float, float]:
+    """Prefill `new_tokens` after what the session holds, decode `gen_tokens` (greedily unless
+    `sampling`); returns (prefill tok/s, decode tok/s)."""
+    from mixquant.runtime.sampling import GREEDY
+
     prompt = session.tokens + new_tokens
     t0 = time.perf_counter()
     times = []
-    for _ in model.stream(prompt, session, max_new_tokens=gen_tokens, mtp=mtp, stats=stats):
+    for _ in model.stream(prompt, session, max_new_tokens=gen_tokens, mtp=mtp, stats=stats,
+                          sampling=sampling or GREEDY):
         times.append(time.perf_counter())
     prefill = len(new_tokens) / (times[0] - t0)
     timed = times[WARMUP_TOKENS:]
@@ -62,22 +66,24 @@ def _generate(model, session, new_tokens: list[int], gen_tokens: int, mtp: int =
     return prefill, decode
 
 
-def run_once(model, cfg: BenchConfig, runs: Runs, mtp: int = 0, stats=None) -> None:
+def run_once(model, cfg: BenchConfig, runs: Runs, mtp: int = 0, stats=None, offset: int = 0,
+             sampling=None) -> None:
+    """One conversation of cfg.turns turns, its prompt from the bundled text at token `offset`."""
     import mlx.core as mx
 
     from mixquant.runtime.chat import ChatSession
 
     mx.reset_peak_memory()
     session = ChatSession(model)
-    prefill, decode = _generate(model, session, prompt_ids(model.tokenizer, cfg.prompt_tokens), cfg.gen_tokens,
-                                mtp, stats)
+    prefill, decode = _generate(model, session, prompt_ids(model.tokenizer, cfg.prompt_tokens, offset),
+                                cfg.gen_tokens, mtp, stats, sampling)
     runs.prefill.append(prefill)
     runs.decode.append(decode)
     last = decode
-    offset = cfg.prompt_tokens
+    offset += cfg.prompt_tokens
     for _ in range(cfg.turns - 1):  # later turns prefill only their new tokens on top of the kept cache
         _, last = _generate(model, session, prompt_ids(model.tokenizer, cfg.turn_tokens, offset), cfg.gen_tokens,
-                            mtp, stats)
+                            mtp, stats, sampling)
         offset += cfg.turn_tokens
     runs.last_turn_decode.append(last)
     runs.peak_memory = max(runs.peak_memory, mx.get_peak_memory())
@@ -94,13 +100,19 @@ def summarize(path: Path, runs: Runs, cfg: BenchConfig) -> dict:
     }
 
 
-def bench(paths: list[Path], cfg: BenchConfig) -> list[dict]:
-    """Benchmark one model, or several alternating repeat by repeat."""
-    from mixquant.runtime.chat import load
+def load_for_bench(path: Path, mtp: bool = False, dequantize: bool = False):
+    """A chat Model as `chat` loads it, or computing in float32 with dequantized weights."""
+    from mixquant.loading import load
+    from mixquant.runtime.chat import Model
 
+    return Model(load(Path(path), dtype="float32" if dequantize else None, dequantize=dequantize, mtp=mtp))
+
+
+def bench(paths: list[Path], cfg: BenchConfig, dequantize: bool = False) -> list[dict]:
+    """Benchmark one model, or several alternating repeat by repeat."""
     if cfg.gen_tokens <= WARMUP_TOKENS + 1:
         raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
-    models = [load(p) for p in paths]
+    models = [load_for_bench(p, dequantize=dequantize) for p in paths]
     runs = [Runs() for _ in paths]
     for model in models:  # one untimed pass each: compile, page in, allocate
         run_once(model, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs())
@@ -125,34 +137,45 @@ def format_table(results: list[dict], cfg: BenchConfig) -> str:
     return "\n".join(lines)
 
 
-def bench_mtp(path: Path, cfg: BenchConfig, depths: list[int], model=None) -> dict:
-    """Plain decoding and MTP speculative decoding at each depth, alternating, on one loaded model
-    (`model`: a chat Model loaded with its MTP head; default: `path` as chat loads it)."""
-    from mixquant.runtime.chat import load
+MTP_PROMPT_STRIDE = 1000  # tokens between the bundled-text prompts of successive repeats
+
+
+def bench_mtp(path: Path, cfg: BenchConfig, depths: list[int], model=None, sampled: bool = False,
+              dequantize: bool = False) -> dict:
+    """Plain decoding and MTP speculative decoding at each depth, alternating on one loaded model
+    (`model`: a chat Model loaded with its MTP head; default: `path` as chat loads it), each repeat
+    on another prompt; greedy, or sampled with the model's generation_config (`sampled`, seeded).
+    The speed-up is the median over repeats of MTP tok/s over plain tok/s on the same prompt."""
+    import mlx.core as mx
+
     from mixquant.runtime.mtp import Stats, check_depth
 
     for d in depths:
         check_depth(d)
     if cfg.gen_tokens <= WARMUP_TOKENS + 1:
         raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
-    model = model or load(path, mtp=True)
+    model = model or load_for_bench(path, mtp=True, dequantize=dequantize)
+    sampling = model.sampling() if sampled else None
     modes = [0] + list(depths)
     runs = {m: Runs() for m in modes}
     stats = {m: Stats() for m in modes}
     for m in modes:
         run_once(model, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs(), m, Stats())
-    for _ in range(cfg.repeats):
+    for r in range(cfg.repeats):
         for m in modes:
-            run_once(model, cfg, runs[m], m, stats[m])
+            mx.random.seed(r)
+            run_once(model, cfg, runs[m], m, stats[m], offset=r * MTP_PROMPT_STRIDE, sampling=sampling)
     plain = summarize(path, runs[0], cfg)
     rows = []
     for d in depths:
         r = summarize(path, runs[d], cfg)
-        r.update(depth=d, speedup=r["decode_tok_s"] / plain["decode_tok_s"],
+        ratios = [a / b for a, b in zip(runs[d].decode, runs[0].decode)]
+        r.update(depth=d, speedup=statistics.median(ratios), speedups=ratios,
                  acceptance=stats[d].acceptance()[:d], tokens_per_round=stats[d].emitted / max(stats[d].rounds, 1))
         rows.append(r)
     best = max(rows, key=lambda r: r["speedup"])
-    return {"plain": plain, "mtp": rows, "best_depth": best["depth"]}
+    return {"plain": plain, "mtp": rows, "best_depth": best["depth"], "sampled": sampled,
+            "sampling": None if sampling is None else vars(sampling)}
 
 
 def format_mtp_table(result: dict) -> str:

@@ -192,3 +192,16 @@ def test_no_head_is_a_clear_error(fixture_dir, tmp_path):
         next(model.stream([1, 2, 3], ChatSession(model), max_new_tokens=4, mtp=2))
     with pytest.raises(MixquantError, match=r"mtp depth: must be 1\.\.4, got 5"):
         model.chat([{"role": "user", "content": "hi"}], mtp=5)
+
+
+def test_bench_mtp_reports_acceptance_and_speedup(fixture_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert run_cli("bench", str(fixture_dir), "--mtp", "--mtp-depths", "1,2", "--prompt-tokens", "16",
+                   "--gen-tokens", "12", "--turns", "1", "--repeats", "2", "--json", str(out)) == 0
+    table = capsys.readouterr().out
+    assert "mtp depth 2" in table and "best depth" in table
+    result = json.loads(out.read_text())
+    assert [r["depth"] for r in result["mtp"]] == [1, 2] and result["best_depth"] in (1, 2)
+    for r in result["mtp"]:
+        assert len(r["acceptance"]) == r["depth"] and all(0 <= a <= 1 for a in r["acceptance"])
+        assert len(r["speedups"]) == 2 and r["speedup"] > 0 and 1 <= r["tokens_per_round"] <= r["depth"] + 1

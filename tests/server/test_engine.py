@@ -135,3 +135,21 @@ def _fuzz(live):
     check()
     conn.request("GET", "/health")
     assert conn.getresponse().status == 200
+
+
+def test_mtp_engine_decodes_as_plain_chat(fixture_dir):
+    from mixquant.loading import load
+    from mixquant.runtime.chat import Model
+    from mixquant.server.engine import Engine
+
+    model = Model(load(fixture_dir, dtype="float32", dequantize=True, mtp=True))
+    live = Running(Engine(model, mtp=2))
+    try:
+        client = live.openai()
+        kwargs = dict(model="m", messages=USER, max_tokens=24, temperature=0, extra_body=NO_THINKING)
+        first, second = (client.chat.completions.create(**kwargs) for _ in range(2))
+        reference = model.chat(USER, max_new_tokens=24, temperature=0.0, enable_thinking=False)
+        assert first.choices[0].message.content == second.choices[0].message.content == reference.text
+        assert second.usage.prompt_tokens_details.cached_tokens > 0  # the session's kept conversation
+    finally:
+        live.stop()
