@@ -58,24 +58,35 @@ def _render_chat(tokenizer, item: dict, where: str) -> str:
         raise MixquantError(f"{where}: the chat template cannot render it ({e})") from None
 
 
+READ_FACTOR = 32  # a large calibration text is read up to this many times the tokens asked for
+MAX_CHARS_PER_TOKEN = 16
+
+
 def calibration_windows(docs: list[str], tokenizer, tokens: int | None, ctx: int) -> np.ndarray:
-    """Documents concatenated (separated by EOS) and cut into windows of `ctx` tokens."""
+    """Documents concatenated (separated by EOS) and cut into windows of `ctx` tokens. When the text
+    holds more windows than `tokens` asks for, they are taken evenly across it (its first
+    READ_FACTOR x `tokens` tokens), not from its start: a file's first pages are one topic, and
+    error-compensating methods fit what they are shown."""
     eos = tokenizer.eos_token_id
+    limit = None if tokens is None else READ_FACTOR * tokens
     ids: list[int] = []
     for d in docs:
+        if limit is not None:
+            d = d[: (limit - len(ids)) * MAX_CHARS_PER_TOKEN]
         ids += list(tokenizer.encode(d))
         if eos is not None:
             ids.append(int(eos))
-        if tokens is not None and len(ids) >= tokens:
+        if limit is not None and len(ids) >= limit:
             break
-    if tokens is not None:
-        ids = ids[:tokens]
-    n = len(ids) // ctx
-    if n == 0:
-        n, ctx = 1, len(ids)  # shorter than one window: use it whole
-    if ctx < 2:
-        raise MixquantError("calibration text is empty")
-    return np.asarray(ids[: n * ctx], dtype=np.int32).reshape(n, ctx)
+    available = len(ids) // ctx
+    if available == 0:
+        if len(ids) < 2:
+            raise MixquantError("calibration text is empty")
+        ids = ids[:tokens] if tokens is not None else ids
+        return np.asarray(ids, dtype=np.int32)[None]  # shorter than one window: use it whole
+    n = available if tokens is None else min(available, max(1, tokens // ctx))
+    picks = np.unique(np.linspace(0, available - 1, n).round().astype(int))
+    return np.stack([np.asarray(ids[i * ctx : (i + 1) * ctx], dtype=np.int32) for i in picks])
 
 
 SELF = "self"

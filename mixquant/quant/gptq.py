@@ -4,8 +4,9 @@ rounded, through the calibration Hessian H = E[x x^T] of the layer's input.
 Columns are taken in order of decreasing H diagonal (act-order) and in blocks with lazy updates, as
 in the paper. MLX stores a scale and a bias per group of `group_size` consecutive input columns;
 a group's pair is chosen when the first of its columns comes up in the (permuted) order, from all
-its columns as the compensation has left them by then (mx.quantize's own choice, so the pair is
-exactly what MLX would store), and is kept for its later columns. The codes are packed in MLX's
+its columns as the compensation has left them by then, and is kept for its later columns: the
+clipping fit of mixquant.quant.fit weighted by the Hessian's diagonal (or, with fit=False,
+mx.quantize's own min..max). The codes are packed in MLX's
 layout (a little-endian bit stream per row), so `mlx_lm.load` reads the result unchanged.
 """
 
@@ -25,17 +26,20 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(packed).view("<u4").reshape(rows, n * bits // 32)
 
 
-def _group_params(w: np.ndarray, bits: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """MLX's scale and bias for one group's columns w [rows, group_size], as float32 values of `dtype`."""
+def _group_params(w: np.ndarray, bits: int, dtype, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The scale and bias for one group's columns w [rows, group_size], as float32 values of `dtype`:
+    MLX's own (min..max), or with `importance` (the Hessian's diagonal on these columns) the
+    clipping fit of mixquant.quant.fit."""
     import mlx.core as mx
 
-    _, s, b = mx.quantize(mx.array(np.ascontiguousarray(w, dtype=np.float32)).astype(dtype), group_size=w.shape[1],
-                          bits=bits)
+    from mixquant.quant.fit import quantize
+
+    _, s, b = quantize(np.ascontiguousarray(w, dtype=np.float32), bits, w.shape[1], dtype, importance)
     return np.array(s.astype(mx.float32))[:, 0], np.array(b.astype(mx.float32))[:, 0]
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, dtype, act_order: bool = True,
-         damp: float = DAMP):
+         damp: float = DAMP, fit: bool = True):
     """(packed codes, scales, biases) in MLX's format (scales and biases as float32 values of `dtype`),
     and the dequantized weights [out, in] float32."""
     w = np.array(w, dtype=np.float64)
@@ -67,7 +71,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, dtype, 
                 current = np.empty((rows, group_size))
                 current[:, ~later] = wb[:, members[~later] - b0]
                 current[:, later] = w[:, members[later]] - err[:, :i] @ hinv[b0 : b0 + i][:, members[later]]
-                scales[:, g], biases[:, g] = _group_params(current, bits, dtype)
+                importance = np.diag(h)[members] if fit else None
+                scales[:, g], biases[:, g] = _group_params(current, bits, dtype, importance)
                 have[g] = True
             s, bias = scales[:, g], biases[:, g]
             q = np.clip(np.round((wb[:, i] - bias) / np.where(s == 0, 1.0, s)), 0, maxq)

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mixquant.quant.gptq import gptq, pack_codes
+from mixquant.quant.gptq import DAMP, gptq, pack_codes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -27,7 +27,7 @@ def test_uncorrelated_inputs_give_round_to_nearest(bits):
     rng = np.random.default_rng(bits)
     w = np.array(mx.array(rng.normal(size=(16, 128)).astype(np.float32)).astype(mx.bfloat16).astype(mx.float32))
     h = np.diag(rng.uniform(0.5, 2.0, size=128))
-    packed, s, b, deq = gptq(w, h, bits, 64, mx.bfloat16)
+    packed, s, b, deq = gptq(w, h, bits, 64, mx.bfloat16, fit=False)
     q, s_ref, b_ref = mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=64, bits=bits)
     np.testing.assert_array_equal(s, np.array(s_ref.astype(mx.float32)))
     np.testing.assert_array_equal(b, np.array(b_ref.astype(mx.float32)))
@@ -36,6 +36,25 @@ def test_uncorrelated_inputs_give_round_to_nearest(bits):
     np.testing.assert_array_equal(packed, pack_codes(nearest.astype(np.int64), bits))
     theirs = np.array(mx.dequantize(q, s_ref.astype(mx.float32), b_ref.astype(mx.float32), group_size=64, bits=bits))
     assert np.all(np.abs(deq - w) <= np.abs(theirs - w) + 1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_uncorrelated_inputs_with_the_fit_give_the_weighted_clipping_fit(bits):
+    """With a diagonal Hessian and the fit (the default), each group's pair is mixquant.quant.fit's
+    clipping fit weighted by the (damped) diagonal, and the weighted error is never above MLX's."""
+    from mixquant.quant.fit import quantize
+
+    rng = np.random.default_rng(20 + bits)
+    w = np.array(mx.array(rng.normal(size=(16, 128)).astype(np.float32)).astype(mx.bfloat16).astype(mx.float32))
+    d = rng.uniform(0.5, 2.0, size=128)
+    packed, s, b, deq = gptq(w, np.diag(d), bits, 64, mx.bfloat16)
+    damped = d + DAMP * d.mean()
+    _, s_ref, b_ref = quantize(w, bits, 64, mx.bfloat16, damped)
+    np.testing.assert_array_equal(s, np.array(s_ref.astype(mx.float32)))
+    np.testing.assert_array_equal(b, np.array(b_ref.astype(mx.float32)))
+    rtn = np.array(mx.dequantize(*mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=64, bits=bits),
+                                 group_size=64, bits=bits).astype(mx.float32))
+    assert float((damped * (deq - w) ** 2).sum()) <= float((damped * (rtn - w) ** 2).sum()) + 1e-9
 
 
 def _correlated_inputs(rng, n, rank=8, tokens=4096):
