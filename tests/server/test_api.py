@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import KEY, Running, ScriptedEngine
+from serving import KEY, Running, ScriptedEngine, chat_model  # noqa: F401 - chat_model: a fixture
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",

@@ -9,7 +9,7 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import KEY, Running
+from serving import KEY, Running, chat_model, live  # noqa: F401 - fixtures
 
 USER = [{"role": "user", "content": "Write a Python function that reads a config file."}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}

@@ -1,4 +1,5 @@
-"""Servers on 127.0.0.1 for the SDK tests: one on the real engine (the fixture in float32), one on
+"""Servers on 127.0.0.1 for the SDK tests (a helper module, not a conftest: its name would shadow
+the tests' own conftest): one on the real engine (the fixture in float32), one on
 an engine that plays scripted replies through the same tokenizer, template and text pipeline."""
 
 import json
