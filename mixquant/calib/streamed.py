@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mixquant.arch.roles import Kind
 from mixquant.arch.tensors import SCOPE_MODEL
 from mixquant.blocks import read_tensor
 
@@ -75,7 +76,7 @@ class StreamedModel:
             raise MixquantError(f"{path}: the plan gives no tensor for {sorted(missing)[:3]}")
         with side_files(self.source) as folder:
             self.tokenizer = load_tokenizer(folder, self.config)
-        embed_path = next(p for p in modules if p.endswith("embed_tokens"))
+        embed_path = next(e.tensor.module for e in entries if e.tensor.role.kind == Kind.EMBEDDING)
         self.embedding = _embedding_stand_in()(modules[embed_path])
         self.model.update_modules(tree_unflatten([(embed_path, self.embedding)]))
         self._mx = mx
