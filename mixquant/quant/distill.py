@@ -21,7 +21,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 HELD_OUT = 0.25
-LEARNING_RATE = 1e-3
+LEARNING_RATE = 3e-4
 
 
 @dataclass

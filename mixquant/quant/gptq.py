@@ -6,8 +6,8 @@ in the paper. MLX stores a scale and a bias per group of `group_size` consecutiv
 a group's pair is chosen when the first of its columns comes up in the (permuted) order, from all
 its columns as the compensation has left them by then, and is kept for its later columns: the
 clipping fit of mixquant.quant.fit weighted by the Hessian's diagonal (or, with fit=False,
-mx.quantize's own min..max). The codes are packed in MLX's
-layout (a little-endian bit stream per row), so `mlx_lm.load` reads the result unchanged.
+mx.quantize's own min..max). The codes are packed in MLX's layout (a little-endian bit stream per
+row), so `mlx_lm.load` reads the result unchanged.
 """
 
 from __future__ import annotations
