@@ -75,6 +75,33 @@ def heldout_tail(work: Path, tokenizer, chunks: int) -> str:
     return str(path)
 
 
+def work_folder(work: str | None, prefix: str) -> Path:
+    folder = Path(work) if work else Path(tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def calibration_of(model: str, calib: str | None, work: Path, src: Path, chunks: int) -> str:
+    """The calibration spec: `calib`, or by default the held-out tail (fixture) or the mix; the
+    held-out tail is written into `work` and its path returned."""
+    from mixquant.loading import load_tokenizer
+
+    calib = calib or ("heldout-tail" if model == "fixture" else "mix")
+    return heldout_tail(work, load_tokenizer(src), chunks) if calib == "heldout-tail" else calib
+
+
+def reference_of(src: Path, work: Path, chunks: int):
+    """The float32 reference on `chunks` held-out windows of 512 tokens, kept in `work`."""
+    from mixquant.eval.kld import Reference, compute_reference
+
+    path = work / "reference.npz"
+    if path.exists():
+        return Reference.load(path)
+    reference = compute_reference(src, None, 512, chunks, topk="auto")
+    reference.save(path)
+    return reference
+
+
 def kld_row(name: str, report: dict, **extra) -> dict:
     k = report["kld"]
     return {"name": name, "bytes": report["size_bytes"], "bpw": report["bpw"], "mean": k["mean"],
@@ -103,25 +130,16 @@ def main() -> None:
 
     from mixquant.calib.sensitivity import compute_sensitivity
     from mixquant.convert import ConvertOptions, convert
-    from mixquant.eval.kld import Reference, compute_reference, evaluate
-    from mixquant.loading import load_tokenizer
+    from mixquant.eval.kld import evaluate
     from mixquant.quant.auto import Target
     from mixquant.quant.recipe import auto_base, unsloth
     from mixquant.quant.sensitivity import MEASURED, PROXY, Sensitivity
 
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mixquant-alloc-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work, "mixquant-alloc-")
     src = source_of(args.model, work)
-    calib = args.calib or ("heldout-tail" if args.model == "fixture" else "mix")
-    if calib == "heldout-tail":
-        calib = heldout_tail(work, load_tokenizer(src), args.chunks)
+    calib = calibration_of(args.model, args.calib, work, src, args.chunks)
     t_start = time.time()
-    ref_path = work / "reference.npz"
-    if ref_path.exists():
-        reference = Reference.load(ref_path)
-    else:
-        reference = compute_reference(src, None, 512, args.chunks, topk="auto")
-        reference.save(ref_path)
+    reference = reference_of(src, work, args.chunks)
 
     calib_check = CalibrationKL(src, calib, args.windows) if args.measured else None
 

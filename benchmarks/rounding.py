@@ -21,13 +21,12 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.allocation import heldout_tail, hf_folder, source_of  # noqa: E402
+from benchmarks.allocation import calibration_of, hf_folder, reference_of, source_of, work_folder  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -53,22 +52,16 @@ def main() -> None:
 
     from mixquant.calib.sensitivity import compute_sensitivity
     from mixquant.convert import ConvertOptions, convert
-    from mixquant.eval.kld import Reference, compute_reference, evaluate
-    from mixquant.loading import count_parameters, load, load_tokenizer
+    from mixquant.eval.kld import evaluate
+    from mixquant.loading import count_parameters, load
     from mixquant.quant.auto import Target
     from mixquant.quant.recipe import auto_base, uniform
 
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mixquant-rounding-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work, "mixquant-rounding-")
     src = source_of(args.model, work)
     calib = args.calib or ("heldout-tail" if args.model == "fixture" else "mix")
-    calib_path = heldout_tail(work, load_tokenizer(src), args.chunks) if calib == "heldout-tail" else calib
-    ref_path = work / "reference.npz"
-    if ref_path.exists():
-        reference = Reference.load(ref_path)
-    else:
-        reference = compute_reference(src, None, 512, args.chunks, topk="auto")
-        reference.save(ref_path)
+    calib_path = calibration_of(args.model, args.calib, work, src, args.chunks)
+    reference = reference_of(src, work, args.chunks)
     params = count_parameters(load(src, dtype="float32").model)
     sens = Path(args.sensitivity) if args.sensitivity else work / "sensitivity-proxy.json"
     if not sens.exists():

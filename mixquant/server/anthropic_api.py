@@ -8,7 +8,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mixquant.server.generation import APIError, Turn
+from mixquant.server.generation import APIError, Turn, content_text
 
 
 class _Open(BaseModel):
@@ -87,25 +87,17 @@ class MessagesRequest(CountTokensRequest):
     stop_sequences: list[str] | None = None
 
 
-def _text(content) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(b.text for b in content)
-
-
 def turn(req: CountTokensRequest, max_tokens: int = 1) -> Turn:
     messages: list[dict] = []
     if req.system:
-        messages.append({"role": "system", "content": _text(req.system)})
+        messages.append({"role": "system", "content": content_text(req.system)})
     for m in req.messages:
         blocks = [TextBlock(type="text", text=m.content)] if isinstance(m.content, str) else m.content
         if m.role == "user":
             text = []
             for b in blocks:
                 if isinstance(b, ToolResultBlock):
-                    messages.append({"role": "tool", "content": _text(b.content), "tool_call_id": b.tool_use_id})
+                    messages.append({"role": "tool", "content": content_text(b.content), "tool_call_id": b.tool_use_id})
                 elif isinstance(b, TextBlock):
                     text.append(b.text)
             if text:

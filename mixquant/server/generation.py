@@ -19,6 +19,15 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+def content_text(content) -> str:
+    """A message's content as text: a string, or the concatenated text of its text parts / blocks."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
 @dataclass
 class Turn:
     messages: list[dict]  # in the chat template's form (OpenAI-style, tool-call arguments as dicts)

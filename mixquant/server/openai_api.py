@@ -9,7 +9,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mixquant.server.generation import APIError, Turn
+from mixquant.server.generation import APIError, Turn, content_text
 
 
 class _Open(BaseModel):
@@ -138,14 +138,6 @@ class ResponsesRequest(Sampling):
 
 
 # -- conversion to a Turn ------------------------------------------------------------------------
-def _text(content) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(p.text for p in content)
-
-
 def _arguments(raw: str, where: str) -> dict:
     try:
         value = json.loads(raw or "{}")
@@ -187,7 +179,7 @@ def chat_turn(req: ChatCompletionRequest, default_max: int) -> Turn:
     messages = []
     for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role
-        out: dict = {"role": role, "content": _text(m.content)}
+        out: dict = {"role": role, "content": content_text(m.content)}
         if m.tool_calls:
             out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                 "name": c.function.name,
@@ -218,7 +210,7 @@ def responses_turn(req: ResponsesRequest, default_max: int) -> Turn:
             if item.role is None:
                 raise APIError(400, f"input[{i}]: a message needs a role", f"input[{i}].role")
             messages.append({"role": "system" if item.role == "developer" else item.role,
-                             "content": _text(item.content)})
+                             "content": content_text(item.content)})
         elif kind == "function_call":
             if not item.name:
                 raise APIError(400, f"input[{i}]: a function_call needs a name", f"input[{i}].name")
@@ -229,7 +221,7 @@ def responses_turn(req: ResponsesRequest, default_max: int) -> Turn:
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "content": _text(item.output), "tool_call_id": item.call_id})
+            messages.append({"role": "tool", "content": content_text(item.output), "tool_call_id": item.call_id})
         elif kind == "reasoning":
             continue
         else:
