@@ -16,14 +16,21 @@ sys.path.insert(0, str(Path(__file__).parent))  # test helpers (conftest, llamac
 
 
 def pytest_configure(config):
+    import os
+
     import mixquant
 
+    # Under pytest-xdist every worker gets one core: OpenBLAS and torch threads that wait for a
+    # core another worker holds cost more than they bring (and decode is latency-bound anyway).
+    worker = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    if worker:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # read when the library loads
     mixquant.enable_cpu_blas()  # before anything imports MLX, as the mixquant command does
     # transformers' CPU Gated DeltaNet crawls on subnormal floats without this.
     import torch
 
     torch.set_flush_denormal(True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if worker else 2)
 
 
 def tiny_text_config(ratio: int = 2, moe: bool = False, **overrides) -> dict:
