@@ -65,12 +65,20 @@ def hf_folder(src: Path, work: Path) -> Path:
     return out
 
 
-def heldout_tail(work: Path, tokenizer, chunks: int) -> str:
+def heldout_tail(work: Path, tokenizer, chunks: int, longer: Path | None = None) -> str:
+    """The held-out text past the evaluated windows (and a 1000-character gap), written into `work`:
+    of the bundled evaluation text, or of `longer`, a file that begins with it (the fixture's own
+    held-out file, 1.9 MB, for calibration budgets the bundled text's tail cannot hold)."""
     from mixquant.eval.kld import read_text
 
     text, _ = read_text(None)
     evaluated = len(tokenizer.decode(tokenizer.encode(text)[: chunks * 512]))
-    path = work / "heldout-tail.txt"
+    if longer is not None:
+        full = longer.read_text(encoding="utf-8")
+        if not full.startswith(text):
+            raise SystemExit(f"{longer}: does not begin with the evaluation text; its tail could overlap it")
+        text = full
+    path = work / ("heldout-tail.txt" if longer is None else "fixture-heldout-tail.txt")
     path.write_text(text[evaluated + 1000 :])
     return str(path)
 
@@ -82,11 +90,14 @@ def work_folder(work: str | None, prefix: str) -> Path:
 
 
 def calibration_of(model: str, calib: str | None, work: Path, src: Path, chunks: int) -> str:
-    """The calibration spec: `calib`, or by default the held-out tail (fixture) or the mix; the
-    held-out tail is written into `work` and its path returned."""
+    """The calibration spec: `calib`, or by default the held-out tail (fixture) or the mix; a
+    held-out tail (`heldout-tail`, or `fixture-heldout-tail` from the fixture's longer file) is
+    written into `work` and its path returned."""
     from mixquant.loading import load_tokenizer
 
     calib = calib or ("heldout-tail" if model == "fixture" else "mix")
+    if calib == "fixture-heldout-tail":
+        return heldout_tail(work, load_tokenizer(src), chunks, FIXTURE / "heldout.txt")
     return heldout_tail(work, load_tokenizer(src), chunks) if calib == "heldout-tail" else calib
 
 

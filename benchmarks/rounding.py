@@ -3,14 +3,16 @@ mlx-lm's 4-bit (4.5 bpw); and mlx-lm's own GPTQ where it runs.
 
     python benchmarks/rounding.py --model fixture [--calib heldout-tail] [--distill-steps 64]
     python benchmarks/rounding.py --model smollm2 [--calib mix]
+    python benchmarks/rounding.py --model fixture --calib fixture-heldout-tail --calib-tokens 131072 \
+        --distill-steps 256 --tag=-128k --rows "uniform-3 gptq" "uniform-3 gptq + distill" ...
 
 Every quant is evaluated on the bundled held-out text (32 windows of 512 tokens) that no
 calibration sees; calibration is the same text budget for every method that uses one. Rows:
 uniform 3-bit and 4-bit (group 64) to nearest (MLX's own quantizer) and with GPTQ, GPTQ plus
 distillation at 3-bit, and the headline: `--q-recipe auto` at 3.6 and 4.5 bits per weight with
 GPTQ and distillation against `mlx_lm.convert -q --q-bits 4 --q-group-size 64`. Seconds per step
-and per billion parameters are recorded. Writes benchmarks/results/rounding-<model>.json and the
-model's section of docs/RESULTS.md.
+and per billion parameters are recorded. Writes benchmarks/results/rounding-<model><tag>.json and
+the section of docs/RESULTS.md of that name, after every row (a run cut short keeps what it measured).
 """
 
 from __future__ import annotations
@@ -36,18 +38,20 @@ DOC = ROOT / "docs" / "RESULTS.md"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("fixture", "smollm2"), default="fixture")
-    ap.add_argument("--calib", default=None, help="mix | self | heldout-tail (fixture) | FILE")
+    ap.add_argument("--calib", default=None,
+                    help="mix | self | heldout-tail | fixture-heldout-tail (fixture) | FILE")
     ap.add_argument("--calib-tokens", type=int, default=16 * 512)
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--distill-steps", type=int, default=64)
     ap.add_argument("--sensitivity", default=None, help="for the auto rows (default: a proxy on the calibration)")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--rows", nargs="+", default=None, metavar="NAME", help="measure only these rows")
+    ap.add_argument("--tag", default="", help="suffix of the JSON and docs section (a second calibration budget)")
     args = ap.parse_args()
 
     import mixquant
 
     blas = mixquant.enable_cpu_blas()
-    import mlx.core as mx
     from mlx_lm import convert as mlx_convert
 
     from mixquant.calib.sensitivity import compute_sensitivity
@@ -58,6 +62,7 @@ def main() -> None:
     from mixquant.quant.recipe import auto_base, uniform
 
     work = work_folder(args.work, "mixquant-rounding-")
+    command = " ".join(["python benchmarks/rounding.py", *sys.argv[1:]]).replace(f" --work {args.work}", "")
     src = source_of(args.model, work)
     calib = args.calib or ("heldout-tail" if args.model == "fixture" else "mix")
     calib_path = calibration_of(args.model, args.calib, work, src, args.chunks)
@@ -100,43 +105,57 @@ def main() -> None:
         return make
 
     folder = hf_folder(src, work)
-    row("mlx-lm 4-bit", lambda d: mlx_convert(str(folder), mlx_path=str(d), quantize=True, q_bits=4, q_group_size=64),
-        "baseline")
-    for bits in (3, 4):
-        row(f"uniform-{bits} nearest", ours(uniform(bits, 64)), f"uniform-{bits}")
-        row(f"uniform-{bits} gptq", ours(uniform(bits, 64), "gptq"), f"uniform-{bits}")
-    row("uniform-3 gptq + distill", ours(uniform(3, 64), "gptq", args.distill_steps), "uniform-3")
     auto = auto_base()
-    for bpw in (3.6, 4.5):
-        row(f"auto {bpw} nearest", ours(auto, target=Target(bpw=bpw)), f"auto-{bpw}")
-        row(f"auto {bpw} gptq", ours(auto, "gptq", target=Target(bpw=bpw)), f"auto-{bpw}")
-        row(f"auto {bpw} gptq + distill", ours(auto, "gptq", args.distill_steps, Target(bpw=bpw)), f"auto-{bpw}")
-    if args.model == "smollm2":
-        row("mlx-lm gptq 4-bit", lambda d: mlx_lm_gptq(folder, d, calib_path, args.calib_tokens), "mlx-lm gptq")
-        peer = rows["mlx-lm gptq 4-bit"]
-        row("auto @ mlx-lm gptq size, gptq", ours(auto, "gptq", target=Target(bytes=peer["bytes"])), "mlx-lm gptq")
 
-    base = rows["mlx-lm 4-bit"]
-    checks = {
-        "gptq/nearest uniform-3": rows["uniform-3 gptq"]["mean"] / rows["uniform-3 nearest"]["mean"],
-        "gptq/nearest uniform-4": rows["uniform-4 gptq"]["mean"] / rows["uniform-4 nearest"]["mean"],
-        "distill/gptq uniform-3": rows["uniform-3 gptq + distill"]["mean"] / rows["uniform-3 gptq"]["mean"],
-        "auto 3.6 full / mlx-lm 4-bit (mean)": rows["auto 3.6 gptq + distill"]["mean"] / base["mean"],
-        "auto 3.6 full / mlx-lm 4-bit (p99.9)": rows["auto 3.6 gptq + distill"]["p999"] / base["p999"],
-        "auto 4.5 full / mlx-lm 4-bit (mean)": rows["auto 4.5 gptq + distill"]["mean"] / base["mean"],
-    }
-    if "mlx-lm gptq 4-bit" in rows:
-        checks["ours / mlx-lm gptq at its size"] = (rows["auto @ mlx-lm gptq size, gptq"]["mean"]
-                                                   / rows["mlx-lm gptq 4-bit"]["mean"])
-    result = {"model": args.model, "calib": calib, "calib_tokens": args.calib_tokens, "chunks": args.chunks,
-              "distill_steps": args.distill_steps, "params": params,
-              "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
-              "rows": list(rows.values()), "checks": checks}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"rounding-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_doc(result)
-    for k, v in checks.items():
+    def write_report() -> None:
+        result = {"model": args.model, "tag": args.tag, "command": command, "calib": calib, "calib_tokens": args.calib_tokens, "chunks": args.chunks,
+                  "distill_steps": args.distill_steps, "params": params,
+                  "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
+                  "rows": list(rows.values()), "checks": checks(rows)}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"rounding-{args.model}{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_doc(result)
+
+    # the rows each acceptance check needs first, then what each step bought on the way to the auto rows;
+    # the report is rewritten after every row, so a run cut short still says what it measured
+    plan = [("mlx-lm 4-bit", lambda d: mlx_convert(str(folder), mlx_path=str(d), quantize=True, q_bits=4,
+                                                   q_group_size=64), "baseline")]
+    for bits in (3, 4):
+        plan += [(f"uniform-{bits} nearest", ours(uniform(bits, 64)), f"uniform-{bits}"),
+                 (f"uniform-{bits} gptq", ours(uniform(bits, 64), "gptq"), f"uniform-{bits}")]
+    if args.model == "smollm2":
+        plan.append(("mlx-lm gptq 4-bit", lambda d: mlx_lm_gptq(folder, d, calib_path, args.calib_tokens),
+                     "mlx-lm gptq"))
+        plan.append(("auto @ mlx-lm gptq size, gptq",
+                     lambda d: ours(auto, "gptq", target=Target(bytes=rows["mlx-lm gptq 4-bit"]["bytes"]))(d),
+                     "mlx-lm gptq"))
+    plan.append(("uniform-3 gptq + distill", ours(uniform(3, 64), "gptq", args.distill_steps), "uniform-3"))
+    for bpw in (3.6, 4.5):
+        plan.append((f"auto {bpw} gptq + distill", ours(auto, "gptq", args.distill_steps, Target(bpw=bpw)),
+                     f"auto-{bpw}"))
+    for bpw in (3.6, 4.5):
+        plan += [(f"auto {bpw} nearest", ours(auto, target=Target(bpw=bpw)), f"auto-{bpw}"),
+                 (f"auto {bpw} gptq", ours(auto, "gptq", target=Target(bpw=bpw)), f"auto-{bpw}")]
+    for name, make, group in plan:
+        if args.rows is None or name in args.rows:
+            row(name, make, group)
+        write_report()
+    for k, v in checks(rows).items():
         print(f"{k:<40} {v:.3f}")
+
+
+def checks(rows: dict) -> dict:
+    """The acceptance ratios whose rows have been measured."""
+    wanted = {
+        "gptq/nearest uniform-3": ("uniform-3 gptq", "uniform-3 nearest", "mean"),
+        "gptq/nearest uniform-4": ("uniform-4 gptq", "uniform-4 nearest", "mean"),
+        "distill/gptq uniform-3": ("uniform-3 gptq + distill", "uniform-3 gptq", "mean"),
+        "auto 3.6 full / mlx-lm 4-bit (mean)": ("auto 3.6 gptq + distill", "mlx-lm 4-bit", "mean"),
+        "auto 3.6 full / mlx-lm 4-bit (p99.9)": ("auto 3.6 gptq + distill", "mlx-lm 4-bit", "p999"),
+        "auto 4.5 full / mlx-lm 4-bit (mean)": ("auto 4.5 gptq + distill", "mlx-lm 4-bit", "mean"),
+        "ours / mlx-lm gptq at its size": ("auto @ mlx-lm gptq size, gptq", "mlx-lm gptq 4-bit", "mean"),
+    }
+    return {k: rows[a][key] / rows[b][key] for k, (a, b, key) in wanted.items() if a in rows and b in rows}
 
 
 def mlx_lm_gptq(folder: Path, dest: Path, calib: str, tokens: int) -> None:
@@ -154,9 +173,9 @@ def mlx_lm_gptq(folder: Path, dest: Path, calib: str, tokens: int) -> None:
 
 
 def write_doc(result: dict) -> None:
-    key = f"rounding-{result['model']}"
+    key = f"rounding-{result['model']}{result['tag']}"
     lines = [f"<!-- {key}:begin -->", f"## Rounding and allocation on {result['model']}: what each step buys", "",
-             f"`python benchmarks/rounding.py --model {result['model']}` ({result['machine']}). Calibration: "
+             f"`{result['command']}` ({result['machine']}). Calibration: "
              f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
              f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text.", "",
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",

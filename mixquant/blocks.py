@@ -34,8 +34,10 @@ def compose(index, r0: int, r1: int):
     return (*lead, slice(r0, r1))
 
 
-def part_blocks(source, part: Part, block_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, float32 block) over consecutive row ranges of the part (axis 0 after indexing)."""
+def part_blocks(source, part: Part, block_bytes: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 block) over consecutive row ranges of the part (axis 0 after indexing),
+    each at most `block_bytes` (default ROW_BLOCK_BYTES) unless one row is larger."""
+    block_bytes = ROW_BLOCK_BYTES if block_bytes is None else block_bytes
     shape = index_shape(source.tensors[part.source].shape, part.index)
     if len(shape) < 2:
         yield 0, source.read(part.source, part.index)
@@ -46,7 +48,7 @@ def part_blocks(source, part: Part, block_bytes: int = ROW_BLOCK_BYTES) -> Itera
         yield r0, source.read(part.source, compose(part.index, r0, min(shape[0], r0 + step)))
 
 
-def tensor_blocks(source, tensor: LogicalTensor, block_bytes: int = ROW_BLOCK_BYTES):
+def tensor_blocks(source, tensor: LogicalTensor, block_bytes: int | None = None):
     """(part index, first row, transformed float32 block) over every part of the tensor, in order."""
     transform = TRANSFORMS[tensor.transform]
     for i, part in enumerate(tensor.parts):

@@ -189,3 +189,44 @@ def test_unsupported_architecture(tmp_path, capsys):
 def test_tensor_size_does_not_match_type(tmp_path, capsys):
     bad = _small_gguf(tmp_path / "short.gguf", "llama", row_length=48)
     _expect(capsys, tmp_path, bad, str(bad), "tensor token_embd.weight rows of 48 values do not fit Q8_0 blocks of 32")
+
+
+def test_a_split_gguf_converts_one_row_block_at_a_time(tiny_ggufs, tmp_path, monkeypatch):
+    """Writing a split GGUF's tiny MoE holds about one row block (plus its encoding and a read buffer)
+    at a time: with 16 KiB blocks the peak of Python/numpy and MLX allocations stays under 32 blocks,
+    a quarter of the largest tensor in float32 (the embedding, 2 MiB)."""
+    import tracemalloc
+
+    import mlx.core as mx
+
+    from mixquant import blocks
+    from mixquant.convert import ConvertOptions, _encoder, build_plan
+    from mixquant.quant.recipe import uniform
+    from mixquant.writer import write_weights
+
+    hf, _ = tiny_ggufs["moe"]
+    split = llamacpp_tools.hf_to_gguf(hf, tmp_path / "split" / "moe.gguf", "--no-nextn", "--split-max-tensors", "20")
+    parts = sorted(split.parent.glob("moe-*.gguf"))
+    assert len(parts) > 1
+    source, plan = build_plan(parts[0], ConvertOptions(recipe=uniform(4, 32), progress=False))
+    block = 16 * 1024
+    monkeypatch.setattr(blocks, "ROW_BLOCK_BYTES", block)
+    largest = max(4 * int(np.prod(t.shape)) for t in source.tensors.values())
+    total = sum(4 * int(np.prod(t.shape)) for t in source.tensors.values())
+    assert largest >= 64 * block and total >= 2 * largest  # holding a tensor, let alone the model, would show
+
+    encode = _encoder(None, {}, plan.dtype)
+    write_weights(source, plan, tmp_path, encode, progress=False)  # first use: imports, caches, file handles
+    out = tmp_path / "out"
+    out.mkdir()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    tracemalloc.start()
+    try:
+        write_weights(source, plan, out, encode, progress=False)
+        _, python_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    peak = python_peak + mx.get_peak_memory()
+    assert peak <= 32 * block < largest // 2, (peak, block, largest)
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
