@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--rows", nargs="+", default=None, metavar="NAME", help="measure only these rows")
     ap.add_argument("--tag", default="", help="suffix of the JSON and docs section (a second calibration budget)")
+    ap.add_argument("--note", default="", help="a sentence for the docs section (how the machine was shared)")
     args = ap.parse_args()
 
     import mixquant
@@ -62,7 +64,10 @@ def main() -> None:
     from mixquant.quant.recipe import auto_base, uniform
 
     work = work_folder(args.work, "mixquant-rounding-")
-    command = " ".join(["python benchmarks/rounding.py", *sys.argv[1:]]).replace(f" --work {args.work}", "")
+    argv = sys.argv[1:]  # the command that reproduces the figures: without where they were kept, or the note
+    hidden = ("--work", "--note")
+    argv = [a for i, a in enumerate(argv) if a not in hidden and (i == 0 or argv[i - 1] not in hidden)]
+    command = shlex.join(["python", "benchmarks/rounding.py", *argv])
     src = source_of(args.model, work)
     calib = args.calib or ("heldout-tail" if args.model == "fixture" else "mix")
     calib_path = calibration_of(args.model, args.calib, work, src, args.chunks)
@@ -108,8 +113,9 @@ def main() -> None:
     auto = auto_base()
 
     def write_report() -> None:
-        result = {"model": args.model, "tag": args.tag, "command": command, "calib": calib, "calib_tokens": args.calib_tokens, "chunks": args.chunks,
-                  "distill_steps": args.distill_steps, "params": params,
+        result = {"model": args.model, "tag": args.tag, "command": command, "note": args.note, "calib": calib,
+                  "calib_tokens": args.calib_tokens, "chunks": args.chunks, "distill_steps": args.distill_steps,
+                  "params": params,
                   "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
                   "rows": list(rows.values()), "checks": checks(rows)}
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -174,10 +180,12 @@ def mlx_lm_gptq(folder: Path, dest: Path, calib: str, tokens: int) -> None:
 
 def write_doc(result: dict) -> None:
     key = f"rounding-{result['model']}{result['tag']}"
-    lines = [f"<!-- {key}:begin -->", f"## Rounding and allocation on {result['model']}: what each step buys", "",
+    lines = [f"<!-- {key}:begin -->", f"## Rounding and allocation on {result['model']}, {result['calib_tokens']} "
+             "calibration tokens: what each step buys", "",
              f"`{result['command']}` ({result['machine']}). Calibration: "
              f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
-             f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text.", "",
+             f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
+             f"{result['note']}".rstrip(), "",
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
