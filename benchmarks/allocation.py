@@ -89,16 +89,18 @@ def work_folder(work: str | None, prefix: str) -> Path:
     return folder
 
 
-def calibration_of(model: str, calib: str | None, work: Path, src: Path, chunks: int) -> str:
-    """The calibration spec: `calib`, or by default the held-out tail (fixture) or the mix; a
-    held-out tail (`heldout-tail`, or `fixture-heldout-tail` from the fixture's longer file) is
-    written into `work` and its path returned."""
+def calibration_of(model: str, calib: str | None, work: Path, src: Path, chunks: int) -> tuple[str, str]:
+    """(name for reports, calibration to pass on): `calib`, or by default the held-out tail (fixture)
+    or the mix; a held-out tail (`heldout-tail`, or `fixture-heldout-tail` from the fixture's longer
+    file) is written into `work` and its path passed on."""
     from mixquant.loading import load_tokenizer
 
-    calib = calib or ("heldout-tail" if model == "fixture" else "mix")
-    if calib == "fixture-heldout-tail":
-        return heldout_tail(work, load_tokenizer(src), chunks, FIXTURE / "heldout.txt")
-    return heldout_tail(work, load_tokenizer(src), chunks) if calib == "heldout-tail" else calib
+    name = calib or ("heldout-tail" if model == "fixture" else "mix")
+    if name == "fixture-heldout-tail":
+        return name, heldout_tail(work, load_tokenizer(src), chunks, FIXTURE / "heldout.txt")
+    if name == "heldout-tail":
+        return name, heldout_tail(work, load_tokenizer(src), chunks)
+    return name, name
 
 
 def reference_of(src: Path, work: Path, chunks: int):
@@ -148,7 +150,7 @@ def main() -> None:
 
     work = work_folder(args.work, "mixquant-alloc-")
     src = source_of(args.model, work)
-    calib = calibration_of(args.model, args.calib, work, src, args.chunks)
+    calib_name, calib = calibration_of(args.model, args.calib, work, src, args.chunks)
     t_start = time.time()
     reference = reference_of(src, work, args.chunks)
 
@@ -209,7 +211,7 @@ def main() -> None:
                      "mean_ratio": mine["kld"]["mean"] / peer["kld"]["mean"],
                      "p999_ratio": mine["kld"]["p999"] / peer["kld"]["p999"],
                      "size_ratio": mine["size_bytes"] / peer["size_bytes"]})
-    result = {"model": args.model, "source": str(src), "calib": calib if not Path(calib).is_file() else "heldout-tail",
+    result = {"model": args.model, "source": str(src), "calib": calib_name,
               "windows": args.windows, "chunks": args.chunks,
               "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
               "rows": rows}

@@ -22,25 +22,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "qwen35-tiny"
 sys.path.insert(0, str(ROOT))
+from benchmarks.allocation import FIXTURE, calibration_of  # noqa: E402
 
 
 CALIB_NAMES = {"mix": "the bundled calibration mix",
                "heldout-tail": "in-domain text the evaluation does not see (heldout-tail)"}
-
-
-def heldout_tail(work: Path, chunks: int) -> str:
-    from transformers import AutoTokenizer
-
-    from mixquant.eval.kld import read_text
-
-    text, _ = read_text(None)
-    tokenizer = AutoTokenizer.from_pretrained(FIXTURE)
-    evaluated = len(tokenizer.decode(tokenizer.encode(text)[: chunks * 512]))
-    path = work / "heldout-tail.txt"
-    path.write_text(text[evaluated + 1000 :])
-    return str(path)
 
 
 def main() -> None:
@@ -55,7 +42,7 @@ def main() -> None:
     from mixquant.quant.recipe import unsloth
 
     work = Path(tempfile.mkdtemp(prefix="mixquant-awq-"))
-    calib = heldout_tail(work, args.chunks) if args.calib == "heldout-tail" else args.calib
+    _, calib = calibration_of("fixture", args.calib, work, FIXTURE, args.chunks)
     variants = {
         "unsloth-3": None,
         "unsloth-3 + AWQ alpha 0.5": AwqOptions(calib=calib, alpha=0.5, tokens=args.tokens),

@@ -69,8 +69,7 @@ def main() -> None:
     argv = [a for i, a in enumerate(argv) if a not in hidden and (i == 0 or argv[i - 1] not in hidden)]
     command = shlex.join(["python", "benchmarks/rounding.py", *argv])
     src = source_of(args.model, work)
-    calib = args.calib or ("heldout-tail" if args.model == "fixture" else "mix")
-    calib_path = calibration_of(args.model, args.calib, work, src, args.chunks)
+    calib, calib_path = calibration_of(args.model, args.calib, work, src, args.chunks)
     reference = reference_of(src, work, args.chunks)
     params = count_parameters(load(src, dtype="float32").model)
     sens = Path(args.sensitivity) if args.sensitivity else work / "sensitivity-proxy.json"
@@ -100,6 +99,11 @@ def main() -> None:
         print(f"{name:<36} {report['bpw']:6.3f} bpw  KLD {k['mean']:.5f} ± {k['stderr']:.5f}  p99.9 {k['p999']:.4f}"
               f"  ({seconds:.0f} s)", flush=True)
         return rows[name]
+
+    def peer_bytes(name: str) -> int:
+        if name not in rows:
+            raise SystemExit(f"--rows: this row is sized to the row {name!r}; measure that one too")
+        return rows[name]["bytes"]
 
     def ours(recipe, rounding="nearest", distill=0, target=None):
         def make(dest):
@@ -133,7 +137,7 @@ def main() -> None:
         plan.append(("mlx-lm gptq 4-bit", lambda d: mlx_lm_gptq(folder, d, calib_path, args.calib_tokens),
                      "mlx-lm gptq"))
         plan.append(("auto @ mlx-lm gptq size, gptq",
-                     lambda d: ours(auto, "gptq", target=Target(bytes=rows["mlx-lm gptq 4-bit"]["bytes"]))(d),
+                     lambda d: ours(auto, "gptq", target=Target(bytes=peer_bytes("mlx-lm gptq 4-bit")))(d),
                      "mlx-lm gptq"))
     plan.append(("uniform-3 gptq + distill", ours(uniform(3, 64), "gptq", args.distill_steps), "uniform-3"))
     for bpw in (3.6, 4.5):
@@ -142,6 +146,9 @@ def main() -> None:
     for bpw in (3.6, 4.5):
         plan += [(f"auto {bpw} nearest", ours(auto, target=Target(bpw=bpw)), f"auto-{bpw}"),
                  (f"auto {bpw} gptq", ours(auto, "gptq", target=Target(bpw=bpw)), f"auto-{bpw}")]
+    unknown = set(args.rows or ()) - {name for name, _, _ in plan}
+    if unknown:
+        raise SystemExit(f"--rows: no such row: {', '.join(sorted(unknown))}")
     for name, make, group in plan:
         if args.rows is None or name in args.rows:
             row(name, make, group)
