@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,16 +208,26 @@ def _encoder(awq_result, rounded: dict, dtype: str):
 
 
 def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> dict:
-    """GPTQ for every quantized linear and expert stack: tensor name -> per part (codes, scales, biases)."""
-    from mixquant.calib.data import calibration_set
+    """GPTQ for every quantized linear and expert stack: tensor name -> per part (codes, scales, biases).
+    The float model runs one decoder layer at a time (read from the source as its turn comes), except
+    on text it samples itself (`self`) and MLX folders, which mlx-lm loads whole."""
+    from mixquant.calib.data import SELF, calibration_set
     from mixquant.calib.rounding import run_gptq
-    from mixquant.loading import load
+    from mixquant.loading import MLX, load, source_kind
     from mixquant.progress import callback
 
-    loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
-    windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX)
-    return run_gptq(loaded.model, windows, plan, mx_dtype(plan.entries[0].dtype), awq_result,
-                    progress=callback("GPTQ") if options.progress is not False else None)
+    streamed = None
+    if options.calib == SELF or source_kind(src) == MLX:
+        loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        from mixquant.calib.streamed import StreamedModel
+
+        streamed = StreamedModel(src, options.config_dir)
+        model, tokenizer = streamed.model, streamed.tokenizer
+    windows = calibration_set(options.calib, model, tokenizer, options.calib_tokens, CALIB_CTX)
+    return run_gptq(model, windows, plan, mx_dtype(plan.entries[0].dtype), awq_result,
+                    progress=callback("GPTQ") if options.progress is not False else None, streamed=streamed)
 
 
 def nearest_encodings(source, plan: Plan, awq_result, skip: dict) -> dict:
@@ -270,35 +281,85 @@ def methods_summary(options: ConvertOptions, distilled) -> dict:
 
 
 def run_awq(src: Path, source, plan: Plan, opts: AwqOptions):
+    """AWQ's decisions. The searched alpha's end-to-end judge holds the float model in memory; without
+    it (fixed alpha, --awq-judge-windows 0, or a model whose float32 weights would take more than half
+    the machine's memory) the activations are recorded one decoder layer at a time and each layer's
+    groups are decided before the next layer runs."""
+    from mixquant.calib.data import SELF
     from mixquant.calib.imatrix import calibrate, match_imatrix
     from mixquant.io.imatrix import read_imatrix
+    from mixquant.loading import MLX, source_kind
     from mixquant.quant import awq
 
-    stats = judge = None
-    if opts.alpha is None or opts.imatrix_path is None:  # the search needs activations
-        judge_windows = opts.judge_windows if opts.alpha is None else 0
-        stats, _, _, judge = calibrate(src, opts.calib, opts.tokens, opts.ctx, judge_windows,
-                                       config_dir=getattr(source, "config_dir", None))
+    rows_by_module = None
     if opts.imatrix_path is not None:
         rows_by_module = match_imatrix(read_imatrix(opts.imatrix_path), plan, source.config, opts.imatrix_path)
+    stats: dict = {}
 
-        def importance_of(module, mat):
+    def importance_of(module, mat):
+        if rows_by_module is not None:
             rows = rows_by_module.get(module)
             if rows is None:
                 return None
             return rows[mat] if len(rows) > 1 else rows[0]
-    else:
-        def importance_of(module, mat):
-            s = stats.get(module)
-            if s is None or s.counts[mat] == 0:
-                return None
-            return s.sum2[mat] / s.counts[mat]
+        s = stats.get(module)
+        if s is None or s.counts[mat] == 0:
+            return None
+        return s.sum2[mat] / s.counts[mat]
 
     def samples_of(module, mat):
-        return stats[module].sample(mat) if stats is not None and module in stats else None
+        return stats[module].sample(mat) if module in stats else None
 
-    family = family_for_config(source.config, source.config_path)
-    return awq.compute(source, plan, family.structure, importance_of, samples_of, opts.alpha, opts.strict, judge)
+    structure = family_for_config(source.config, source.config_path).structure
+    config_dir = getattr(source, "config_dir", None)
+    if opts.alpha is not None and opts.imatrix_path is not None:  # nothing to measure
+        return awq.compute(source, plan, structure, importance_of, samples_of, opts.alpha, opts.strict)
+    judged = opts.alpha is None and opts.judge_windows > 0
+    if judged and not fits_in_memory(plan):
+        log.warning("AWQ: the float model (%.1f GB in float32) does not fit in half this machine's memory, so "
+                    "no end-to-end judge: each group's alpha is checked on held-out calibration rows",
+                    float_bytes(plan) / 1e9)
+        judged = False
+    if judged or opts.calib == SELF or source_kind(src) == MLX:
+        got, _, _, judge = calibrate(src, opts.calib, opts.tokens, opts.ctx, opts.judge_windows if judged else 0,
+                                     config_dir=config_dir)
+        stats.update(got)
+        return awq.compute(source, plan, structure, importance_of, samples_of, opts.alpha, opts.strict, judge)
+    return _awq_streamed(src, config_dir, source, plan, structure, opts, stats, importance_of, samples_of)
+
+
+def _awq_streamed(src, config_dir, source, plan, structure, opts, stats, importance_of, samples_of):
+    from mixquant.calib.data import calibration_set
+    from mixquant.calib.streamed import StreamedModel, collect_streamed
+    from mixquant.quant import awq
+
+    search = awq.Search(source, plan, opts.alpha, opts.strict)
+    by_layer: dict[int, list] = {}
+    for g in awq.groups(plan, structure):
+        by_layer.setdefault(g.layer, []).append(g)
+
+    def after_layer(layer, recorded):
+        stats.update(recorded)
+        for g in by_layer.pop(layer, []):
+            search.decide(g, importance_of, samples_of)
+        for s in recorded.values():  # a layer's input rows serve only its own groups
+            s.samples = [None] * len(s.samples)
+
+    streamed = StreamedModel(src, config_dir)
+    windows = calibration_set(opts.calib, None, streamed.tokenizer, opts.tokens, opts.ctx)
+    collect_streamed(streamed, windows, samples=opts.alpha is None, after_layer=after_layer)
+    if by_layer:
+        raise MixquantError(f"{src}: the model has no decoder layer {min(by_layer)}, which the plan has")
+    return search.finish()
+
+
+def float_bytes(plan: Plan) -> int:
+    """The text model's weights in float32: what holding the unquantized model in memory takes."""
+    return 4 * sum(e.params for e in plan.entries if e.tensor.scope == SCOPE_MODEL)
+
+
+def fits_in_memory(plan: Plan) -> bool:
+    return float_bytes(plan) <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 def awq_summary(opts: AwqOptions | None, result) -> dict | None:

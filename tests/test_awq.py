@@ -191,3 +191,15 @@ def test_imatrix_matching_nothing_or_of_another_architecture(fixture_dir, tmp_pa
     assert run_cli("convert", "-i", fixture_dir, "-o", tmp_path / "q", "-q", "--imatrix-path",
                    tmp_path / "llama.gguf", "--awq-alpha", "0.5") == 2
     assert "computed on a llama model; this model is qwen35" in capsys.readouterr().err
+
+
+def test_a_model_too_large_for_the_judge_is_searched_layer_by_layer(fixture_dir, monkeypatch, caplog):
+    from mixquant import convert as conv
+    from mixquant.quant.recipe import uniform
+
+    source, plan = conv.build_plan(fixture_dir, conv.ConvertOptions(recipe=uniform(3, 32), keep_vision=False,
+                                                                   keep_mtp=False))
+    monkeypatch.setattr(conv, "fits_in_memory", lambda plan: False)
+    result = conv.run_awq(fixture_dir, source, plan, conv.AwqOptions(tokens=512, ctx=128, judge_windows=2))
+    assert result.judged is None and len(result.alphas) == 24
+    assert f"the float model ({conv.float_bytes(plan) / 1e9:.1f} GB in float32) does not fit" in caplog.text

@@ -71,9 +71,11 @@ def _hooks():
     return Hessian
 
 
-def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=None) -> dict:
+def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=None, streamed=None) -> dict:
     """tensor name -> list (per part) of (packed codes, scales, biases, dequantized) for every
-    quantized linear and expert stack of the text model (not the embedding)."""
+    quantized linear and expert stack of the text model (not the embedding). With `streamed` (a
+    mixquant.calib.streamed.StreamedModel, whose model `model` is), each decoder layer's weights are
+    read just before its turn and dropped after it."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
@@ -117,7 +119,12 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
 
     try:
         n_layers = len(runner.layers)
+        if streamed is not None:
+            streamed.load_outer()
         for layer in range(n_layers):
+            if streamed is not None:
+                streamed.embedding_live(layer == 0)
+                streamed.load_layer(layer)
             names = [m for m, e in entries.items() if e.tensor.layer == layer]
             for stage in _stages(runner, layer, names, wrap, unwrap):
                 hooks = wrap(stage, collect=True)
@@ -127,6 +134,9 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
                 for m in stage:
                     quantize(m, hooks[m])
             runner.advance(layer)
+            runner.inputs[layer] = None  # the states entering the next layer replace them
+            if streamed is not None:
+                streamed.release_layer(layer)
             if progress:
                 progress(layer + 1, n_layers + 1)
         heads = [m for m, e in entries.items() if e.tensor.layer is None]
@@ -140,6 +150,8 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
             progress(n_layers + 1, n_layers + 1)
     finally:
         runner.unwrap()
+        if streamed is not None:
+            streamed.release_outer()
     return out
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from mixquant.arch.roles import Kind
 from mixquant.arch.tensors import SCOPE_MODEL
 from mixquant.blocks import read_tensor
@@ -116,9 +118,11 @@ class StreamedModel:
         self.embedding._live = live
 
 
-def collect_streamed(streamed: StreamedModel, windows, progress=None, samples: bool = True) -> dict:
+def collect_streamed(streamed: StreamedModel, windows, progress=None, samples: bool = True,
+                     after_layer=None) -> dict:
     """mixquant.calib.collect.collect's statistics, computed layer by layer (same windows, same order,
-    one window per pass, so the same numbers)."""
+    one window per pass, so the same numbers). after_layer(layer, stats), if given, is called once
+    each decoder layer's inputs are recorded, before the next layer runs."""
     from mixquant.calib.collect import recording
     from mixquant.calib.runner import LayerRunner
 
@@ -133,6 +137,8 @@ def collect_streamed(streamed: StreamedModel, windows, progress=None, samples: b
             runner.advance(layer)
             runner.inputs[layer] = None
             streamed.release_layer(layer)
+            if after_layer:
+                after_layer(layer, stats)
             if progress:
                 progress(layer + 1, n + 1)
         runner.unwrap()  # the last layer's pass went on through the final norm and lm_head
@@ -140,3 +146,32 @@ def collect_streamed(streamed: StreamedModel, windows, progress=None, samples: b
         if progress:
             progress(n + 1, n + 1)
     return stats
+
+
+def streamed_logits(streamed: StreamedModel, windows, progress=None):
+    """Yields the logits [ctx, V] (float32 numpy) of each window, the model run one decoder layer at
+    a time over every window (the states between layers kept); the last layer and the head run one
+    window at a time, so one window's logits are held at once."""
+    import mlx.core as mx
+
+    from mixquant.calib.runner import LayerRunner
+
+    runner = LayerRunner(streamed.model, windows, batch=1)
+    n = streamed.n_layers
+    streamed.load_outer()
+    try:
+        for layer in range(n):
+            streamed.embedding_live(layer == 0)
+            streamed.load_layer(layer)
+            if layer < n - 1:
+                runner.advance(layer)
+                runner.inputs[layer] = None
+                streamed.release_layer(layer)
+            if progress:
+                progress(layer + 1, n)
+        for w in range(runner.n_batches):
+            yield np.array(runner.logits(n - 1, w)[0][0].astype(mx.float32))
+    finally:
+        streamed.release_layer(n - 1)
+        runner.unwrap()
+        streamed.release_outer()

@@ -172,19 +172,34 @@ def resolve_topk(topk: str | int, n_windows: int, ctx: int, vocab: int) -> int:
 
 def compute_reference(ref_path: Path, text_path: Path | None, ctx: int, chunks: int | None,
                       topk: str | int = "auto", progress=None, check_model: Path | None = None) -> Reference:
-    """Run the reference model (float32) over the text's windows. With `check_model`, that model's
-    tokenizer is compared with the reference's before anything runs."""
+    """Run the reference model (float32) over the text's windows. An HF or GGUF reference runs one
+    decoder layer at a time (read from the source as its turn comes), so it need not fit in memory;
+    an MLX folder is loaded whole. With `check_model`, that model's tokenizer is compared with the
+    reference's before anything runs."""
+    from mixquant.loading import MLX, source_kind
+
     text, text_name = read_text(text_path)
     resolve_topk(topk, 1, ctx, 1)  # a bad --topk fails before the model runs
-    loaded = load(Path(ref_path), dtype="float32", dequantize=True)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    if source_kind(Path(ref_path)) == MLX:
+        loaded = load(Path(ref_path), dtype="float32", dequantize=True)
+        model, tokenizer, streamed = loaded.model, loaded.tokenizer, None
+    else:
+        from mixquant.calib.streamed import StreamedModel, streamed_logits
+
+        streamed = StreamedModel(Path(ref_path))
+        model, tokenizer = streamed.model, streamed.tokenizer
     fingerprint = tokenizer_fingerprint(tokenizer)
     if check_model is not None:
         check_same_tokenizer(Path(check_model), load_tokenizer(Path(check_model)), fingerprint, str(ref_path))
     windows = make_windows(tokenizer.encode(text), ctx, chunks)
+    if streamed is None:
+        logits = (forward_logits(model, w) for w in windows)
+    else:
+        logits = streamed_logits(streamed, windows, progress)  # progress: by layer
+        progress = None
     ref = None
-    for i, window in enumerate(windows):
-        lp = window_logprobs(model, window, ctx)
+    for i, (window, out) in enumerate(zip(windows, logits)):
+        lp = metrics.log_softmax(out[scored_slice(ctx)])
         if ref is None:
             ref = Reference(windows, count_parameters(model), str(ref_path), text_name,
                             resolve_topk(topk, len(windows), ctx, lp.shape[-1]), fingerprint)

@@ -55,6 +55,7 @@ class Member:
 @dataclass
 class Group:
     key: str  # for reports, e.g. "layer 3 attn"
+    layer: int
     stat_module: str  # module whose recorded input (and imatrix entry) is the group's input
     stat_mat: int
     members: list[Member]
@@ -95,16 +96,16 @@ def groups(plan, structure: Structure) -> list[Group]:
             down = None
             if structure.mlp and {t.role for t in consumers} == set(structure.mlp[:2]) and structure.mlp[2] in by_role:
                 down = by_role[structure.mlp[2]].name
-            out.append(Group(f"layer {layer} {ng.name}", stat.module, 0, members, down))
+            out.append(Group(f"layer {layer} {ng.name}", layer, stat.module, 0, members, down))
         for up_role, down_role in structure.up_down:
             if up_role not in by_role or down_role not in by_role:
                 continue
             up, down = by_role[up_role], by_role[down_role]
             if down.stacked:
-                out += [Group(f"layer {layer} expert {e} down", down.module, e,
+                out += [Group(f"layer {layer} expert {e} down", layer, down.module, e,
                               [Member(up.name, e, "rows"), Member(down.name, e, "cols")]) for e in range(len(down.parts))]
             else:
-                out.append(Group(f"layer {layer} {down_role.value}", down.module, 0,
+                out.append(Group(f"layer {layer} {down_role.value}", layer, down.module, 0,
                                  [Member(up.name, None, "rows"), Member(down.name, None, "cols")]))
     return out
 
@@ -129,12 +130,13 @@ def search_alpha(source, plan_by_name, group: Group, importance: np.ndarray, x: 
     ws = [(plan_by_name[m.name], w) for m in consumers for w in _weights(source, plan_by_name[m.name], m.part)]
     if group.down is not None and len(ws) == 2:
         return _search_mlp_block(ws, source, plan_by_name[group.down], importance, x, dtype, confirm)
+
     def errors(alpha):
         s = scales_for(importance, alpha)
         fit = check = 0.0
         for entry, w in ws:  # the group's outputs side by side, as one block
             wq = fake_quantize(w * s[None, :], entry.bits, entry.group_size, dtype)
-            sq = np.square((x / s[None, :]) @ wq.T - x @ w.T).sum(-1)
+            sq = np.square(x @ (wq / s[None, :] - w).T).sum(-1)  # (x / s) wq^T - x w^T
             fit, check = fit + float(sq[0::2].sum()), check + float(sq[1::2].sum())
         return fit, check
 
@@ -179,32 +181,46 @@ def compute(source, plan, structure: Structure, importance_of, samples_of, alpha
     or None when the imatrix / calibration has nothing for that input. With a judge (searched alpha
     only), each group's candidates -- the searched scales, the clipping fit, both -- are kept only
     where they lower the judge's end-to-end divergence."""
-    plan_by_name = {e.tensor.name: e for e in plan.entries}
-    result = AwqResult()
-    dtype = mx_dtype(plan.entries[0].dtype if plan.entries else "BF16")
-    state = _JudgedState(judge, plan_by_name, dtype) if judge is not None and alpha is None else None
-    before = state.divergence if state is not None else None
-    warned = False
+    search = Search(source, plan, alpha, strict, judge)
     for g in groups(plan, structure):
+        search.decide(g, importance_of, samples_of)
+    return search.finish()
+
+
+class Search:
+    """The decisions of compute, one group at a time, in layer order (a layer-streamed calibration
+    decides a layer's groups as soon as its activations are recorded, then drops them)."""
+
+    def __init__(self, source, plan, alpha: float | None, strict: bool, judge=None):
+        self.source, self.alpha, self.strict = source, alpha, strict
+        self.plan_by_name = {e.tensor.name: e for e in plan.entries}
+        self.result = AwqResult()
+        self.dtype = mx_dtype(plan.entries[0].dtype if plan.entries else "BF16")
+        self.state = _JudgedState(judge, self.plan_by_name, self.dtype) if judge is not None and alpha is None else None
+        self.before = self.state.divergence if self.state is not None else None
+        self.warned = False
+
+    def decide(self, g: Group, importance_of, samples_of) -> None:
+        result, state, plan_by_name = self.result, self.state, self.plan_by_name
         imp = importance_of(g.stat_module, g.stat_mat)
         n_in = plan_by_name[next(m.name for m in g.members if m.op == "cols")].tensor.in_features
         if imp is None or imp.shape[-1] != n_in:
             why = "no imatrix entry" if imp is None else f"imatrix has {imp.shape[-1]} channels, tensor {n_in}"
-            if strict:
+            if self.strict:
                 raise MixquantError(f"imatrix: {g.stat_module}: {why}")
-            if not warned:
+            if not self.warned:
                 log.warning("imatrix does not cover every group (%s: %s); AWQ is skipped there (listed in the "
                             "model card)", g.key, why)
-                warned = True
+                self.warned = True
             result.skipped[g.key] = why
-            continue
+            return
         judged = state is not None and state.covers(g)
-        if alpha is None:
+        if self.alpha is None:
             x = samples_of(g.stat_module, g.stat_mat)
-            a = search_alpha(source, plan_by_name, g, imp, x if x is not None else np.zeros((0, n_in)), dtype,
-                             confirm=not judged)
+            a = search_alpha(self.source, plan_by_name, g, imp, x if x is not None else np.zeros((0, n_in)),
+                             self.dtype, confirm=not judged)
         else:
-            a = alpha
+            a = self.alpha
         clip = False
         if judged:
             a, clip = state.decide(g, imp, a)
@@ -216,10 +232,12 @@ def compute(source, plan, structure: Structure, importance_of, samples_of, alpha
         if clip:
             for m, fit_importance in _group_fits(g, plan_by_name, imp, a):
                 result.fits[(m.name, m.part)] = fit_importance
-    if state is not None:
-        state.flush()
-        result.judged = (before, state.divergence)
-    return result
+
+    def finish(self) -> AwqResult:
+        if self.state is not None:
+            self.state.flush()
+            self.result.judged = (self.before, self.state.divergence)
+        return self.result
 
 
 def _group_ops(g: Group, importance: np.ndarray, alpha: float) -> list[tuple[Member, str, np.ndarray]]:
