@@ -5,9 +5,9 @@
 Writes each checkpoint with benchmarks/synthetic.py (fused expert layout, which both tools read),
 then, each in a child process (peak RSS is that process's ru_maxrss): converts it with
 `mixquant convert -q --q-recipe unsloth --q-bits 3`; computes `mixquant imatrix`; converts with
-AWQ at a fixed alpha and with AWQ's alpha searched per group (without the in-memory judge, which a
-model this size skips); imatrix and AWQ measure --calib-tokens tokens of the bundled mix, running
-the float model one decoder layer at a time. The smallest is also converted with `mlx_lm.convert`
+AWQ at a fixed alpha and with AWQ's alpha searched per group (`--awq-judge-windows 0`: the judge
+holds the float model, and a model over half the memory skips it anyway); imatrix and AWQ measure
+--calib-tokens tokens of the bundled mix, running the float model one decoder layer at a time. The smallest is also converted with `mlx_lm.convert`
 (4-bit) for seconds per GB side by side. Rows measured again replace those of the same tool and size
 in the results; the others are kept, so `--sizes 20 --tools ...` adds to an earlier run.
 Writes benchmarks/results/convert_scale.json and its section of docs/RESULTS.md.
