@@ -211,18 +211,17 @@ def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> 
     """GPTQ for every quantized linear and expert stack: tensor name -> per part (codes, scales, biases).
     The float model runs one decoder layer at a time (read from the source as its turn comes), except
     on text it samples itself (`self`) and MLX folders, which mlx-lm loads whole."""
-    from mixquant.calib.data import SELF, calibration_set
+    from mixquant.calib.data import calibration_set
     from mixquant.calib.rounding import run_gptq
-    from mixquant.loading import MLX, load, source_kind
+    from mixquant.calib.streamed import StreamedModel, streamable
+    from mixquant.loading import load
     from mixquant.progress import callback
 
     streamed = None
-    if options.calib == SELF or source_kind(src) == MLX:
+    if not streamable(src, options.calib):
         loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
-        from mixquant.calib.streamed import StreamedModel
-
         streamed = StreamedModel(src, options.config_dir)
         model, tokenizer = streamed.model, streamed.tokenizer
     windows = calibration_set(options.calib, model, tokenizer, options.calib_tokens, CALIB_CTX)
@@ -285,10 +284,9 @@ def run_awq(src: Path, source, plan: Plan, opts: AwqOptions):
     it (fixed alpha, --awq-judge-windows 0, or a model whose float32 weights would take more than half
     the machine's memory) the activations are recorded one decoder layer at a time and each layer's
     groups are decided before the next layer runs."""
-    from mixquant.calib.data import SELF
     from mixquant.calib.imatrix import calibrate, match_imatrix
+    from mixquant.calib.streamed import streamable
     from mixquant.io.imatrix import read_imatrix
-    from mixquant.loading import MLX, source_kind
     from mixquant.quant import awq
 
     rows_by_module = None
@@ -320,7 +318,7 @@ def run_awq(src: Path, source, plan: Plan, opts: AwqOptions):
                     "no end-to-end judge: each group's alpha is checked on held-out calibration rows",
                     float_bytes(plan) / 1e9)
         judged = False
-    if judged or opts.calib == SELF or source_kind(src) == MLX:
+    if judged or not streamable(src, opts.calib):
         got, _, _, judge = calibrate(src, opts.calib, opts.tokens, opts.ctx, opts.judge_windows if judged else 0,
                                      config_dir=config_dir)
         stats.update(got)

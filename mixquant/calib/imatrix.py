@@ -9,7 +9,7 @@ import numpy as np
 from mixquant.arch import family_for_config
 from mixquant.arch.tensors import SCOPE_MODEL, weight_name
 from mixquant.calib.collect import ModuleStats, collect
-from mixquant.calib.data import SELF, calibration_set
+from mixquant.calib.data import calibration_set
 from mixquant.errors import MixquantError
 from mixquant.io.imatrix import Imatrix, ImatrixEntry
 
@@ -74,13 +74,11 @@ def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, 
     """(Imatrix, per-module stats) for an unquantized model (HF, GGUF or MLX). The model runs one
     decoder layer at a time (its memory: one layer and the calibration states), except with text it
     samples itself (`self`) and MLX folders (mlx-lm loads those whole)."""
-    from mixquant.loading import MLX, source_kind
+    from mixquant.calib.streamed import StreamedModel, collect_streamed, streamable
 
-    if calib == SELF or source_kind(Path(model_path)) == MLX:
+    if not streamable(model_path, calib):
         stats, config, windows, _ = calibrate(model_path, calib, tokens, ctx, progress=progress)
     else:
-        from mixquant.calib.streamed import StreamedModel, collect_streamed
-
         streamed = StreamedModel(Path(model_path))
         config = streamed.config
         windows = calibration_set(calib, None, streamed.tokenizer, tokens, ctx)

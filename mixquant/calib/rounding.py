@@ -18,6 +18,7 @@ x / s, and its float stand-in is the dequantized W s divided by s again.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -117,41 +118,38 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
         out[t.name] = parts
         modules[name].weight = mx.array(np.stack(deqs) if t.stacked else deqs[0])
 
+    # a streamed model reads its weights for the block that uses them; a loaded model holds them all along
+    outer = streamed.outer if streamed is not None else nullcontext
+    layer_weights = streamed.layer if streamed is not None else (lambda layer: nullcontext())
+
     try:
         n_layers = len(runner.layers)
-        if streamed is not None:
-            streamed.load_outer()
-        for layer in range(n_layers):
-            if streamed is not None:
-                streamed.embedding_live(layer == 0)
-                streamed.load_layer(layer)
-            names = [m for m, e in entries.items() if e.tensor.layer == layer]
-            for stage in _stages(runner, layer, names, wrap, unwrap):
-                hooks = wrap(stage, collect=True)
-                for w in range(runner.n_batches):
-                    runner.run_to(layer, w)
+        with outer():
+            for layer in range(n_layers):
+                with layer_weights(layer):
+                    names = [m for m, e in entries.items() if e.tensor.layer == layer]
+                    for stage in _stages(runner, layer, names, wrap, unwrap):
+                        hooks = wrap(stage, collect=True)
+                        for w in range(runner.n_batches):
+                            runner.run_to(layer, w)
+                        unwrap(hooks)
+                        for m in stage:
+                            quantize(m, hooks[m])
+                    runner.advance(layer)
+                runner.inputs[layer] = None  # the states entering the next layer replace them
+                if progress:
+                    progress(layer + 1, n_layers + 1)
+            heads = [m for m, e in entries.items() if e.tensor.layer is None]
+            if heads:
+                hooks = wrap(heads, collect=True)
+                runner.logits(n_layers)
                 unwrap(hooks)
-                for m in stage:
+                for m in heads:
                     quantize(m, hooks[m])
-            runner.advance(layer)
-            runner.inputs[layer] = None  # the states entering the next layer replace them
-            if streamed is not None:
-                streamed.release_layer(layer)
-            if progress:
-                progress(layer + 1, n_layers + 1)
-        heads = [m for m, e in entries.items() if e.tensor.layer is None]
-        if heads:
-            hooks = wrap(heads, collect=True)
-            runner.logits(n_layers)
-            unwrap(hooks)
-            for m in heads:
-                quantize(m, hooks[m])
         if progress:
             progress(n_layers + 1, n_layers + 1)
     finally:
         runner.unwrap()
-        if streamed is not None:
-            streamed.release_outer()
     return out
 
 

@@ -10,6 +10,7 @@ states, so the embedding's output is not used and a placeholder stands in for it
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,18 @@ def _embedding_stand_in():
     return Embedding
 
 
+def streamable(path: Path, calib: str | None = None) -> bool:
+    """Whether the float model at `path` can run a layer at a time: HF folders and GGUF files can,
+    MLX folders (mlx-lm loads those whole) cannot, nor can any model that samples its own
+    calibration text (`self`), which needs the whole model."""
+    from mixquant.calib.data import SELF
+    from mixquant.loading import MLX, source_kind
+
+    return calib != SELF and source_kind(Path(path)) != MLX
+
+
 class StreamedModel:
-    """An mlx-lm model (float32) whose weights stay in the source until `load_layer` / `load_outer`."""
+    """An mlx-lm model (float32) whose weights stay in the source outside `with layer(i)` / `with outer()`."""
 
     def __init__(self, path: Path, config_dir: Path | None = None):
         import importlib
@@ -87,7 +98,10 @@ class StreamedModel:
     def n_layers(self) -> int:
         return len(self.model.layers)
 
-    def _load(self, entries) -> None:
+    @contextmanager
+    def _held(self, entries):
+        """These tensors read from the source for the block, then put back to unevaluated
+        placeholders (which hold no memory)."""
         mx = self._mx
         arrays = []
         for e in entries:
@@ -95,27 +109,22 @@ class StreamedModel:
             module[key] = mx.array(read_tensor(self.source, e.tensor), dtype=mx.float32)
             arrays.append(module[key])
         mx.eval(arrays)
+        try:
+            yield
+        finally:
+            for e in entries:
+                module, key, shape, dtype = self.slots[e.tensor.name]
+                module[key] = mx.zeros(shape, dtype)
 
-    def _release(self, entries) -> None:
-        for e in entries:
-            module, key, shape, dtype = self.slots[e.tensor.name]
-            module[key] = self._mx.zeros(shape, dtype)  # unevaluated: holds no memory
+    def layer(self, layer: int):
+        """Decoder layer `layer`'s weights, for the block. The embedding computes only while layer 0
+        runs (later layers replay kept states)."""
+        self.embedding._live = layer == 0
+        return self._held(self.layer_entries.get(layer, []))
 
-    def load_layer(self, layer: int) -> None:
-        self._load(self.layer_entries.get(layer, []))
-
-    def release_layer(self, layer: int) -> None:
-        self._release(self.layer_entries.get(layer, []))
-
-    def load_outer(self) -> None:
-        """The embedding, final norm and lm_head (the tensors outside the decoder layers)."""
-        self._load(self.layer_entries.get(None, []))
-
-    def release_outer(self) -> None:
-        self._release(self.layer_entries.get(None, []))
-
-    def embedding_live(self, live: bool) -> None:
-        self.embedding._live = live
+    def outer(self):
+        """The embedding, final norm and lm_head (the tensors outside the decoder layers), for the block."""
+        return self._held(self.layer_entries.get(None, []))
 
 
 def collect_streamed(streamed: StreamedModel, windows, progress=None, samples: bool = True,
@@ -127,24 +136,20 @@ def collect_streamed(streamed: StreamedModel, windows, progress=None, samples: b
     from mixquant.calib.runner import LayerRunner
 
     model = streamed.model
-    with recording(model, samples) as stats:
+    with recording(model, samples) as stats, streamed.outer():
         runner = LayerRunner(model, windows, batch=1)
         n = streamed.n_layers
-        streamed.load_outer()
         for layer in range(n):
-            streamed.embedding_live(layer == 0)
-            streamed.load_layer(layer)
-            runner.advance(layer)
+            with streamed.layer(layer):
+                runner.advance(layer)
             runner.inputs[layer] = None
-            streamed.release_layer(layer)
             if after_layer:
                 after_layer(layer, stats)
             if progress:
                 progress(layer + 1, n + 1)
         runner.unwrap()  # the last layer's pass went on through the final norm and lm_head
-        streamed.release_outer()
-        if progress:
-            progress(n + 1, n + 1)
+    if progress:
+        progress(n + 1, n + 1)
     return stats
 
 
@@ -158,20 +163,18 @@ def streamed_logits(streamed: StreamedModel, windows, progress=None):
 
     runner = LayerRunner(streamed.model, windows, batch=1)
     n = streamed.n_layers
-    streamed.load_outer()
     try:
-        for layer in range(n):
-            streamed.embedding_live(layer == 0)
-            streamed.load_layer(layer)
-            if layer < n - 1:
-                runner.advance(layer)
+        with streamed.outer():
+            for layer in range(n - 1):
+                with streamed.layer(layer):
+                    runner.advance(layer)
                 runner.inputs[layer] = None
-                streamed.release_layer(layer)
-            if progress:
-                progress(layer + 1, n)
-        for w in range(runner.n_batches):
-            yield np.array(runner.logits(n - 1, w)[0][0].astype(mx.float32))
+                if progress:
+                    progress(layer + 1, n)
+            with streamed.layer(n - 1):
+                if progress:
+                    progress(n, n)
+                for w in range(runner.n_batches):
+                    yield np.array(runner.logits(n - 1, w)[0][0].astype(mx.float32))
     finally:
-        streamed.release_layer(n - 1)
         runner.unwrap()
-        streamed.release_outer()
