@@ -10,8 +10,9 @@ Every quant is evaluated on the bundled held-out text (32 windows of 512 tokens)
 calibration sees; calibration is the same text budget for every method that uses one. Rows:
 uniform 3-bit and 4-bit (group 64) to nearest (MLX's own quantizer) and with GPTQ, GPTQ plus
 distillation at 3-bit, and the headline: `--q-recipe auto` at 3.6 and 4.5 bits per weight with
-GPTQ and distillation against `mlx_lm.convert -q --q-bits 4 --q-group-size 64`. Seconds per step
-and per billion parameters are recorded. Writes benchmarks/results/rounding-<model><tag>.json and
+GPTQ and distillation against `mlx_lm.convert -q --q-bits 4 --q-group-size 64`; then the
+distillation rows again with the norm multipliers tuned too. Seconds per step and per billion
+parameters are recorded. Writes benchmarks/results/rounding-<model><tag>.json and
 the section of docs/RESULTS.md of that name, after every row (a run cut short keeps what it measured).
 """
 
@@ -105,10 +106,11 @@ def main() -> None:
             raise SystemExit(f"--rows: this row is sized to the row {name!r}; measure that one too")
         return rows[name]["bytes"]
 
-    def ours(recipe, rounding="nearest", distill=0, target=None):
+    def ours(recipe, rounding="nearest", distill=0, target=None, norms=False):
         def make(dest):
             convert(src, dest, ConvertOptions(recipe=recipe, keep_vision=False, keep_mtp=False, progress=False,
-                                              rounding=rounding, distill_steps=distill, calib=calib_path,
+                                              rounding=rounding, distill_steps=distill, distill_norms=norms,
+                                              calib=calib_path,
                                               calib_tokens=args.calib_tokens, target=target,
                                               sensitivity=sens if target else None))
         return make
@@ -146,6 +148,11 @@ def main() -> None:
     for bpw in (3.6, 4.5):
         plan += [(f"auto {bpw} nearest", ours(auto, target=Target(bpw=bpw)), f"auto-{bpw}"),
                  (f"auto {bpw} gptq", ours(auto, "gptq", target=Target(bpw=bpw)), f"auto-{bpw}")]
+    plan.append(("uniform-3 gptq + distill + norms", ours(uniform(3, 64), "gptq", args.distill_steps, norms=True),
+                 "uniform-3"))
+    for bpw in (3.6, 4.5):
+        plan.append((f"auto {bpw} gptq + distill + norms",
+                     ours(auto, "gptq", args.distill_steps, Target(bpw=bpw), norms=True), f"auto-{bpw}"))
     unknown = set(args.rows or ()) - {name for name, _, _ in plan}
     if unknown:
         raise SystemExit(f"--rows: no such row: {', '.join(sorted(unknown))}")
@@ -166,6 +173,10 @@ def checks(rows: dict) -> dict:
         "auto 3.6 full / mlx-lm 4-bit (mean)": ("auto 3.6 gptq + distill", "mlx-lm 4-bit", "mean"),
         "auto 3.6 full / mlx-lm 4-bit (p99.9)": ("auto 3.6 gptq + distill", "mlx-lm 4-bit", "p999"),
         "auto 4.5 full / mlx-lm 4-bit (mean)": ("auto 4.5 gptq + distill", "mlx-lm 4-bit", "mean"),
+        "distill + norms/gptq uniform-3": ("uniform-3 gptq + distill + norms", "uniform-3 gptq", "mean"),
+        "auto 3.6 full + norms / mlx-lm 4-bit (mean)": ("auto 3.6 gptq + distill + norms", "mlx-lm 4-bit", "mean"),
+        "auto 3.6 full + norms / mlx-lm 4-bit (p99.9)": ("auto 3.6 gptq + distill + norms", "mlx-lm 4-bit", "p999"),
+        "auto 4.5 full + norms / mlx-lm 4-bit (mean)": ("auto 4.5 gptq + distill + norms", "mlx-lm 4-bit", "mean"),
         "ours / mlx-lm gptq at its size": ("auto @ mlx-lm gptq size, gptq", "mlx-lm gptq 4-bit", "mean"),
     }
     return {k: rows[a][key] / rows[b][key] for k, (a, b, key) in wanted.items() if a in rows and b in rows}

@@ -53,6 +53,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q-distill", type=int, default=0, metavar="STEPS",
                    help="tune scales and biases for STEPS steps on the KL divergence to the unquantized model "
                         "(DWQ; kept only if it lowers the held-out divergence)")
+    p.add_argument("--q-distill-norms", action="store_true",
+                   help="with --q-distill: tune the norm multipliers too")
     p.add_argument("--awq", action="store_true", help="AWQ channel scales (alpha searched unless --awq-alpha)")
     p.add_argument("--imatrix-path", default=None, help="AWQ with importances from this imatrix (GGUF or .dat)")
     p.add_argument("--awq-alpha", type=float, default=None, help="fixed AWQ exponent (default: searched per group)")
@@ -102,6 +104,8 @@ def _options(args):
                             "--q-rounding gptq, or use it with --q-recipe auto)")
     if (args.q_rounding != "nearest" or args.q_distill) and recipe is None:
         raise MixquantError("--q-rounding / --q-distill: only when quantizing (-q or --q-recipe)")
+    if args.q_distill_norms and not args.q_distill:
+        raise MixquantError("--q-distill-norms: only with --q-distill STEPS")
     return ConvertOptions(
         recipe=recipe,
         dtype=args.dtype,
@@ -118,6 +122,7 @@ def _options(args):
         calib_tokens=args.calib_tokens,
         rounding=args.q_rounding,
         distill_steps=args.q_distill,
+        distill_norms=args.q_distill_norms,
     )
 
 

@@ -67,6 +67,7 @@ class ConvertOptions:
     calib_tokens: int | None = None  # how much of it (None: all of a file or the mix; 8 windows of `self`)
     rounding: str = "nearest"  # nearest | gptq
     distill_steps: int = 0  # > 0: tune scales and biases on the KL to the unquantized model (DWQ)
+    distill_norms: bool = False  # ... and the norm multipliers with them
     resume: bool = False  # stage in a folder a failure leaves behind; continue an earlier run of the same plan
 
 
@@ -147,7 +148,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     if options.distill_steps > 0:
         distilled = run_distill(Path(src), source, plan, options, awq_result, rounded)
         rounded = distilled.encodings
-    encoder = _encoder(awq_result, rounded, plan.dtype)
+    encoder = _encoder(awq_result, rounded, plan.dtype, distilled.floats if distilled else {})
 
     def write(tmp: Path, done=frozenset(), completed=None) -> None:
         write_weights(source, plan, tmp, encoder, options.progress, done, completed)
@@ -182,17 +183,20 @@ def fingerprint(src: Path, plan: Plan, options: ConvertOptions) -> str:
                 st = f.stat()
                 files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     steps = {"awq": repr(options.awq), "rounding": options.rounding, "distill_steps": options.distill_steps,
-             "calib": options.calib, "calib_tokens": options.calib_tokens}
+             "distill_norms": options.distill_norms, "calib": options.calib, "calib_tokens": options.calib_tokens}
     text = json.dumps({"files": files, "plan": plan.rows(), "steps": steps}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _encoder(awq_result, rounded: dict, dtype: str):
+def _encoder(awq_result, rounded: dict, dtype: str, floats: dict):
     """The block transform of this conversion: rows already rounded (GPTQ) as they were; otherwise
-    AWQ's channel scales, then the (possibly clipping-fit) rounding to nearest."""
+    AWQ's channel scales, then the (possibly clipping-fit) rounding to nearest. `floats` (tensor name
+    -> float32 array) replaces an unquantized tensor's source values (distilled norm multipliers)."""
     from mixquant.quant import awq
 
     def encode_block(entry, part, r0, block):
+        if entry.tensor.name in floats:
+            block = floats[entry.tensor.name][r0 : r0 + len(block)]
         if entry.tensor.name in rounded:
             packed, scales, biases = rounded[entry.tensor.name][part][:3]
             rows = slice(r0, r0 + len(block))
@@ -262,7 +266,8 @@ def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_resu
     windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX)
     encodings = {**nearest_encodings(source, plan, awq_result, rounded), **rounded}
     result = distill(loaded.model, windows, plan, encodings, mx_dtype(plan.entries[0].dtype), options.distill_steps,
-                     awq_result, progress=callback("distilling") if options.progress is not False else None)
+                     awq_result, progress=callback("distilling") if options.progress is not False else None,
+                     norms=options.distill_norms)
     if not result.kept:
         log.warning("distillation did not lower the held-out KL divergence (%.5f): the quant keeps its rounding",
                     result.before)
@@ -275,7 +280,7 @@ def methods_summary(options: ConvertOptions, distilled) -> dict:
         out["calibration"] = options.calib
     if distilled is not None:
         out["distillation"] = {"steps": distilled.steps, "kept": distilled.kept, "heldout_before": distilled.before,
-                               "heldout_after": distilled.after}
+                               "heldout_after": distilled.after, "norms": options.distill_norms}
     return out
 
 

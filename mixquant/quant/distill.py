@@ -5,16 +5,18 @@ quantized model's, by gradient descent on calibration windows.
 The quantized model is the unquantized mlx-lm model with each quantized module replaced by one that
 rebuilds its weight in float32 from the fixed codes and the trainable pair (scale = s0 * exp(a),
 bias = b0 + c * |s0|, a and c starting at zero): float32 GEMMs, which on MLX's CPU backend are far
-faster than its quantized kernels, and gradients reach every scale and bias. A quarter of the
-windows is held out: the run keeps the state with the least held-out KL, and the result is kept
-only if that beats the start (once the scales and biases are rounded to the output dtype).
+faster than its quantized kernels, and gradients reach every scale and bias. Optionally the text
+model's norm multipliers (unquantized, written in the output's float dtype) move with them. A
+quarter of the windows is held out: the run keeps the state with the least held-out KL, and the
+result is kept only if that beats the start (once scales, biases and norms are rounded to their
+output dtypes).
 mlx-lm's fused Gated DeltaNet kernel has no vjp, so the model runs in training mode (its ops path).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +33,7 @@ class DistillResult:
     after: float  # ... with the kept ones (equal to before when nothing improved)
     steps: int
     kept: bool
+    floats: dict = field(default_factory=dict)  # tensor name -> distilled norm multipliers (float32), when kept
 
 
 def _student_classes():
@@ -93,13 +96,19 @@ def _codes(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
 
 
 def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int, awq_result=None,
-            lr: float = LEARNING_RATE, eval_every: int | None = None, seed: int = 0, progress=None) -> DistillResult:
+            lr: float = LEARNING_RATE, eval_every: int | None = None, seed: int = 0, progress=None,
+            norms: bool = False) -> DistillResult:
     """Tune the scales and biases of `encodings` (tensor name -> per part (packed, scales, biases)) on
-    `model`, the unquantized mlx-lm model in float32; returns the encodings to write."""
+    `model`, the unquantized mlx-lm model in float32, and with `norms` the text model's norm
+    multipliers; returns the encodings to write (and the norms, in `floats`)."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from mlx.utils import tree_unflatten
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mixquant.arch.roles import Kind
+    from mixquant.arch.tensors import SCOPE_MODEL
+    from mixquant.quant.encode import mx_dtype
 
     Dequantized = _student_classes()
     modules = dict(model.named_modules())
@@ -139,20 +148,31 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     model.freeze()
     for s in students.values():
         s.unfreeze(keys=["a", "c"])
+    planned = {e.tensor.name: e for e in plan.entries}
+    tuned_norms = [n for n, e in planned.items() if norms and e.tensor.role.kind == Kind.NORM
+                   and e.tensor.scope == SCOPE_MODEL and n.rsplit(".", 1)[0] in modules]
+    for n in tuned_norms:
+        module, leaf = n.rsplit(".", 1)
+        modules[module].unfreeze(keys=[leaf], recurse=False)
+    norm_start = {k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters()) if k in tuned_norms}
     model.train()
 
     def loss_fn(m, tokens, teacher):
         return (mx.exp(teacher) * (teacher - logprobs(m, tokens))).sum(-1).mean()
 
+    def snapshot():
+        return [(k, mx.array(v)) for k, v in tree_flatten(model.trainable_parameters())]
+
     def held_kl(rounded: bool) -> float:
         if rounded:
-            saved = {k: (s.a, s.c) for k, s in students.items()}
+            saved = snapshot()
             for s in students.values():
                 _round_pairs(s, dtype)
+            model.update(tree_unflatten([(k, v.astype(mx_dtype(planned[k].dtype)).astype(mx.float32))
+                                         for k, v in saved if k in norm_start]))
         total = float(np.mean([float(loss_fn(model, w, t)) for w, t in zip(held, teacher_held)]))
         if rounded:
-            for k, (a, c) in saved.items():
-                students[k].a, students[k].c = a, c
+            model.update(tree_unflatten(saved))
         return total
 
     try:
@@ -169,15 +189,16 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 current = held_kl(rounded=True)
                 if current < best:
-                    best, best_state = current, {k: (mx.array(s.a), mx.array(s.c)) for k, s in students.items()}
+                    best, best_state = current, snapshot()
             if progress:
                 progress(step + 1, steps)
         kept = best_state is not None and best < before
         out = dict(encodings)
+        tuned = {}
         if kept:
-            for module_name, (a, c) in best_state.items():
-                student = students[module_name]
-                student.a, student.c = a, c
+            model.update(tree_unflatten(best_state))
+            tuned = {k: np.array(v) for k, v in best_state if k in norm_start}
+            for module_name, student in students.items():
                 s, b = student.pairs()
                 name = next(n for n, e in entries.items() if e.tensor.module == module_name)
                 s, b = np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32))
@@ -185,8 +206,9 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
                     s, b = s[None], b[None]
                 out[name] = [(p[0], _as_dtype(sp, dtype), _as_dtype(bp, dtype)) for p, sp, bp in
                              zip(encodings[name], s, b)]
-        return DistillResult(out, before, best if kept else before, steps, kept)
+        return DistillResult(out, before, best if kept else before, steps, kept, tuned)
     finally:
+        model.update(tree_unflatten(list(norm_start.items())))
         model.update_modules(tree_unflatten(originals))
         model.unfreeze()
         model.train(training)

@@ -46,3 +46,70 @@ def test_a_few_steps_lower_the_held_out_divergence(setup):
     np.testing.assert_array_equal(packed, encodings[name][0][0])  # codes kept
     assert not np.array_equal(scales, encodings[name][0][1])  # scales moved
     assert np.array_equal(np.array(mx.array(scales).astype(mx.bfloat16).astype(mx.float32)), scales)
+
+
+def test_norm_multipliers_move_with_the_scales_and_the_model_is_given_back(setup):
+    from mlx.utils import tree_flatten
+
+    model, windows, plan, encodings = setup
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    result = distill(model, windows, plan, encodings, mx.bfloat16, steps=12, eval_every=6, norms=True)
+    assert result.kept and result.after < result.before
+    text_norms = {e.tensor.name for e in plan.entries if e.tensor.name.endswith("norm.weight")
+                  and e.tensor.name.startswith("language_model.")}
+    assert set(result.floats) == text_norms
+    name = "language_model.model.layers.0.input_layernorm.weight"
+    assert not np.allclose(result.floats[name], before[name])
+    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("awq", [False, True])
+def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
+    """--q-distill-norms (with AWQ's scales folded into the same norms, or without): the written quant
+    has the held-out KL divergence that distillation reported, its norms differ from the source's,
+    and mlx_lm.load reads them as written."""
+    import re
+
+    from conftest import FIXTURE, run_cli
+    from mlx_lm import load as mlx_load
+
+    from mixquant.calib.data import calibration_set
+    from mixquant.loading import load
+    from mixquant.quant.distill import HELD_OUT
+
+    out = tmp_path / "norms"
+    assert run_cli("convert", "-i", FIXTURE, "-o", out, "--q-recipe", "uniform", "--q-bits", 2, "--q-distill", 8,
+                   "--q-distill-norms", "--calib-tokens", 2048, "--drop-vision", "--drop-mtp",
+                   *(["--awq", "--awq-alpha", 0.5] if awq else [])) == 0
+    card = (out / "README.md").read_text()
+    assert "Scales, biases and norm multipliers distilled for 8 steps" in card and ", kept." in card
+    reported = float(re.search(r"held-out mean KL [0-9.]+ -> ([0-9.]+)", card).group(1))
+
+    source = load(FIXTURE, dtype="float32", dequantize=True)
+    quant = load(out, dtype="float32", dequantize=True).model
+    windows = calibration_set("mix", source.model, source.tokenizer, 2048, 512)  # as convert took them
+    held = windows[np.random.default_rng(0).permutation(len(windows))[: round(HELD_OUT * len(windows))]]
+
+    def logprobs(model, window):
+        lg = model(mx.array(window[None]))[0]
+        return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
+
+    kl = np.mean([float((mx.exp(logprobs(source.model, w)) * (logprobs(source.model, w) - logprobs(quant, w)))
+                        .sum(-1).mean()) for w in held])
+    assert kl == pytest.approx(reported, rel=2e-3 if awq else 1e-5, abs=1e-5)
+
+    name = "language_model.model.layers.0.input_layernorm.weight"
+    written = mx.load(str(out / "model.safetensors"))[name]
+    original = source.model.language_model.model.layers[0].input_layernorm.weight.astype(mx.bfloat16)
+    assert written.dtype == mx.bfloat16 and not mx.array_equal(written, original)
+    model, _ = mlx_load(str(out))
+    assert mx.array_equal(model.language_model.model.layers[0].input_layernorm.weight, written)
+
+
+def test_distill_norms_needs_distill(capsys):
+    from conftest import FIXTURE, run_cli
+
+    assert run_cli("convert", "-i", FIXTURE, "-o", "/nonexistent/x", "--q-recipe", "uniform", "--q-bits", 3,
+                   "--q-distill-norms") != 0
+    assert "--q-distill-norms: only with --q-distill STEPS" in capsys.readouterr().err
