@@ -148,7 +148,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     if options.distill_steps > 0:
         distilled = run_distill(Path(src), source, plan, options, awq_result, rounded)
         rounded = distilled.encodings
-    encoder = _encoder(awq_result, rounded, plan.dtype, distilled.floats if distilled else {})
+    encoder = _encoder(awq_result, rounded, distilled.floats if distilled else {})
 
     def write(tmp: Path, done=frozenset(), completed=None) -> None:
         write_weights(source, plan, tmp, encoder, options.progress, done, completed)
@@ -188,7 +188,7 @@ def fingerprint(src: Path, plan: Plan, options: ConvertOptions) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _encoder(awq_result, rounded: dict, dtype: str, floats: dict):
+def _encoder(awq_result, rounded: dict, floats: dict):
     """The block transform of this conversion: rows already rounded (GPTQ) as they were; otherwise
     AWQ's channel scales, then the (possibly clipping-fit) rounding to nearest. `floats` (tensor name
     -> float32 array) replaces an unquantized tensor's source values (distilled norm multipliers)."""
@@ -217,17 +217,10 @@ def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> 
     on text it samples itself (`self`) and MLX folders, which mlx-lm loads whole."""
     from mixquant.calib.data import calibration_set
     from mixquant.calib.rounding import run_gptq
-    from mixquant.calib.streamed import StreamedModel, streamable
-    from mixquant.loading import load
+    from mixquant.calib.streamed import float_model
     from mixquant.progress import callback
 
-    streamed = None
-    if not streamable(src, options.calib):
-        loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
-        model, tokenizer = loaded.model, loaded.tokenizer
-    else:
-        streamed = StreamedModel(src, options.config_dir)
-        model, tokenizer = streamed.model, streamed.tokenizer
+    model, tokenizer, streamed = float_model(src, options.calib, options.config_dir)
     windows = calibration_set(options.calib, model, tokenizer, options.calib_tokens, CALIB_CTX)
     return run_gptq(model, windows, plan, mx_dtype(plan.entries[0].dtype), awq_result,
                     progress=callback("GPTQ") if options.progress is not False else None, streamed=streamed)

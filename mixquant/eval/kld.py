@@ -176,16 +176,11 @@ def compute_reference(ref_path: Path, text_path: Path | None, ctx: int, chunks: 
     decoder layer at a time (read from the source as its turn comes), so it need not fit in memory;
     an MLX folder is loaded whole. With `check_model`, that model's tokenizer is compared with the
     reference's before anything runs."""
-    from mixquant.calib.streamed import StreamedModel, streamable, streamed_logits
+    from mixquant.calib.streamed import float_model, streamed_logits
 
     text, text_name = read_text(text_path)
     resolve_topk(topk, 1, ctx, 1)  # a bad --topk fails before the model runs
-    if not streamable(ref_path):
-        loaded = load(Path(ref_path), dtype="float32", dequantize=True)
-        model, tokenizer, streamed = loaded.model, loaded.tokenizer, None
-    else:
-        streamed = StreamedModel(Path(ref_path))
-        model, tokenizer = streamed.model, streamed.tokenizer
+    model, tokenizer, streamed = float_model(Path(ref_path))
     fingerprint = tokenizer_fingerprint(tokenizer)
     if check_model is not None:
         check_same_tokenizer(Path(check_model), load_tokenizer(Path(check_model)), fingerprint, str(ref_path))

@@ -215,7 +215,7 @@ def test_a_split_gguf_converts_one_row_block_at_a_time(tiny_ggufs, tmp_path, mon
     total = sum(4 * int(np.prod(t.shape)) for t in source.tensors.values())
     assert largest >= 64 * block and total >= 2 * largest  # holding a tensor, let alone the model, would show
 
-    encode = _encoder(None, {}, plan.dtype, {})
+    encode = _encoder(None, {}, {})
     write_weights(source, plan, tmp_path, encode, progress=False)  # first use: imports, caches, file handles
     out = tmp_path / "out"
     out.mkdir()
