@@ -11,7 +11,8 @@ calibration sees; calibration is the same text budget for every method that uses
 uniform 3-bit and 4-bit (group 64) to nearest (MLX's own quantizer) and with GPTQ, GPTQ plus
 distillation at 3-bit, and the headline: `--q-recipe auto` at 3.6 and 4.5 bits per weight with
 GPTQ and distillation against `mlx_lm.convert -q --q-bits 4 --q-group-size 64`; then the
-distillation rows again with the norm multipliers tuned too. Seconds per step and per billion
+distillation rows again with the norm multipliers tuned too; then learned rounding
+(`--q-rounding learned`) in GPTQ's place, alone and under distillation. Seconds per step and per billion
 parameters are recorded. Writes benchmarks/results/rounding-<model><tag>.json and
 the section of docs/RESULTS.md of that name, after every row (a run cut short keeps what it measured).
 """
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=16 * 512)
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--distill-steps", type=int, default=64)
+    ap.add_argument("--learn-steps", type=int, default=None,
+                    help="learned rounding's steps per decoder layer (default: the convert default, 200)")
     ap.add_argument("--sensitivity", default=None, help="for the auto rows (default: a proxy on the calibration)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--rows", nargs="+", default=None, metavar="NAME", help="measure only these rows")
@@ -62,6 +65,7 @@ def main() -> None:
     from mixquant.eval.kld import evaluate
     from mixquant.loading import count_parameters, load
     from mixquant.quant.auto import Target
+    from mixquant.quant.learned import STEPS
     from mixquant.quant.recipe import auto_base, uniform
 
     work = work_folder(args.work, "mixquant-rounding-")
@@ -110,6 +114,7 @@ def main() -> None:
         def make(dest):
             convert(src, dest, ConvertOptions(recipe=recipe, keep_vision=False, keep_mtp=False, progress=False,
                                               rounding=rounding, distill_steps=distill, distill_norms=norms,
+                                              learn_steps=args.learn_steps or 0,
                                               calib=calib_path,
                                               calib_tokens=args.calib_tokens, target=target,
                                               sensitivity=sens if target else None))
@@ -121,6 +126,7 @@ def main() -> None:
     def write_report() -> None:
         result = {"model": args.model, "tag": args.tag, "command": command, "note": args.note, "calib": calib,
                   "calib_tokens": args.calib_tokens, "chunks": args.chunks, "distill_steps": args.distill_steps,
+                  "learn_steps": args.learn_steps or STEPS,
                   "params": params,
                   "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
                   "rows": list(rows.values()), "checks": checks(rows)}
@@ -153,6 +159,14 @@ def main() -> None:
     for bpw in (3.6, 4.5):
         plan.append((f"auto {bpw} gptq + distill + norms",
                      ours(auto, "gptq", args.distill_steps, Target(bpw=bpw), norms=True), f"auto-{bpw}"))
+    plan.append(("uniform-3 learned", ours(uniform(3, 64), "learned"), "uniform-3"))
+    plan.append(("uniform-3 learned + distill", ours(uniform(3, 64), "learned", args.distill_steps), "uniform-3"))
+    plan.append(("auto 3.6 learned + distill", ours(auto, "learned", args.distill_steps, Target(bpw=3.6)), "auto-3.6"))
+    plan.append(("uniform-3 learned + distill + norms", ours(uniform(3, 64), "learned", args.distill_steps, norms=True),
+                 "uniform-3"))
+    for bpw in (3.6, 4.5):
+        plan.append((f"auto {bpw} learned + distill + norms",
+                     ours(auto, "learned", args.distill_steps, Target(bpw=bpw), norms=True), f"auto-{bpw}"))
     unknown = set(args.rows or ()) - {name for name, _, _ in plan}
     if unknown:
         raise SystemExit(f"--rows: no such row: {', '.join(sorted(unknown))}")
@@ -177,6 +191,17 @@ def checks(rows: dict) -> dict:
         "auto 3.6 full + norms / mlx-lm 4-bit (mean)": ("auto 3.6 gptq + distill + norms", "mlx-lm 4-bit", "mean"),
         "auto 3.6 full + norms / mlx-lm 4-bit (p99.9)": ("auto 3.6 gptq + distill + norms", "mlx-lm 4-bit", "p999"),
         "auto 4.5 full + norms / mlx-lm 4-bit (mean)": ("auto 4.5 gptq + distill + norms", "mlx-lm 4-bit", "mean"),
+        "learned/gptq uniform-3": ("uniform-3 learned", "uniform-3 gptq", "mean"),
+        "learned + distill/gptq uniform-3": ("uniform-3 learned + distill", "uniform-3 gptq", "mean"),
+        "auto 3.6 learned full / mlx-lm 4-bit (mean)": ("auto 3.6 learned + distill", "mlx-lm 4-bit", "mean"),
+        "auto 3.6 learned full / mlx-lm 4-bit (p99.9)": ("auto 3.6 learned + distill", "mlx-lm 4-bit", "p999"),
+        "learned + distill + norms/gptq uniform-3": ("uniform-3 learned + distill + norms", "uniform-3 gptq", "mean"),
+        "auto 3.6 learned full + norms / mlx-lm 4-bit (mean)": ("auto 3.6 learned + distill + norms", "mlx-lm 4-bit",
+                                                                "mean"),
+        "auto 3.6 learned full + norms / mlx-lm 4-bit (p99.9)": ("auto 3.6 learned + distill + norms", "mlx-lm 4-bit",
+                                                                 "p999"),
+        "auto 4.5 learned full + norms / mlx-lm 4-bit (mean)": ("auto 4.5 learned + distill + norms", "mlx-lm 4-bit",
+                                                                "mean"),
         "ours / mlx-lm gptq at its size": ("auto @ mlx-lm gptq size, gptq", "mlx-lm gptq 4-bit", "mean"),
     }
     return {k: rows[a][key] / rows[b][key] for k, (a, b, key) in wanted.items() if a in rows and b in rows}
@@ -202,6 +227,8 @@ def write_doc(result: dict) -> None:
              "calibration tokens: what each step buys", "",
              f"`{result['command']}` ({result['machine']}). Calibration: "
              f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
+             + (f"learned rounding {result['learn_steps']} steps per decoder layer; "
+                if any("learned" in r["name"] for r in result["rows"]) else "") +
              f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
              f"{result['note']}".rstrip(), "",
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",

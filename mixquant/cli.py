@@ -47,9 +47,12 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
                         "self (sampled from the model) or FILE.jsonl / FILE.txt")
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                    help="calibration tokens to use (default: all of a file or the mix; 4096 sampled for self)")
-    p.add_argument("--q-rounding", default="nearest", choices=("nearest", "gptq"),
-                   help="nearest (default) or gptq: each column's rounding error compensated on the rest, "
-                        "layer by layer on calibration text")
+    p.add_argument("--q-rounding", default="nearest", choices=("nearest", "gptq", "learned"),
+                   help="nearest (default); gptq: each column's rounding error compensated on the rest, "
+                        "layer by layer on calibration text; learned: each decoder layer's rounding trained on its "
+                        "output (AutoRound-style), the head by GPTQ")
+    p.add_argument("--q-learn-steps", type=int, default=None, metavar="N",
+                   help="with --q-rounding learned: training steps per decoder layer (default 200)")
     p.add_argument("--q-distill", type=int, default=0, metavar="STEPS",
                    help="tune scales and biases for STEPS steps on the KL divergence to the unquantized model "
                         "(DWQ; kept only if it lowers the held-out divergence)")
@@ -97,6 +100,9 @@ def _options(args):
     awq = _awq_options(args)
     positive(args.calib_tokens, "--calib-tokens", 16)
     positive(args.q_distill, "--q-distill", 0)
+    positive(args.q_learn_steps, "--q-learn-steps", 1)
+    if args.q_learn_steps is not None and args.q_rounding != "learned":
+        raise MixquantError("--q-learn-steps: only with --q-rounding learned")
     uses_calib = awq is not None or args.q_rounding != "nearest" or args.q_distill > 0 or (
         recipe is not None and recipe.auto and not args.sensitivity)
     if args.calib is not None and not uses_calib:
@@ -121,6 +127,7 @@ def _options(args):
         calib=args.calib or "mix",
         calib_tokens=args.calib_tokens,
         rounding=args.q_rounding,
+        learn_steps=args.q_learn_steps or 0,
         distill_steps=args.q_distill,
         distill_norms=args.q_distill_norms,
     )

@@ -33,8 +33,8 @@ from mixquant.writer import write_config, write_weights
 
 log = logging.getLogger(__name__)
 
-NEAREST, GPTQ = "nearest", "gptq"
-ROUNDINGS = (NEAREST, GPTQ)
+NEAREST, GPTQ, LEARNED = "nearest", "gptq", "learned"
+ROUNDINGS = (NEAREST, GPTQ, LEARNED)
 CALIB_CTX = 512
 
 
@@ -65,7 +65,8 @@ class ConvertOptions:
     sensitivity: Path | None = None  # auto recipes: a `mixquant sensitivity` file (else a proxy is estimated)
     calib: str = "mix"  # calibration text of auto's proxy, GPTQ and distillation (AWQ has its own)
     calib_tokens: int | None = None  # how much of it (None: all of a file or the mix; 8 windows of `self`)
-    rounding: str = "nearest"  # nearest | gptq
+    rounding: str = "nearest"  # nearest | gptq | learned
+    learn_steps: int = 0  # learned rounding: steps per decoder layer (0: mixquant.quant.learned.STEPS)
     distill_steps: int = 0  # > 0: tune scales and biases on the KL to the unquantized model (DWQ)
     distill_norms: bool = False  # ... and the norm multipliers with them
     resume: bool = False  # stage in a folder a failure leaves behind; continue an earlier run of the same plan
@@ -143,7 +144,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     for warning in plan.warnings:
         log.warning(warning)
     awq_result = run_awq(Path(src), source, plan, options.awq) if options.awq else None
-    rounded = run_rounding(Path(src), plan, options, awq_result) if options.rounding == GPTQ else {}
+    rounded = run_rounding(Path(src), plan, options, awq_result) if options.rounding != NEAREST else {}
     distilled = None
     if options.distill_steps > 0:
         distilled = run_distill(Path(src), source, plan, options, awq_result, rounded)
@@ -182,7 +183,8 @@ def fingerprint(src: Path, plan: Plan, options: ConvertOptions) -> str:
             if f.is_file():
                 st = f.stat()
                 files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    steps = {"awq": repr(options.awq), "rounding": options.rounding, "distill_steps": options.distill_steps,
+    steps = {"awq": repr(options.awq), "rounding": options.rounding, "learn_steps": learn_steps(options),
+             "distill_steps": options.distill_steps,
              "distill_norms": options.distill_norms, "calib": options.calib, "calib_tokens": options.calib_tokens}
     text = json.dumps({"files": files, "plan": plan.rows(), "steps": steps}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -212,9 +214,10 @@ def _encoder(awq_result, rounded: dict, floats: dict):
 
 
 def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> dict:
-    """GPTQ for every quantized linear and expert stack: tensor name -> per part (codes, scales, biases).
-    The float model runs one decoder layer at a time (read from the source as its turn comes), except
-    on text it samples itself (`self`) and MLX folders, which mlx-lm loads whole."""
+    """GPTQ (or with LEARNED, learned rounding of the decoder layers and GPTQ for the head) for every
+    quantized linear and expert stack: tensor name -> per part (codes, scales, biases). The float
+    model runs one decoder layer at a time (read from the source as its turn comes), except on text
+    it samples itself (`self`) and MLX folders, which mlx-lm loads whole."""
     from mixquant.calib.data import calibration_set
     from mixquant.calib.rounding import run_gptq
     from mixquant.calib.streamed import float_model
@@ -222,8 +225,18 @@ def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> 
 
     model, tokenizer, streamed = float_model(src, options.calib, options.config_dir)
     windows = calibration_set(options.calib, model, tokenizer, options.calib_tokens, CALIB_CTX)
+    steps = learn_steps(options)
+    label = "learned rounding" if steps else "GPTQ"
     return run_gptq(model, windows, plan, mx_dtype(plan.entries[0].dtype), awq_result,
-                    progress=callback("GPTQ") if options.progress is not False else None, streamed=streamed)
+                    progress=callback(label) if options.progress is not False else None, streamed=streamed,
+                    learn_steps=steps)
+
+
+def learn_steps(options: ConvertOptions) -> int:
+    """Learned rounding's steps per decoder layer in this conversion (0: it rounds otherwise)."""
+    from mixquant.quant.learned import STEPS
+
+    return (options.learn_steps or STEPS) if options.rounding == LEARNED else 0
 
 
 def nearest_encodings(source, plan: Plan, awq_result, skip: dict) -> dict:
@@ -269,6 +282,8 @@ def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_resu
 
 def methods_summary(options: ConvertOptions, distilled) -> dict:
     out = {"rounding": options.rounding}
+    if options.rounding == LEARNED:
+        out["learn_steps"] = learn_steps(options)
     if options.rounding != NEAREST or distilled is not None:
         out["calibration"] = options.calib
     if distilled is not None:

@@ -43,6 +43,11 @@ def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: d
         if methods.get("rounding") == "gptq":
             lines.append(f"GPTQ (act-order, layer by layer on the quantized layers' outputs) on calibration text "
                          f"({methods['calibration']}); the embedding rounded to nearest.")
+        if methods.get("rounding") == "learned":
+            lines.append(f"Learned rounding (AutoRound-style: per-weight rounding offsets trained "
+                         f"{methods['learn_steps']} steps per decoder layer on its output, layer by layer on the "
+                         f"quantized layers' outputs) on calibration text ({methods['calibration']}); the head by "
+                         f"GPTQ, the embedding rounded to nearest.")
         d = methods.get("distillation")
         if d:
             verdict = "kept" if d["kept"] else "not kept (it did not lower the held-out divergence)"

@@ -13,12 +13,17 @@ states of the quantized model.
 
 AWQ composes: a linear whose input columns AWQ scales by s is quantized as W s with the Hessian of
 x / s, and its float stand-in is the dequantized W s divided by s again.
+
+Learned rounding (mixquant.quant.learned) takes GPTQ's place in the decoder layers: layer L runs
+alone on the kept states entering it (the quantized layers' outputs), with the arguments the model
+passes it, and is trained towards the unquantized layer's output on the unquantized states, which
+are carried along beside the kept ones. The head is still GPTQ's.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -72,16 +77,19 @@ def _hooks():
     return Hessian
 
 
-def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=None, streamed=None) -> dict:
-    """tensor name -> list (per part) of (packed codes, scales, biases, dequantized) for every
-    quantized linear and expert stack of the text model (not the embedding). With `streamed` (a
+def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=None, streamed=None,
+             learn_steps: int = 0) -> dict:
+    """tensor name -> list (per part) of (packed codes, scales, biases) for every quantized linear
+    and expert stack of the text model (not the embedding). With `streamed` (a
     mixquant.calib.streamed.StreamedModel, whose model `model` is), each decoder layer's weights are
-    read just before its turn and dropped after it."""
+    read just before its turn and dropped after it. With `learn_steps`, the decoder layers' rounding
+    is learned (mixquant.quant.learned) instead, in that many steps per layer; the head's is GPTQ."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
     from mixquant.calib.runner import LayerRunner
-    from mixquant.quant.gptq import gptq
+    from mixquant.quant.distill import undo_vectors
+    from mixquant.quant.gptq import gptq, pack_codes
 
     Hessian = _hooks()
     modules = dict(model.named_modules())
@@ -118,6 +126,59 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
         out[t.name] = parts
         modules[name].weight = mx.array(np.stack(deqs) if t.stacked else deqs[0])
 
+    def learn(layer, names, float_in):
+        """Learned rounding of the layer's `names`, trained on the kept states entering it towards the
+        unquantized layer's outputs on `float_in` (the unquantized states entering it); returns those
+        outputs, the unquantized states entering the next layer."""
+        from mixquant.quant import learned
+
+        calls = [runner.call_of(layer, w) for w in range(runner.n_batches)]
+        inner = runner.layers[layer].inner
+        targets = [inner(x, *a, **k) for x, (_, a, k) in zip(float_in, calls)]
+        mx.eval(targets)
+        Learner = learned.learner_class()
+        learners = {}
+        for name in names:
+            t = entries[name].tensor
+            w = np.array(modules[name].weight.astype(mx.float32))
+            start = [fit_start(entries[name], p, wp) for p, wp in enumerate(w if t.stacked else [w])]
+            scaled, s0, b0 = (np.stack(x) if t.stacked else x[0] for x in zip(*start))
+            row_mul, col_mul = undo_vectors(awq_result, t.name, t)
+            kind = "experts" if t.stacked else "linear"
+            bias = modules[name]["bias"] if "bias" in modules[name] else None
+            learners[name] = Learner(scaled, s0, b0, entries[name].group_size, entries[name].bits, kind,
+                                     row_mul, col_mul, bias)
+        model.update_modules(tree_unflatten([(where(modules[m]), lr) for m, lr in learners.items()]))
+        training = model.training
+        model.train()
+        try:
+            learned.train_layer(inner, calls, targets, list(learners.values()), learn_steps, seed=layer)
+        finally:
+            model.train(training)
+            model.update_modules(tree_unflatten([(where(lr), modules[m]) for m, lr in learners.items()]))
+        for name, learner in learners.items():
+            t = entries[name].tensor
+            q, s, b, deq = learned.encoding(learner)
+            parts = zip(q, s, b) if t.stacked else [(q, s, b)]
+            out[t.name] = [(pack_codes(qp, entries[name].bits), sp, bp) for qp, sp, bp in parts]
+            deqs = [_unscaled(awq_result.for_part(t.name, p) if awq_result else [], d)
+                    for p, d in enumerate(deq if t.stacked else [deq])]
+            modules[name].weight = mx.array(np.stack(deqs) if t.stacked else deqs[0])
+        return targets
+
+    def fit_start(entry, p, w):
+        """Part p's weight as AWQ scales it, and the scales and biases of its rounding to nearest."""
+        from mixquant.quant import awq, fit
+
+        name = entry.tensor.name
+        ops = awq_result.for_part(name, p) if awq_result else []
+        w = awq.apply(ops, w, 0) if ops else w
+        importance = awq_result.fit_for(name, p) if awq_result else None
+        _, s, b = fit.quantize(w, entry.bits, entry.group_size, dtype, importance)
+        return w, np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32))
+
+    float_states = None
+
     # a streamed model reads its weights for the block that uses them; a loaded model holds them all along
     outer = streamed.outer if streamed is not None else nullcontext
     layer_weights = streamed.layer if streamed is not None else (lambda layer: nullcontext())
@@ -125,32 +186,66 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
     try:
         n_layers = len(runner.layers)
         with outer():
-            for layer in range(n_layers):
-                with layer_weights(layer):
-                    names = [m for m, e in entries.items() if e.tensor.layer == layer]
-                    for stage in _stages(runner, layer, names, wrap, unwrap):
-                        hooks = wrap(stage, collect=True)
-                        for w in range(runner.n_batches):
-                            runner.run_to(layer, w)
-                        unwrap(hooks)
-                        for m in stage:
-                            quantize(m, hooks[m])
-                    runner.advance(layer)
-                runner.inputs[layer] = None  # the states entering the next layer replace them
-                if progress:
-                    progress(layer + 1, n_layers + 1)
-            heads = [m for m, e in entries.items() if e.tensor.layer is None]
-            if heads:
-                hooks = wrap(heads, collect=True)
-                runner.logits(n_layers)
-                unwrap(hooks)
-                for m in heads:
-                    quantize(m, hooks[m])
+            if learn_steps:  # the unquantized states start from the float embedding
+                float_states = [runner.call_of(0, w)[0] for w in range(runner.n_batches)]
+                mx.eval(float_states)
+            with _rounded_embedding(model, plan, awq_result, dtype) if learn_steps else nullcontext():
+                for layer in range(n_layers):
+                    with layer_weights(layer):
+                        names = [m for m, e in entries.items() if e.tensor.layer == layer]
+                        if learn_steps:
+                            float_states = learn(layer, names, float_states)
+                        for stage in [] if learn_steps else _stages(runner, layer, names, wrap, unwrap):
+                            hooks = wrap(stage, collect=True)
+                            for w in range(runner.n_batches):
+                                runner.run_to(layer, w)
+                            unwrap(hooks)
+                            for m in stage:
+                                quantize(m, hooks[m])
+                        runner.advance(layer)
+                    runner.inputs[layer] = None  # the states entering the next layer replace them
+                    if progress:
+                        progress(layer + 1, n_layers + 1)
+                heads = [m for m, e in entries.items() if e.tensor.layer is None]
+                if heads:
+                    hooks = wrap(heads, collect=True)
+                    runner.logits(n_layers)
+                    unwrap(hooks)
+                    for m in heads:
+                        quantize(m, hooks[m])
         if progress:
             progress(n_layers + 1, n_layers + 1)
     finally:
         runner.unwrap()
     return out
+
+
+@contextmanager
+def _rounded_embedding(model, plan, awq_result, dtype):
+    """For the block, the embedding as it will be written (rounded to nearest): learned rounding
+    starts the quantized layers' states from it, so layer 0 learns to make up for its error too."""
+    import mlx.core as mx
+
+    from mixquant.quant import fit
+    from mixquant.wrap import Wrapper
+
+    modules = dict(model.named_modules())
+    entry = next((e for e in plan.entries if e.tensor.role.kind == Kind.EMBEDDING and e.quantized
+                  and e.tensor.scope == SCOPE_MODEL and e.tensor.module in modules), None)
+    if entry is None:
+        yield
+        return
+    module = modules[entry.tensor.module]
+    while isinstance(module, Wrapper):
+        module = module.inner
+    original = module.weight
+    importance = awq_result.fit_for(entry.tensor.name, 0) if awq_result else None
+    module.weight = mx.array(fit.fake_quantize(np.array(original.astype(mx.float32)), entry.bits, entry.group_size,
+                                               dtype, importance))
+    try:
+        yield
+    finally:
+        module.weight = original
 
 
 def _stages(runner, layer: int, names: list[str], wrap, unwrap) -> list[list[str]]:

@@ -26,12 +26,15 @@ def _layer_class():
 
         def __init__(self, inner):
             super().__init__(inner)
-            self._mode = "run"  # run | skip | replay | stop
+            self._mode = "run"  # run | skip | replay | stop | capture
             self._replay = None
             self._record = None
 
         def __call__(self, x, *args, **kwargs):
             mode = self._mode
+            if mode == "capture":
+                self._record = (x, args, kwargs)
+                raise _Stop
             if mode == "skip":
                 return x
             if mode == "replay":
@@ -135,6 +138,22 @@ class LayerRunner:
         self._set(0, None, 0)
         for i in range(len(self.layers)):
             self.inputs[i + 1] = kept[i]
+
+    def call_of(self, layer: int, window: int):
+        """(x, args, kwargs): what the model passes decoder layer `layer` on batch `window` (its kept
+        input state and the model's masks), so that a caller can run the layer alone."""
+        mx = self._mx
+        if self.inputs[layer] is None:
+            self.advance(layer - 1)
+        self._set(layer, layer, window)
+        self.layers[layer]._mode = "capture"
+        try:
+            self.model(mx.array(self.windows[window]))
+        except _Stop:
+            pass
+        captured, self.layers[layer]._record = self.layers[layer]._record, None
+        self._set(0, None, 0)
+        return captured
 
     def run_to(self, layer: int, window: int) -> None:
         """Run layer `layer` alone on batch `window` (from its kept input) and stop: hooks inside it see

@@ -36,7 +36,7 @@ class DistillResult:
     floats: dict = field(default_factory=dict)  # tensor name -> distilled norm multipliers (float32), when kept
 
 
-def _student_classes():
+def student_classes():
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -110,7 +110,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     from mixquant.arch.tensors import SCOPE_MODEL
     from mixquant.quant.encode import mx_dtype
 
-    Dequantized = _student_classes()
+    Dequantized = student_classes()
     modules = dict(model.named_modules())
     entries = {e.tensor.name: e for e in plan.entries if e.tensor.name in encodings}
     rng = np.random.default_rng(seed)
@@ -138,7 +138,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
         b0 = np.stack([p[2] for p in parts])
         if not t.stacked:
             codes, s0, b0 = codes[0], s0[0], b0[0]
-        row_mul, col_mul = _undo_vectors(awq_result, name, t)
+        row_mul, col_mul = undo_vectors(awq_result, name, t)
         kind = "embedding" if isinstance(module, nn.Embedding) else "experts" if t.stacked else "linear"
         bias = module["bias"] if "bias" in module else None
         students[t.module] = Dequantized(codes, s0, b0, entry.group_size, kind, row_mul, col_mul, bias)
@@ -232,7 +232,7 @@ def _round_pairs(student, dtype) -> None:
     student.c = mx.where(student.s0 == 0, 0.0, (b_r - student.b0) / mx.abs(safe))
 
 
-def _undo_vectors(awq_result, name: str, t):
+def undo_vectors(awq_result, name: str, t):
     """AWQ's ops on a tensor (per part) as the multipliers that undo them on the dequantized weight:
     (row multipliers, column multipliers), each None when AWQ left that side alone."""
     if awq_result is None:

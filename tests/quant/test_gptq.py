@@ -1,8 +1,6 @@
 """GPTQ in MLX's format: packing as MLX unpacks, equality with round-to-nearest where nothing can be
 compensated, a lower output error where inputs are correlated, and quants that mlx-lm loads."""
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -81,9 +79,7 @@ def test_correlated_inputs_lower_the_output_error(bits):
 def test_gptq_quant_loads_and_matches_its_dequantized_forward(tmp_path):
     """mlx_lm.load reads the GPTQ quant as it is (no side files); its quantized forward agrees with
     the same weights dequantized."""
-    from conftest import FIXTURE, run_cli
-
-    from mixquant.loading import load
+    from conftest import FIXTURE, assert_loads_as_it_is, run_cli
 
     out = tmp_path / "gptq"
     assert run_cli("convert", "-i", FIXTURE, "-o", out, "-q", "--q-recipe", "uniform", "--q-bits", "3",
@@ -92,17 +88,17 @@ def test_gptq_quant_loads_and_matches_its_dequantized_forward(tmp_path):
                                                       "generation_config.json", "model.safetensors",
                                                       "tokenizer.json", "tokenizer_config.json"]
     assert "## Rounding" in (out / "README.md").read_text()
-    ids = mx.array(np.random.default_rng(0).integers(0, 8000, size=(1, 48)))
-    native = np.array(load(out, dtype="float32", dequantize=False).model(ids))  # MLX's quantized kernels
-    dequantized = np.array(load(out, dequantize=True).model(ids))
-    assert np.abs(native - dequantized).max() < 1e-3
-    q = json.loads((out / "config.json").read_text())["quantization"]
-    assert q["language_model.model.layers.0.mlp.down_proj"] == {"group_size": 64, "bits": 3, "mode": "affine"}
+    assert_loads_as_it_is(out)
 
 
-def test_gptq_per_expert_on_a_tiny_moe(tmp_path):
-    """Expert stacks are rounded per expert (each on the tokens routed to it): lower KL divergence
-    than rounding to nearest, and mlx_lm.load reads the result as quantized SwitchLinears."""
+@pytest.mark.parametrize("rounding, flags, every_expert", [
+    ("gptq", ["--calib-tokens", 2048], True),
+    ("learned", ["--calib-tokens", 8192, "--q-learn-steps", 32], False),
+])
+def test_rounding_per_expert_on_a_tiny_moe(tmp_path, rounding, flags, every_expert):
+    """Expert stacks are rounded per expert (GPTQ: each on the tokens routed to it; learned: through
+    the router, as the layer runs): lower KL divergence than rounding to nearest, and mlx_lm.load
+    reads the result as quantized SwitchLinears."""
     from conftest import run_cli, save_tiny_qwen35
     from mlx_lm import load as mlx_load
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
@@ -114,15 +110,16 @@ def test_gptq_per_expert_on_a_tiny_moe(tmp_path):
     reference = compute_reference(src, None, 64, 16)
     stack = "language_model.model.layers.0.mlp.switch_mlp.down_proj.weight"
     kld, codes = {}, {}
-    for rounding in ("nearest", "gptq"):
-        out = tmp_path / rounding
+    for method in ("nearest", rounding):
+        out = tmp_path / method
         assert run_cli("convert", "-i", src, "-o", out, "--q-recipe", "uniform", "--q-bits", 3, "--q-group-size", 32,
-                       "--q-rounding", rounding, "--calib-tokens", 2048) == 0
-        kld[rounding] = evaluate(out, reference)["kld"]["mean"]
+                       "--q-rounding", method, *(flags if method == rounding else ["--calib-tokens", 2048])) == 0
+        kld[method] = evaluate(out, reference)["kld"]["mean"]
         with safe_open(str(out / "model.safetensors"), "np") as f:
-            codes[rounding] = f.get_tensor(stack)  # packed uint32 [experts, out, in * bits / 32]
-    assert codes["gptq"].shape == codes["nearest"].shape and codes["gptq"].shape[0] == 4
-    assert all(not np.array_equal(codes["gptq"][e], codes["nearest"][e]) for e in range(4))
-    assert kld["gptq"] < kld["nearest"], kld
-    model, _ = mlx_load(str(tmp_path / "gptq"))
+            codes[method] = f.get_tensor(stack)  # packed uint32 [experts, out, in * bits / 32]
+    assert codes[rounding].shape == codes["nearest"].shape and codes[rounding].shape[0] == 4
+    changed = [not np.array_equal(codes[rounding][e], codes["nearest"][e]) for e in range(4)]
+    assert all(changed) if every_expert else any(changed)
+    assert kld[rounding] < kld["nearest"], kld
+    model, _ = mlx_load(str(tmp_path / rounding))
     assert isinstance(model.language_model.model.layers[0].mlp.switch_mlp.down_proj, QuantizedSwitchLinear)
