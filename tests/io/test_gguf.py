@@ -221,12 +221,13 @@ def test_a_split_gguf_converts_one_row_block_at_a_time(tiny_ggufs, tmp_path, mon
     out.mkdir()
     mx.clear_cache()
     mx.reset_peak_memory()
+    held = mx.get_active_memory()  # arrays other tests of this worker keep (a session's loaded model)
     tracemalloc.start()
     try:
         write_weights(source, plan, out, encode, progress=False)
         _, python_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    peak = python_peak + mx.get_peak_memory()
+    peak = python_peak + mx.get_peak_memory() - held
     assert peak <= 32 * block < largest // 2, (peak, block, largest)
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
