@@ -243,7 +243,7 @@ def nearest_encodings(source, plan: Plan, awq_result, skip: dict) -> dict:
     """(codes, scales, biases) per part of every quantized text-model tensor not in `skip`, rounded
     to nearest as the writer would (AWQ's scales and clipping fits included)."""
     from mixquant.blocks import read_part
-    from mixquant.quant import awq, fit
+    from mixquant.quant import awq
 
     out = {}
     for e in plan.entries:
@@ -252,11 +252,8 @@ def nearest_encodings(source, plan: Plan, awq_result, skip: dict) -> dict:
             continue
         parts = []
         for p in range(len(t.parts)):
-            w = read_part(source, t, p)
-            ops = awq_result.for_part(t.name, p) if awq_result else []
-            w = awq.apply(ops, w, 0) if ops else w
-            importance = awq_result.fit_for(t.name, p) if awq_result else None
-            q, s, b = fit.quantize(w, e.bits, e.group_size, mx_dtype(e.dtype), importance)
+            _, (q, s, b) = awq.nearest(awq_result, t.name, p, read_part(source, t, p), e.bits, e.group_size,
+                                       mx_dtype(e.dtype))
             parts.append((np.array(q), *[np.array(a.astype(mx_dtype("F32"))) for a in (s, b)]))
         out[t.name] = parts
     return out

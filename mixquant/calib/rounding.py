@@ -88,6 +88,7 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
     from mlx.utils import tree_unflatten
 
     from mixquant.calib.runner import LayerRunner
+    from mixquant.quant import learned
     from mixquant.quant.distill import undo_vectors
     from mixquant.quant.gptq import gptq, pack_codes
 
@@ -123,20 +124,31 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
             packed, s, b, deq = gptq(wp, h, entry.bits, entry.group_size, dtype)
             parts.append((packed, s, b))
             deqs.append(_unscaled(ops, deq))
-        out[t.name] = parts
-        modules[name].weight = mx.array(np.stack(deqs) if t.stacked else deqs[0])
+        keep(name, parts, deqs)
+
+    def keep(name, parts, deqs):
+        """The module's encoding (per part), and its dequantized weights as its float stand-in."""
+        out[entries[name].tensor.name] = parts
+        modules[name].weight = mx.array(np.stack(deqs) if entries[name].tensor.stacked else deqs[0])
+
+    def gptq_layer(layer, names):
+        """GPTQ for the layer's `names`, stage by stage."""
+        for stage in _stages(runner, layer, names, wrap, unwrap):
+            hooks = wrap(stage, collect=True)
+            for w in range(runner.n_batches):
+                runner.run_to(layer, w)
+            unwrap(hooks)
+            for m in stage:
+                quantize(m, hooks[m])
 
     def learn(layer, names, float_in):
         """Learned rounding of the layer's `names`, trained on the kept states entering it towards the
         unquantized layer's outputs on `float_in` (the unquantized states entering it); returns those
         outputs, the unquantized states entering the next layer."""
-        from mixquant.quant import learned
-
         calls = [runner.call_of(layer, w) for w in range(runner.n_batches)]
         inner = runner.layers[layer].inner
         targets = [inner(x, *a, **k) for x, (_, a, k) in zip(float_in, calls)]
         mx.eval(targets)
-        Learner = learned.learner_class()
         learners = {}
         for name in names:
             t = entries[name].tensor
@@ -160,23 +172,19 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
             t = entries[name].tensor
             q, s, b, deq = learned.encoding(learner)
             parts = zip(q, s, b) if t.stacked else [(q, s, b)]
-            out[t.name] = [(pack_codes(qp, entries[name].bits), sp, bp) for qp, sp, bp in parts]
-            deqs = [_unscaled(awq_result.for_part(t.name, p) if awq_result else [], d)
-                    for p, d in enumerate(deq if t.stacked else [deq])]
-            modules[name].weight = mx.array(np.stack(deqs) if t.stacked else deqs[0])
+            keep(name, [(pack_codes(qp, entries[name].bits), sp, bp) for qp, sp, bp in parts],
+                 [_unscaled(awq_result.for_part(t.name, p) if awq_result else [], d)
+                  for p, d in enumerate(deq if t.stacked else [deq])])
         return targets
 
     def fit_start(entry, p, w):
         """Part p's weight as AWQ scales it, and the scales and biases of its rounding to nearest."""
-        from mixquant.quant import awq, fit
+        from mixquant.quant import awq
 
-        name = entry.tensor.name
-        ops = awq_result.for_part(name, p) if awq_result else []
-        w = awq.apply(ops, w, 0) if ops else w
-        importance = awq_result.fit_for(name, p) if awq_result else None
-        _, s, b = fit.quantize(w, entry.bits, entry.group_size, dtype, importance)
+        w, (_, s, b) = awq.nearest(awq_result, entry.tensor.name, p, w, entry.bits, entry.group_size, dtype)
         return w, np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32))
 
+    Learner = learned.learner_class() if learn_steps else None
     float_states = None
 
     # a streamed model reads its weights for the block that uses them; a loaded model holds them all along
@@ -195,13 +203,8 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
                         names = [m for m, e in entries.items() if e.tensor.layer == layer]
                         if learn_steps:
                             float_states = learn(layer, names, float_states)
-                        for stage in [] if learn_steps else _stages(runner, layer, names, wrap, unwrap):
-                            hooks = wrap(stage, collect=True)
-                            for w in range(runner.n_batches):
-                                runner.run_to(layer, w)
-                            unwrap(hooks)
-                            for m in stage:
-                                quantize(m, hooks[m])
+                        else:
+                            gptq_layer(layer, names)
                         runner.advance(layer)
                     runner.inputs[layer] = None  # the states entering the next layer replace them
                     if progress:

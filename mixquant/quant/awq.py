@@ -348,6 +348,17 @@ class _JudgedState:
         return np.stack(out) if stacked else out[0]
 
 
+def nearest(result, name: str, part: int, w: np.ndarray, bits: int, group_size: int, dtype):
+    """Part `part` of tensor `name` as AWQ's ops scale it (`w` itself without `result` or ops), and
+    its rounding to nearest with AWQ's clipping fit where one was chosen: (scaled w, (packed codes,
+    scales, biases) as MLX arrays)."""
+    from mixquant.quant.fit import quantize
+
+    ops = result.for_part(name, part) if result else []
+    w = apply(ops, w, 0) if ops else w
+    return w, quantize(w, bits, group_size, dtype, result.fit_for(name, part) if result else None)
+
+
 def apply(ops: list[tuple[str, np.ndarray]], block: np.ndarray, r0: int) -> np.ndarray:
     """Apply a tensor's AWQ ops to a block of its rows starting at row r0 (float32)."""
     for op, vec in ops:

@@ -66,6 +66,7 @@ def train_layer(layer, calls: list, targets: list, learners: list, steps: int = 
     offsets are no better than none, they are put back to zero."""
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx.utils import tree_flatten
 
     def loss_fn(_, i):
         x, args, kwargs = calls[i]
@@ -79,12 +80,15 @@ def train_layer(layer, calls: list, targets: list, learners: list, steps: int = 
     for m in learners:
         m.unfreeze(keys=["v"])
     step_fn = nn.value_and_grad(layer, loss_fn)
+    paths = {id(m): p for p, m in layer.named_modules()}
+    keys = [f"{paths[id(m)]}.v" for m in learners]  # each learner's offsets in the gradient tree
     rng = np.random.default_rng(seed)
     try:
         for step in range(steps):
             _, grads = step_fn(layer, int(rng.integers(len(calls))))
-            for m, g in zip(learners, _of(layer, learners, grads)):
-                m.v = mx.clip(m.v - (1 - step / steps) / steps * mx.sign(g), -0.5, 0.5)
+            flat = dict(tree_flatten(grads))
+            for m, key in zip(learners, keys):
+                m.v = mx.clip(m.v - (1 - step / steps) / steps * mx.sign(flat[key]), -0.5, 0.5)
             mx.eval([m.v for m in learners])
     finally:
         layer.unfreeze()
@@ -94,15 +98,6 @@ def train_layer(layer, calls: list, targets: list, learners: list, steps: int = 
     for m in learners:
         m.v = mx.zeros(m.v.shape)
     return before, before, False
-
-
-def _of(layer, learners, grads) -> list:
-    """Each learner's gradient for its offsets, from the layer's gradient tree."""
-    from mlx.utils import tree_flatten
-
-    flat = dict(tree_flatten(grads))
-    paths = {id(m): p for p, m in layer.named_modules()}
-    return [flat[f"{paths[id(m)]}.v"] for m in learners]
 
 
 def encoding(learner) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
