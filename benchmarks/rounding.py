@@ -15,6 +15,8 @@ distillation rows again with the norm multipliers tuned too; then learned roundi
 (`--q-rounding learned`) in GPTQ's place, alone and under distillation. Seconds per step and per billion
 parameters are recorded. Writes benchmarks/results/rounding-<model><tag>.json and
 the section of docs/RESULTS.md of that name, after every row (a run cut short keeps what it measured).
+A run with --rows adds to that file: its other rows stay, if they were measured with the same
+settings, and the section lists the commands that measured them.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def main() -> None:
                     help="learned rounding's steps per decoder layer (default: the convert default, 200)")
     ap.add_argument("--sensitivity", default=None, help="for the auto rows (default: a proxy on the calibration)")
     ap.add_argument("--work", default=None)
-    ap.add_argument("--rows", nargs="+", default=None, metavar="NAME", help="measure only these rows")
+    ap.add_argument("--rows", nargs="+", default=None, metavar="NAME",
+                    help="measure only these rows; the other rows of the results file are kept")
     ap.add_argument("--tag", default="", help="suffix of the JSON and docs section (a second calibration budget)")
     ap.add_argument("--note", default="", help="a sentence for the docs section (how the machine was shared)")
     args = ap.parse_args()
@@ -81,7 +84,13 @@ def main() -> None:
     if not sens.exists():
         compute_sensitivity(src, "proxy", calib_path, 8, 512, out=sens)
 
-    rows = {}
+    settings = {"model": args.model, "tag": args.tag, "calib": calib, "calib_tokens": args.calib_tokens,
+                "chunks": args.chunks, "distill_steps": args.distill_steps, "learn_steps": args.learn_steps or STEPS}
+    results = RESULTS / f"rounding-{args.model}{args.tag}.json"
+    earlier = earlier_run(results, settings) if args.rows else {"commands": [], "notes": [], "rows": []}
+    commands = earlier["commands"] + [command] * (command not in earlier["commands"])
+    notes = earlier["notes"] + [args.note] * bool(args.note and args.note not in earlier["notes"])
+    rows = {r["name"]: r for r in earlier["rows"] if r["name"] not in args.rows}
 
     def row(name: str, make, group: str) -> dict:
         cache = work / f"eval-{name.replace(' ', '_').replace('/', '-')}.json"
@@ -124,14 +133,12 @@ def main() -> None:
     auto = auto_base()
 
     def write_report() -> None:
-        result = {"model": args.model, "tag": args.tag, "command": command, "note": args.note, "calib": calib,
-                  "calib_tokens": args.calib_tokens, "chunks": args.chunks, "distill_steps": args.distill_steps,
-                  "learn_steps": args.learn_steps or STEPS,
-                  "params": params,
+        order = [name for name, _, _ in plan]
+        result = {**settings, "commands": commands, "notes": notes, "params": params,
                   "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
-                  "rows": list(rows.values()), "checks": checks(rows)}
+                  "rows": sorted(rows.values(), key=lambda r: order.index(r["name"])), "checks": checks(rows)}
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"rounding-{args.model}{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+        results.write_text(json.dumps(result, indent=2) + "\n")
         write_doc(result)
 
     # the rows each acceptance check needs first, then what each step bought on the way to the auto rows;
@@ -176,6 +183,20 @@ def main() -> None:
         write_report()
     for k, v in checks(rows).items():
         print(f"{k:<40} {v:.3f}")
+
+
+def earlier_run(path: Path, settings: dict) -> dict:
+    """The results file a --rows run adds to: its commands, notes and rows, if it was measured with
+    the same settings (else the run stops: its rows would not compare)."""
+    if not path.exists():
+        return {"commands": [], "notes": [], "rows": []}
+    earlier = json.loads(path.read_text())
+    if not any("learned" in r["name"] for r in earlier["rows"]):
+        earlier.setdefault("learn_steps", settings["learn_steps"])  # no row depends on it
+    differ = [k for k, v in settings.items() if earlier.get(k) != v]
+    if differ:
+        raise SystemExit(f"{path}: measured with other {', '.join(differ)}; run every row, or use another --tag")
+    return earlier
 
 
 def checks(rows: dict) -> dict:
@@ -225,12 +246,12 @@ def write_doc(result: dict) -> None:
     key = f"rounding-{result['model']}{result['tag']}"
     lines = [f"<!-- {key}:begin -->", f"## Rounding and allocation on {result['model']}, {result['calib_tokens']} "
              "calibration tokens: what each step buys", "",
-             f"`{result['command']}` ({result['machine']}). Calibration: "
-             f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
-             + (f"learned rounding {result['learn_steps']} steps per decoder layer; "
-                if any("learned" in r["name"] for r in result["rows"]) else "") +
-             f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
-             f"{result['note']}".rstrip(), "",
+             (" then ".join(f"`{c}`" for c in result["commands"]) + f" ({result['machine']}). Calibration: "
+              f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
+              + (f"learned rounding {result['learn_steps']} steps per decoder layer; "
+                 if any("learned" in r["name"] for r in result["rows"]) else "")
+              + f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
+              + " ".join(result["notes"])).rstrip(), "",
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
