@@ -87,7 +87,7 @@ def main() -> None:
     settings = {"model": args.model, "tag": args.tag, "calib": calib, "calib_tokens": args.calib_tokens,
                 "chunks": args.chunks, "distill_steps": args.distill_steps, "learn_steps": args.learn_steps or STEPS}
     results = RESULTS / f"rounding-{args.model}{args.tag}.json"
-    earlier = earlier_run(results, settings) if args.rows else {"commands": [], "notes": [], "rows": []}
+    earlier = earlier_run(results if args.rows else None, settings)
     commands = earlier["commands"] + [command] * (command not in earlier["commands"])
     notes = earlier["notes"] + [args.note] * bool(args.note and args.note not in earlier["notes"])
     rows = {r["name"]: r for r in earlier["rows"] if r["name"] not in args.rows}
@@ -185,18 +185,22 @@ def main() -> None:
         print(f"{k:<40} {v:.3f}")
 
 
-def earlier_run(path: Path, settings: dict) -> dict:
-    """The results file a --rows run adds to: its commands, notes and rows, if it was measured with
-    the same settings (else the run stops: its rows would not compare)."""
-    if not path.exists():
+def earlier_run(path: Path | None, settings: dict) -> dict:
+    """The results file a --rows run adds to (`path`; None for a run of every row): its commands,
+    notes and rows, if it was measured with the same settings (else the run stops: its rows would
+    not compare). Learned rounding's steps count only where a row was learned."""
+    if path is None or not path.exists():
         return {"commands": [], "notes": [], "rows": []}
     earlier = json.loads(path.read_text())
-    if not any("learned" in r["name"] for r in earlier["rows"]):
-        earlier.setdefault("learn_steps", settings["learn_steps"])  # no row depends on it
-    differ = [k for k, v in settings.items() if earlier.get(k) != v]
+    compared = [k for k in settings if k != "learn_steps" or has_learned(earlier["rows"])]
+    differ = [k for k in compared if earlier.get(k) != settings[k]]
     if differ:
         raise SystemExit(f"{path}: measured with other {', '.join(differ)}; run every row, or use another --tag")
     return earlier
+
+
+def has_learned(rows: list[dict]) -> bool:
+    return any("learned" in r["name"] for r in rows)
 
 
 def checks(rows: dict) -> dict:
@@ -249,7 +253,7 @@ def write_doc(result: dict) -> None:
              (" then ".join(f"`{c}`" for c in result["commands"]) + f" ({result['machine']}). Calibration: "
               f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
               + (f"learned rounding {result['learn_steps']} steps per decoder layer; "
-                 if any("learned" in r["name"] for r in result["rows"]) else "")
+                 if has_learned(result["rows"]) else "")
               + f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
               + " ".join(result["notes"])).rstrip(), "",
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",
