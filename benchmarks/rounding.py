@@ -248,12 +248,14 @@ def mlx_lm_gptq(folder: Path, dest: Path, calib: str, tokens: int) -> None:
 
 def write_doc(result: dict) -> None:
     key = f"rounding-{result['model']}{result['tag']}"
+    learned = has_learned(result["rows"])
     lines = [f"<!-- {key}:begin -->", f"## Rounding and allocation on {result['model']}, {result['calib_tokens']} "
-             "calibration tokens: what each step buys", "",
+             "calibration tokens" + (f", learned rounding {result['learn_steps']} steps per layer" if learned else "")
+             + ": what each step buys", "",
              (" then ".join(f"`{c}`" for c in result["commands"]) + f" ({result['machine']}). Calibration: "
               f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
               + (f"learned rounding {result['learn_steps']} steps per decoder layer; "
-                 if has_learned(result["rows"]) else "")
+                 if learned else "")
               + f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
               + " ".join(result["notes"])).rstrip(), "",
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",
