@@ -22,8 +22,7 @@ class Judge:
         self.model = model
         self.windows = windows
         self.modules = dict(model.named_modules())
-        # float32: windows x ctx x vocab of them is the judge's largest allocation
-        self.reference = [log_softmax(forward_logits(model, w)).astype(np.float32) for w in windows]
+        self.reference = [self._logprobs(w) for w in windows]
         self.original: dict[str, np.ndarray] = {}
 
     def covers(self, module: str) -> bool:
@@ -45,10 +44,15 @@ class Judge:
         """Mean KL(float || current) over every position of the windows."""
         total, count = 0.0, 0
         for w, ref in zip(self.windows, self.reference):
-            q = log_softmax(forward_logits(self.model, w))
-            total += float(kl_per_token(ref, q).sum())
+            q = self._logprobs(w)
+            total += float(kl_per_token(ref.astype(np.float64), q.astype(np.float64)).sum())
             count += len(ref)
         return total / count
+
+    def _logprobs(self, window: np.ndarray) -> np.ndarray:
+        """Log-probs [ctx, V] in float32 (windows x ctx x vocab of them is the judge's largest
+        allocation); the current model's are rounded the same way, so an unchanged model diverges by 0."""
+        return log_softmax(forward_logits(self.model, window)).astype(np.float32)
 
     def try_weights(self, updates: dict[str, np.ndarray]) -> float:
         """The divergence with these module weights; the model is left as it was."""
