@@ -133,8 +133,9 @@ def _fuzz(live):
             assert "error" in data
 
     check()
-    conn.request("GET", "/health")
-    assert conn.getresponse().status == 200
+    fresh = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)  # the first one idled past keep-alive
+    fresh.request("GET", "/health")
+    assert fresh.getresponse().status == 200
 
 
 def test_mtp_engine_decodes_as_plain_chat(fixture_dir):
