@@ -254,9 +254,7 @@ def write_doc(result: dict) -> None:
              + ": what each step buys", "",
              (" then ".join(f"`{c}`" for c in result["commands"]) + f" ({result['machine']}). Calibration: "
               f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
-              + (f"learned rounding {result['learn_steps']} steps per decoder layer; "
-                 if learned else "")
-              + f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
+              f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
               + " ".join(result["notes"])).rstrip(), "",
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",
              "|---|---:|---:|---:|---:|---:|---:|"]
