@@ -9,7 +9,9 @@ faster than its quantized kernels, and gradients reach every scale and bias. Opt
 model's norm multipliers (unquantized, written in the output's float dtype) move with them. A
 quarter of the windows is held out: the run keeps the state with the least held-out KL, and the
 result is kept only if that beats the start (once scales, biases and norms are rounded to their
-output dtypes).
+output dtypes). The unquantized model's log-probs (windows x tokens x vocab float32: half a GiB per
+512-token window at a 248k vocabulary) are kept while they fit in TEACHER_CACHE_BYTES and recomputed
+by the same forward for the other windows, so the calibration budget is not bounded by memory.
 mlx-lm's fused Gated DeltaNet kernel has no vjp, so the model runs in training mode (its ops path).
 """
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 HELD_OUT = 0.25
 LEARNING_RATE = 3e-4
+TEACHER_CACHE_BYTES = 2 << 30
 
 
 @dataclass
@@ -97,7 +100,7 @@ def _codes(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
 
 def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int, awq_result=None,
             lr: float = LEARNING_RATE, eval_every: int | None = None, seed: int = 0, progress=None,
-            norms: bool = False) -> DistillResult:
+            norms: bool = False, teacher_cache_bytes: int = TEACHER_CACHE_BYTES) -> DistillResult:
     """Tune the scales and biases of `encodings` (tensor name -> per part (packed, scales, biases)) on
     `model`, the unquantized mlx-lm model in float32, and with `norms` the text model's norm
     multipliers; returns the encodings to write (and the norms, in `floats`)."""
@@ -124,9 +127,10 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
         lg = m(mx.array(w[None]))[0].astype(mx.float32)
         return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
 
-    teacher_train = [logprobs(model, w) for w in train]
-    teacher_held = [logprobs(model, w) for w in held]
-    mx.eval(teacher_train, teacher_held)
+    vocab = logprobs(model, windows[0][:1]).shape[-1]
+    n_cached = min(len(held) + len(train), teacher_cache_bytes // (windows.shape[1] * vocab * 4))
+    cache = [logprobs(model, w) for w in [*held, *train][:n_cached]]
+    mx.eval(cache)
 
     students = {}
     for name, entry in entries.items():
@@ -157,6 +161,21 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     norm_start = {k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters()) if k in tuned_norms}
     model.train()
 
+    def teacher(index: int, tokens):
+        """Log-probs of the unquantized model on held window `index` (train ones follow the held)."""
+        if index < n_cached:
+            return cache[index]
+        current = [(k, v) for k, v in tree_flatten(model.trainable_parameters()) if k in norm_start]
+        model.update_modules(tree_unflatten(originals))
+        model.update(tree_unflatten(list(norm_start.items())))
+        model.train(training)
+        target = logprobs(model, tokens)
+        mx.eval(target)
+        model.update_modules(tree_unflatten(list(students.items())))
+        model.update(tree_unflatten(current))
+        model.train()
+        return target
+
     def loss_fn(m, tokens, teacher):
         return (mx.exp(teacher) * (teacher - logprobs(m, tokens))).sum(-1).mean()
 
@@ -170,7 +189,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
                 _round_pairs(s, dtype)
             model.update(tree_unflatten([(k, v.astype(mx_dtype(planned[k].dtype)).astype(mx.float32))
                                          for k, v in saved if k in norm_start]))
-        total = float(np.mean([float(loss_fn(model, w, t)) for w, t in zip(held, teacher_held)]))
+        total = float(np.mean([float(loss_fn(model, w, teacher(j, w))) for j, w in enumerate(held)]))
         if rounded:
             model.update(tree_unflatten(saved))
         return total
@@ -183,7 +202,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
         eval_every = eval_every or max(1, len(train))
         for step in range(steps):
             i = step % len(train)
-            loss, grads = step_fn(model, train[i], teacher_train[i])
+            loss, grads = step_fn(model, train[i], teacher(len(held) + i, train[i]))
             optimizer.update(model, grads)
             mx.eval(model.trainable_parameters(), optimizer.state)
             if (step + 1) % eval_every == 0 or step + 1 == steps:

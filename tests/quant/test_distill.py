@@ -64,6 +64,29 @@ def test_norm_multipliers_move_with_the_scales_and_the_model_is_given_back(setup
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
 
 
+def test_a_teacher_recomputed_per_window_gives_the_cached_teachers_result(setup):
+    """Past the cache budget the unquantized model's log-probs are recomputed (its own modules and
+    norms swapped back in): the same run, the same numbers, and the model given back unchanged."""
+    from mlx.utils import tree_flatten
+
+    model, windows, plan, encodings = setup
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    cached = distill(model, windows, plan, encodings, mx.bfloat16, steps=8, eval_every=4, norms=True)
+    one_window = windows.shape[1] * 8192 * 4
+    for budget in (0, 3 * one_window):
+        recomputed = distill(model, windows, plan, encodings, mx.bfloat16, steps=8, eval_every=4, norms=True,
+                             teacher_cache_bytes=budget)
+        assert recomputed.kept and (recomputed.before, recomputed.after) == (cached.before, cached.after)
+        for name, parts in cached.encodings.items():
+            for (_, s, b), (_, s2, b2) in zip(parts, recomputed.encodings[name]):
+                np.testing.assert_array_equal(s, s2)
+                np.testing.assert_array_equal(b, b2)
+        for name, value in cached.floats.items():
+            np.testing.assert_array_equal(value, recomputed.floats[name])
+    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
 @pytest.mark.parametrize("awq", [False, True])
 def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
     """--q-distill-norms (with AWQ's scales folded into the same norms, or without): the written quant
