@@ -127,8 +127,8 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
         lg = m(mx.array(w[None]))[0].astype(mx.float32)
         return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
 
-    vocab = logprobs(model, windows[0][:1]).shape[-1]
-    n_cached = min(len(held) + len(train), teacher_cache_bytes // (windows.shape[1] * vocab * 4))
+    per_window = logprobs(model, windows[0]).nbytes  # from the lazy graph's shape; nothing is computed
+    n_cached = min(len(held) + len(train), teacher_cache_bytes // per_window)
     cache = [logprobs(model, w) for w in [*held, *train][:n_cached]]
     mx.eval(cache)
 
@@ -162,7 +162,8 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     model.train()
 
     def teacher(index: int, tokens):
-        """Log-probs of the unquantized model on held window `index` (train ones follow the held)."""
+        """Log-probs of the unquantized model on window `index` of the held windows followed by the
+        training ones."""
         if index < n_cached:
             return cache[index]
         current = [(k, v) for k, v in tree_flatten(model.trainable_parameters()) if k in norm_start]
