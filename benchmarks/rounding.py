@@ -38,6 +38,7 @@ from benchmarks.report import replace_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "RESULTS.md"
+LATER_SETTINGS = {"distill_anneal": False}  # settings newer than some results files: what those were measured with
 
 
 def main() -> None:
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=16 * 512)
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--distill-steps", type=int, default=64)
+    ap.add_argument("--distill-anneal", action="store_true",
+                    help="distillation's learning rate falls linearly toward zero over the second half of the steps")
     ap.add_argument("--learn-steps", type=int, default=None,
                     help="learned rounding's steps per decoder layer (default: the convert default, 200)")
     ap.add_argument("--sensitivity", default=None, help="for the auto rows (default: a proxy on the calibration)")
@@ -85,7 +88,8 @@ def main() -> None:
         compute_sensitivity(src, "proxy", calib_path, 8, 512, out=sens)
 
     settings = {"model": args.model, "tag": args.tag, "calib": calib, "calib_tokens": args.calib_tokens,
-                "chunks": args.chunks, "distill_steps": args.distill_steps, "learn_steps": args.learn_steps or STEPS}
+                "chunks": args.chunks, "distill_steps": args.distill_steps, "distill_anneal": args.distill_anneal,
+                "learn_steps": args.learn_steps or STEPS}
     results = RESULTS / f"rounding-{args.model}{args.tag}.json"
     earlier = earlier_run(results if args.rows else None, settings)
     commands = earlier["commands"] + [command] * (command not in earlier["commands"])
@@ -123,6 +127,7 @@ def main() -> None:
         def make(dest):
             convert(src, dest, ConvertOptions(recipe=recipe, keep_vision=False, keep_mtp=False, progress=False,
                                               rounding=rounding, distill_steps=distill, distill_norms=norms,
+                                              distill_anneal=args.distill_anneal and distill > 0,
                                               learn_steps=args.learn_steps or 0,
                                               calib=calib_path,
                                               calib_tokens=args.calib_tokens, target=target,
@@ -193,7 +198,7 @@ def earlier_run(path: Path | None, settings: dict) -> dict:
         return {"commands": [], "notes": [], "rows": []}
     earlier = json.loads(path.read_text())
     compared = [k for k in settings if k != "learn_steps" or has_learned(earlier["rows"])]
-    differ = [k for k in compared if earlier.get(k) != settings[k]]
+    differ = [k for k in compared if earlier.get(k, LATER_SETTINGS.get(k)) != settings[k]]
     if differ:
         raise SystemExit(f"{path}: measured with other {', '.join(differ)}; run every row, or use another --tag")
     return earlier
@@ -253,7 +258,8 @@ def write_doc(result: dict) -> None:
              "calibration tokens" + (f", learned rounding {result['learn_steps']} steps per layer" if learned else "")
              + ": what each step buys", "",
              (" then ".join(f"`{c}`" for c in result["commands"]) + f" ({result['machine']}). Calibration: "
-              f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps; "
+              f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps"
+              + (", the learning rate annealed over the second half" if result.get("distill_anneal") else "") + "; "
               f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
               + " ".join(result["notes"])).rstrip(), "",
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",

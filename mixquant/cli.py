@@ -58,6 +58,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
                         "(DWQ; kept only if it lowers the held-out divergence)")
     p.add_argument("--q-distill-norms", action="store_true",
                    help="with --q-distill: tune the norm multipliers too")
+    p.add_argument("--q-distill-anneal", action="store_true",
+                   help="with --q-distill: lower the learning rate linearly toward zero over the second half "
+                        "of the steps")
     p.add_argument("--awq", action="store_true", help="AWQ channel scales (alpha searched unless --awq-alpha)")
     p.add_argument("--imatrix-path", default=None, help="AWQ with importances from this imatrix (GGUF or .dat)")
     p.add_argument("--awq-alpha", type=float, default=None, help="fixed AWQ exponent (default: searched per group)")
@@ -112,6 +115,8 @@ def _options(args):
         raise MixquantError("--q-rounding / --q-distill: only when quantizing (-q or --q-recipe)")
     if args.q_distill_norms and not args.q_distill:
         raise MixquantError("--q-distill-norms: only with --q-distill STEPS")
+    if args.q_distill_anneal and not args.q_distill:
+        raise MixquantError("--q-distill-anneal: only with --q-distill STEPS")
     return ConvertOptions(
         recipe=recipe,
         dtype=args.dtype,
@@ -130,6 +135,7 @@ def _options(args):
         learn_steps=args.q_learn_steps or 0,
         distill_steps=args.q_distill,
         distill_norms=args.q_distill_norms,
+        distill_anneal=args.q_distill_anneal,
     )
 
 

@@ -69,6 +69,7 @@ class ConvertOptions:
     learn_steps: int = 0  # learned rounding: steps per decoder layer (0: mixquant.quant.learned.STEPS)
     distill_steps: int = 0  # > 0: tune scales and biases on the KL to the unquantized model (DWQ)
     distill_norms: bool = False  # ... and the norm multipliers with them
+    distill_anneal: bool = False  # ... with the learning rate falling toward zero over the second half of the steps
     resume: bool = False  # stage in a folder a failure leaves behind; continue an earlier run of the same plan
 
 
@@ -185,7 +186,8 @@ def fingerprint(src: Path, plan: Plan, options: ConvertOptions) -> str:
                 files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     steps = {"awq": repr(options.awq), "rounding": options.rounding, "learn_steps": learn_steps(options),
              "distill_steps": options.distill_steps,
-             "distill_norms": options.distill_norms, "calib": options.calib, "calib_tokens": options.calib_tokens}
+             "distill_norms": options.distill_norms, "distill_anneal": options.distill_anneal,
+             "calib": options.calib, "calib_tokens": options.calib_tokens}
     text = json.dumps({"files": files, "plan": plan.rows(), "steps": steps}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -270,7 +272,7 @@ def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_resu
     encodings = {**nearest_encodings(source, plan, awq_result, rounded), **rounded}
     result = distill(loaded.model, windows, plan, encodings, mx_dtype(plan.entries[0].dtype), options.distill_steps,
                      awq_result, progress=callback("distilling") if options.progress is not False else None,
-                     norms=options.distill_norms)
+                     norms=options.distill_norms, anneal=options.distill_anneal)
     if not result.kept:
         log.warning("distillation did not lower the held-out KL divergence (%.5f): the quant keeps its rounding",
                     result.before)
@@ -285,7 +287,8 @@ def methods_summary(options: ConvertOptions, distilled) -> dict:
         out["calibration"] = options.calib
     if distilled is not None:
         out["distillation"] = {"steps": distilled.steps, "kept": distilled.kept, "heldout_before": distilled.before,
-                               "heldout_after": distilled.after, "norms": options.distill_norms}
+                               "heldout_after": distilled.after, "norms": options.distill_norms,
+                               "anneal": options.distill_anneal}
     return out
 
 

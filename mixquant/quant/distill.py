@@ -100,10 +100,12 @@ def _codes(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
 
 def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int, awq_result=None,
             lr: float = LEARNING_RATE, eval_every: int | None = None, seed: int = 0, progress=None,
-            norms: bool = False, teacher_cache_bytes: int = TEACHER_CACHE_BYTES) -> DistillResult:
+            norms: bool = False, teacher_cache_bytes: int = TEACHER_CACHE_BYTES,
+            anneal: bool = False) -> DistillResult:
     """Tune the scales and biases of `encodings` (tensor name -> per part (packed, scales, biases)) on
     `model`, the unquantized mlx-lm model in float32, and with `norms` the text model's norm
-    multipliers; returns the encodings to write (and the norms, in `floats`)."""
+    multipliers; returns the encodings to write (and the norms, in `floats`). With `anneal` the
+    learning rate falls toward zero over the second half of the steps (see `learning_rate`)."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -198,7 +200,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     try:
         before = held_kl(rounded=False)
         best, best_state = before, None
-        optimizer = optim.Adam(learning_rate=lr)
+        optimizer = optim.Adam(learning_rate=learning_rate(lr, steps, anneal))
         step_fn = nn.value_and_grad(model, loss_fn)
         eval_every = eval_every or max(1, len(train))
         for step in range(steps):
@@ -232,6 +234,18 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
         model.update_modules(tree_unflatten(originals))
         model.unfreeze()
         model.train(training)
+
+
+def learning_rate(lr: float, steps: int, anneal: bool):
+    """Adam's learning rate: `lr` at every step, or with `anneal` a schedule of the step index that
+    holds `lr` for the first half of `steps` and then falls linearly, reaching lr / (steps - half) at
+    the last step."""
+    import mlx.optimizers as optim
+
+    if not anneal or steps < 2:
+        return lr
+    half = steps // 2
+    return optim.join_schedules([lambda _: lr, optim.linear_schedule(lr, 0.0, steps - half)], [half])
 
 
 def _as_dtype(a: np.ndarray, dtype) -> np.ndarray:

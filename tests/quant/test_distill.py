@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mixquant.quant.distill import _codes, distill
+from mixquant.quant.distill import _codes, distill, learning_rate
 from mixquant.quant.gptq import pack_codes
 
 
@@ -28,6 +28,30 @@ def setup(fixture_dir):
     loaded = load(fixture_dir, dtype="float32", dequantize=True)
     windows = calibration_set("mix", loaded.model, loaded.tokenizer, 8 * 64, 64)[:8]
     return loaded.model, windows, plan, encodings
+
+
+def test_the_annealed_learning_rate_holds_for_half_the_steps_then_falls_linearly():
+    assert learning_rate(3e-4, 10, anneal=False) == 3e-4
+    schedule = learning_rate(3e-4, 10, anneal=True)
+    rates = [float(schedule(mx.array(step))) for step in range(10)]
+    np.testing.assert_allclose(rates, 3e-4 * np.array([1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]), rtol=1e-6)
+
+
+def test_annealing_lowers_the_rate_of_the_last_steps_only(setup):
+    """A 2-step annealed run is a constant-rate one (its falling step starts at the full rate); at 4
+    steps the last one, at half the rate, ends elsewhere: the schedule reaches the optimizer."""
+    model, windows, plan, encodings = setup
+    name = "language_model.model.layers.0.mlp.down_proj.weight"
+
+    def scales(steps, anneal):
+        result = distill(model, windows, plan, encodings, mx.bfloat16, steps=steps, eval_every=steps,
+                         anneal=anneal)
+        assert result.kept
+        return result.encodings[name][0][1]
+
+    np.testing.assert_array_equal(scales(2, False), scales(2, True))
+    constant, annealed = scales(4, False), scales(4, True)
+    assert not np.array_equal(constant, annealed)
 
 
 def test_a_harmful_run_is_not_kept(setup):
@@ -89,9 +113,9 @@ def test_a_teacher_recomputed_per_window_gives_the_cached_teachers_result(setup)
 
 @pytest.mark.parametrize("awq", [False, True])
 def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
-    """--q-distill-norms (with AWQ's scales folded into the same norms, or without): the written quant
-    has the held-out KL divergence that distillation reported, its norms differ from the source's,
-    and mlx_lm.load reads them as written."""
+    """--q-distill-norms (with AWQ's scales folded into the same norms and an annealed rate, or
+    neither): the written quant has the held-out KL divergence that distillation reported, its norms
+    differ from the source's, and mlx_lm.load reads them as written."""
     import re
 
     from conftest import FIXTURE, run_cli
@@ -104,9 +128,10 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
     out = tmp_path / "norms"
     assert run_cli("convert", "-i", FIXTURE, "-o", out, "--q-recipe", "uniform", "--q-bits", 2, "--q-distill", 8,
                    "--q-distill-norms", "--calib-tokens", 2048, "--drop-vision", "--drop-mtp",
-                   *(["--awq", "--awq-alpha", 0.5] if awq else [])) == 0
+                   *(["--awq", "--awq-alpha", 0.5, "--q-distill-anneal"] if awq else [])) == 0
     card = (out / "README.md").read_text()
-    assert "Scales, biases and norm multipliers distilled for 8 steps" in card and ", kept." in card
+    annealed = " (the learning rate annealed toward zero over the second half)" if awq else ""
+    assert f"Scales, biases and norm multipliers distilled for 8 steps{annealed} on" in card and ", kept." in card
     reported = float(re.search(r"held-out mean KL [0-9.]+ -> ([0-9.]+)", card).group(1))
 
     source = load(FIXTURE, dtype="float32", dequantize=True)
@@ -130,9 +155,10 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
     assert mx.array_equal(model.language_model.model.layers[0].input_layernorm.weight, written)
 
 
-def test_distill_norms_needs_distill(capsys):
+@pytest.mark.parametrize("flag", ["--q-distill-norms", "--q-distill-anneal"])
+def test_distill_options_need_distill(capsys, flag):
     from conftest import FIXTURE, run_cli
 
     assert run_cli("convert", "-i", FIXTURE, "-o", "/nonexistent/x", "--q-recipe", "uniform", "--q-bits", 3,
-                   "--q-distill-norms") != 0
-    assert "--q-distill-norms: only with --q-distill STEPS" in capsys.readouterr().err
+                   flag) != 0
+    assert f"{flag}: only with --q-distill STEPS" in capsys.readouterr().err
