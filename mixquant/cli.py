@@ -113,10 +113,9 @@ def _options(args):
                             "--q-rounding gptq, or use it with --q-recipe auto)")
     if (args.q_rounding != "nearest" or args.q_distill) and recipe is None:
         raise MixquantError("--q-rounding / --q-distill: only when quantizing (-q or --q-recipe)")
-    if args.q_distill_norms and not args.q_distill:
-        raise MixquantError("--q-distill-norms: only with --q-distill STEPS")
-    if args.q_distill_anneal and not args.q_distill:
-        raise MixquantError("--q-distill-anneal: only with --q-distill STEPS")
+    for flag, given in (("--q-distill-norms", args.q_distill_norms), ("--q-distill-anneal", args.q_distill_anneal)):
+        if given and not args.q_distill:
+            raise MixquantError(f"{flag}: only with --q-distill STEPS")
     return ConvertOptions(
         recipe=recipe,
         dtype=args.dtype,
