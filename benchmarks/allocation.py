@@ -79,7 +79,9 @@ def heldout_tail(work: Path, tokenizer, chunks: int, longer: Path | None = None)
             raise SystemExit(f"{longer}: does not begin with the evaluation text; its tail could overlap it")
         text = full
     path = work / ("heldout-tail.txt" if longer is None else "fixture-heldout-tail.txt")
-    path.write_text(text[evaluated + 1000 :])
+    tail = text[evaluated + 1000 :]
+    if not path.exists() or path.read_text(encoding="utf-8") != tail:  # kept as it is: caches key on its mtime
+        path.write_text(tail, encoding="utf-8")
     return str(path)
 
 

@@ -17,6 +17,9 @@ parameters are recorded. Writes benchmarks/results/rounding-<model><tag>.json an
 the section of docs/RESULTS.md of that name, after every row (a run cut short keeps what it measured).
 A run with --rows adds to that file: its other rows stay, if they were measured with the same
 settings, and the section lists the commands that measured them.
+GPTQ's and learned rounding's results are kept in the work folder (`rounding/`, see
+--q-rounding-cache) and reused by a later row, or a later run with the same --work, that would
+compute the same one again; that row's seconds leave the rounding out, and its table cells say so.
 """
 
 from __future__ import annotations
@@ -105,14 +108,15 @@ def main() -> None:
         shutil.rmtree(path, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        make(path)
+        reused = make(path) is True
         seconds = time.time() - t0
         report = evaluate(path, reference)
         shutil.rmtree(path, ignore_errors=True)
         k = report["kld"]
         rows[name] = {"name": name, "group": group, "bytes": report["size_bytes"], "bpw": report["bpw"],
                       "mean": k["mean"], "stderr": k["stderr"], "p999": k["p999"], "same_top": report["same_top"],
-                      "seconds": round(seconds, 1), "s_per_billion": round(seconds / params * 1e9, 1)}
+                      "seconds": round(seconds, 1), "s_per_billion": round(seconds / params * 1e9, 1),
+                      **({"rounding_reused": True} if reused else {})}
         cache.write_text(json.dumps(rows[name]))
         print(f"{name:<36} {report['bpw']:6.3f} bpw  KLD {k['mean']:.5f} ± {k['stderr']:.5f}  p99.9 {k['p999']:.4f}"
               f"  ({seconds:.0f} s)", flush=True)
@@ -124,14 +128,20 @@ def main() -> None:
         return rows[name]["bytes"]
 
     def ours(recipe, rounding="nearest", distill=0, target=None, norms=False):
+        """A conversion of ours; it returns True where it reused a rounding an earlier row left in the
+        work folder (GPTQ is then not in its seconds)."""
+        cache = work / "rounding" if rounding != "nearest" else None
+
         def make(dest):
+            known = set(cache.glob("*.npz")) if cache is not None and cache.exists() else set()
             convert(src, dest, ConvertOptions(recipe=recipe, keep_vision=False, keep_mtp=False, progress=False,
                                               rounding=rounding, distill_steps=distill, distill_norms=norms,
                                               distill_anneal=args.distill_anneal and distill > 0,
                                               learn_steps=args.learn_steps or 0,
                                               calib=calib_path,
                                               calib_tokens=args.calib_tokens, target=target,
-                                              sensitivity=sens if target else None))
+                                              sensitivity=sens if target else None, rounding_cache=cache))
+            return bool(known) and set(cache.glob("*.npz")) == known
         return make
 
     folder = hf_folder(src, work)
@@ -265,8 +275,9 @@ def write_doc(result: dict) -> None:
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        reuse = " (rounding reused)" if r.get("rounding_reused") else ""
         lines.append(f"| {r['name']} | {r['bpw']:.3f} | {r['mean']:.5f} ± {r['stderr']:.5f} | {r['p999']:.4f} | "
-                     f"{100 * r['same_top']:.2f}% | {r['seconds']} | {r['s_per_billion']} |")
+                     f"{100 * r['same_top']:.2f}% | {r['seconds']}{reuse} | {r['s_per_billion']}{reuse} |")
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in result["checks"].items()]
     lines.append(f"<!-- {key}:end -->")

@@ -53,6 +53,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
                         "output (AutoRound-style), the head by GPTQ")
     p.add_argument("--q-learn-steps", type=int, default=None, metavar="N",
                    help="with --q-rounding learned: training steps per decoder layer (default 200)")
+    p.add_argument("--q-rounding-cache", default=None, metavar="DIR",
+                   help="with --q-rounding gptq or learned: keep the rounding in DIR, and reuse it in a later "
+                        "conversion with the same input, plan and calibration (to try --q-distill settings)")
     p.add_argument("--q-distill", type=int, default=0, metavar="STEPS",
                    help="tune scales and biases for STEPS steps on the KL divergence to the unquantized model "
                         "(DWQ; kept only if it lowers the held-out divergence)")
@@ -113,6 +116,11 @@ def _options(args):
                             "--q-rounding gptq, or use it with --q-recipe auto)")
     if (args.q_rounding != "nearest" or args.q_distill) and recipe is None:
         raise MixquantError("--q-rounding / --q-distill: only when quantizing (-q or --q-recipe)")
+    if args.q_rounding_cache is not None:
+        if args.q_rounding == "nearest":
+            raise MixquantError("--q-rounding-cache: only with --q-rounding gptq or learned")
+        if Path(args.q_rounding_cache).exists() and not Path(args.q_rounding_cache).is_dir():
+            raise MixquantError(f"{args.q_rounding_cache}: --q-rounding-cache needs a folder, this is a file")
     for flag, given in (("--q-distill-norms", args.q_distill_norms), ("--q-distill-anneal", args.q_distill_anneal)):
         if given and not args.q_distill:
             raise MixquantError(f"{flag}: only with --q-distill STEPS")
@@ -135,6 +143,7 @@ def _options(args):
         distill_steps=args.q_distill,
         distill_norms=args.q_distill_norms,
         distill_anneal=args.q_distill_anneal,
+        rounding_cache=Path(args.q_rounding_cache) if args.q_rounding_cache else None,
     )
 
 

@@ -71,6 +71,7 @@ class ConvertOptions:
     distill_norms: bool = False  # ... and the norm multipliers with them
     distill_anneal: bool = False  # ... with the learning rate falling toward zero over the second half of the steps
     resume: bool = False  # stage in a folder a failure leaves behind; continue an earlier run of the same plan
+    rounding_cache: Path | None = None  # a folder: GPTQ / learned rounding kept there and reused by a later run
 
 
 def build_plan(src: Path, options: ConvertOptions):
@@ -140,12 +141,13 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     out = Path(out)
     if not Path(src).exists():
         raise MixquantError(f"{src}: no such file or folder")
-    check_output(out, input_paths(src, options), options.force, options.replace_any)
+    cache = [Path(options.rounding_cache)] if options.rounding_cache is not None else []
+    check_output(out, input_paths(src, options) + cache, options.force, options.replace_any)
     source, plan = build_plan(src, options)
     for warning in plan.warnings:
         log.warning(warning)
     awq_result = run_awq(Path(src), source, plan, options.awq) if options.awq else None
-    rounded = run_rounding(Path(src), plan, options, awq_result) if options.rounding != NEAREST else {}
+    rounded = cached_rounding(Path(src), plan, options, awq_result) if options.rounding != NEAREST else {}
     distilled = None
     if options.distill_steps > 0:
         distilled = run_distill(Path(src), source, plan, options, awq_result, rounded)
@@ -172,9 +174,10 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     return plan
 
 
-def fingerprint(src: Path, plan: Plan, options: ConvertOptions) -> str:
+def fingerprint(src: Path, plan: Plan, options: ConvertOptions, steps: dict | None = None) -> str:
     """What a resumed conversion must share with the run it continues: the inputs as they are on disk
-    (names, sizes, modification times), the plan's every tensor, and the steps that change weights."""
+    (names, sizes, modification times), the plan's every tensor, and the steps that change weights
+    (or only `steps`)."""
     import hashlib
 
     files = []
@@ -184,12 +187,17 @@ def fingerprint(src: Path, plan: Plan, options: ConvertOptions) -> str:
             if f.is_file():
                 st = f.stat()
                 files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    steps = {"awq": repr(options.awq), "rounding": options.rounding, "learn_steps": learn_steps(options),
-             "distill_steps": options.distill_steps,
-             "distill_norms": options.distill_norms, "distill_anneal": options.distill_anneal,
-             "calib": options.calib, "calib_tokens": options.calib_tokens}
+    if steps is None:
+        steps = {**rounding_steps(options), "distill_steps": options.distill_steps,
+                 "distill_norms": options.distill_norms, "distill_anneal": options.distill_anneal}
     text = json.dumps({"files": files, "plan": plan.rows(), "steps": steps}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def rounding_steps(options: ConvertOptions) -> dict:
+    """The settings GPTQ's or learned rounding's result depends on, besides the inputs and the plan."""
+    return {"awq": repr(options.awq), "rounding": options.rounding, "learn_steps": learn_steps(options),
+            "calib": options.calib, "calib_tokens": options.calib_tokens}
 
 
 def _encoder(awq_result, rounded: dict, floats: dict):
@@ -232,6 +240,23 @@ def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> 
     return run_gptq(model, windows, plan, mx_dtype(plan.entries[0].dtype), awq_result,
                     progress=callback(label) if options.progress is not False else None, streamed=streamed,
                     learn_steps=steps)
+
+
+def cached_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> dict:
+    """run_rounding's result, read from options.rounding_cache where an earlier run with the same
+    inputs, plan and rounding settings left it (and left there for the next)."""
+    from mixquant.io.rounding_cache import cache_file, load_rounded, save_rounded
+
+    if options.rounding_cache is None:
+        return run_rounding(src, plan, options, awq_result)
+    path = cache_file(options.rounding_cache, fingerprint(src, plan, options, rounding_steps(options)))
+    rounded = load_rounded(path)
+    if rounded is not None:
+        log.info("rounding: reusing %s", path)
+        return rounded
+    rounded = run_rounding(src, plan, options, awq_result)
+    save_rounded(path, rounded)
+    return rounded
 
 
 def learn_steps(options: ConvertOptions) -> int:

@@ -59,6 +59,11 @@ CASES = [
     ("convert -i {CUT} -o {OUT}", "truncated"),
     ("convert -i {ROOT}/huge_array.gguf -o {OUT}", "truncated or corrupt GGUF"),
     ("convert -o {OUT}", "the following arguments are required: -i/--input"),
+    ("convert -i {T} -o {OUT} -q --q-rounding-cache {ROOT}/rc", "--q-rounding-cache: only with --q-rounding gptq"),
+    ("convert -i {T} -o {OUT} -q --q-rounding gptq --q-rounding-cache {ROOT}/notes.txt",
+     "notes.txt: --q-rounding-cache needs a folder, this is a file"),
+    ("convert -i {T} -o {ROOT}/rc/out -q --q-rounding gptq --q-rounding-cache {ROOT}/rc",
+     "the output lies inside the input"),
     # plan
     ("plan -i {ROOT}/notes.txt", "not a GGUF file"),
     ("plan -i {ROOT}/huge_array.gguf -q", "truncated or corrupt GGUF"),

@@ -123,3 +123,40 @@ def test_rounding_per_expert_on_a_tiny_moe(tmp_path, rounding, flags, every_expe
     assert kld[rounding] < kld["nearest"], kld
     model, _ = mlx_load(str(tmp_path / rounding))
     assert isinstance(model.language_model.model.layers[0].mlp.switch_mlp.down_proj, QuantizedSwitchLinear)
+
+
+def test_rounding_cache_is_read_back_and_keyed(tmp_path, capsys):
+    """--q-rounding-cache: a second conversion with the same settings takes the rounding from the cache
+    (what the cache holds is what it writes), one with other calibration settings rounds again into a
+    file of its own, and a cache file that is not one is a one-line error."""
+    import mlx.core as mx
+
+    from conftest import FIXTURE, run_cli
+    from mixquant.io.rounding_cache import load_rounded, save_rounded
+
+    cache = tmp_path / "cache"
+    args = ["-i", FIXTURE, "-q", "--q-recipe", "uniform", "--q-bits", "3", "--q-rounding", "gptq", "--drop-vision",
+            "--drop-mtp", "--q-rounding-cache", cache]
+    assert run_cli("convert", "-o", tmp_path / "a", *args, "--calib-tokens", 512) == 0
+    [entry] = list(cache.iterdir())
+    rounded = load_rounded(entry)
+    name = sorted(rounded)[0]
+    q, s, b = rounded[name][0]
+    rounded[name] = [(np.zeros_like(q), s, b)]
+    save_rounded(entry, rounded)
+    assert run_cli("convert", "-o", tmp_path / "b", *args, "--calib-tokens", 512) == 0
+    a, b = (mx.load(str(tmp_path / o / "model.safetensors")) for o in ("a", "b"))
+    assert not np.any(np.array(b[name])) and np.any(np.array(a[name]))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if key != name:
+            np.testing.assert_array_equal(np.array(a[key].astype(mx.float32)), np.array(b[key].astype(mx.float32)))
+
+    assert run_cli("convert", "-o", tmp_path / "c", *args, "--calib-tokens", 1024) == 0
+    assert len(list(cache.iterdir())) == 2
+    entry.write_bytes(b"not a zip")
+    capsys.readouterr()
+    assert run_cli("convert", "-o", tmp_path / "d", *args, "--calib-tokens", 512) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mixquant: error: {entry}: not a readable rounding cache (not an .npz file); remove it"]
+    assert not (tmp_path / "d").exists()
