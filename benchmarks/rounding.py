@@ -41,7 +41,8 @@ from benchmarks.report import replace_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "RESULTS.md"
-LATER_SETTINGS = {"distill_anneal": False}  # settings newer than some results files: what those were measured with
+LATER_SETTINGS = {"distill_anneal": False,  # settings newer than some results files: what those were measured with
+                  "distill_held_out": "a quarter of the windows, checked after every pass"}
 
 
 def main() -> None:
@@ -74,6 +75,7 @@ def main() -> None:
     from mixquant.eval.kld import evaluate
     from mixquant.loading import count_parameters, load
     from mixquant.quant.auto import Target
+    from mixquant.quant.distill import EVAL_EVERY, HELD_OUT_MAX
     from mixquant.quant.learned import STEPS
     from mixquant.quant.recipe import auto_base, uniform
 
@@ -92,6 +94,8 @@ def main() -> None:
 
     settings = {"model": args.model, "tag": args.tag, "calib": calib, "calib_tokens": args.calib_tokens,
                 "chunks": args.chunks, "distill_steps": args.distill_steps, "distill_anneal": args.distill_anneal,
+                "distill_held_out": f"a quarter of the windows (at most {HELD_OUT_MAX}), checked every {EVAL_EVERY} "
+                                    "steps or after every pass if sooner",
                 "learn_steps": args.learn_steps or STEPS}
     results = RESULTS / f"rounding-{args.model}{args.tag}.json"
     earlier = earlier_run(results if args.rows else None, settings)
@@ -269,7 +273,8 @@ def write_doc(result: dict) -> None:
              + ": what each step buys", "",
              (" then ".join(f"`{c}`" for c in result["commands"]) + f" ({result['machine']}). Calibration: "
               f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps"
-              + (", the learning rate annealed over the second half" if result.get("distill_anneal") else "") + "; "
+              + (", the learning rate annealed over the second half" if result.get("distill_anneal") else "")
+              + (f", held out: {result['distill_held_out']}" if "distill_held_out" in result else "") + "; "
               f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "
               + " ".join(result["notes"])).rstrip(), "",
              "| quant | bpw | mean KLD ± se | p99.9 | same top | convert s | s per 1B params |",

@@ -7,11 +7,13 @@ rebuilds its weight in float32 from the fixed codes and the trainable pair (scal
 bias = b0 + c * |s0|, a and c starting at zero): float32 GEMMs, which on MLX's CPU backend are far
 faster than its quantized kernels, and gradients reach every scale and bias. Optionally the text
 model's norm multipliers (unquantized, written in the output's float dtype) move with them. A
-quarter of the windows is held out: the run keeps the state with the least held-out KL, and the
-result is kept only if that beats the start (once scales, biases and norms are rounded to their
-output dtypes). The unquantized model's log-probs (windows x tokens x vocab float32: half a GiB per
-512-token window at a 248k vocabulary) are kept while they fit in TEACHER_CACHE_BYTES and recomputed
-by the same forward for the other windows, so the calibration budget is not bounded by memory.
+quarter of the windows, at most HELD_OUT_MAX of them, is held out and checked every EVAL_EVERY steps
+(or every pass over the rest, if that is shorter): the run keeps the state with the least held-out
+KL, and the result is kept only if that beats the start (once scales, biases and norms are rounded
+to their output dtypes). The unquantized model's log-probs (windows x tokens x vocab float32: half a
+GiB per 512-token window at a 248k vocabulary) are kept while they fit in TEACHER_CACHE_BYTES and
+recomputed by the same forward for the other windows, so the calibration budget is not bounded by
+memory.
 mlx-lm's fused Gated DeltaNet kernel has no vjp, so the model runs in training mode (its ops path).
 """
 
@@ -25,6 +27,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 HELD_OUT = 0.25
+HELD_OUT_MAX = 64  # windows: enough for the keep decision; a larger budget goes to training
+EVAL_EVERY = 256
 LEARNING_RATE = 3e-4
 TEACHER_CACHE_BYTES = 2 << 30
 
@@ -120,7 +124,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     entries = {e.tensor.name: e for e in plan.entries if e.tensor.name in encodings}
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(windows))
-    n_held = max(1, int(round(HELD_OUT * len(windows))))
+    n_held = held_out_count(len(windows))
     held, train = windows[order[:n_held]], windows[order[n_held:]]
     if len(train) == 0:
         train = held
@@ -202,7 +206,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
         best, best_state = before, None
         optimizer = optim.Adam(learning_rate=learning_rate(lr, steps, anneal))
         step_fn = nn.value_and_grad(model, loss_fn)
-        eval_every = eval_every or max(1, len(train))
+        eval_every = eval_every or max(1, min(EVAL_EVERY, len(train)))
         for step in range(steps):
             i = step % len(train)
             loss, grads = step_fn(model, train[i], teacher(len(held) + i, train[i]))
@@ -234,6 +238,11 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
         model.update_modules(tree_unflatten(originals))
         model.unfreeze()
         model.train(training)
+
+
+def held_out_count(n_windows: int) -> int:
+    """How many of `n_windows` calibration windows distillation holds out."""
+    return max(1, min(HELD_OUT_MAX, int(round(HELD_OUT * n_windows))))
 
 
 def learning_rate(lr: float, steps: int, anneal: bool):

@@ -123,7 +123,7 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
 
     from mixquant.calib.data import calibration_set
     from mixquant.loading import load
-    from mixquant.quant.distill import HELD_OUT
+    from mixquant.quant.distill import held_out_count
 
     out = tmp_path / "norms"
     assert run_cli("convert", "-i", FIXTURE, "-o", out, "--q-recipe", "uniform", "--q-bits", 2, "--q-distill", 8,
@@ -137,7 +137,7 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
     source = load(FIXTURE, dtype="float32", dequantize=True)
     quant = load(out, dtype="float32", dequantize=True).model
     windows = calibration_set("mix", source.model, source.tokenizer, 2048, 512)  # as convert took them
-    held = windows[np.random.default_rng(0).permutation(len(windows))[: round(HELD_OUT * len(windows))]]
+    held = windows[np.random.default_rng(0).permutation(len(windows))[: held_out_count(len(windows))]]
 
     def logprobs(model, window):
         lg = model(mx.array(window[None]))[0]
@@ -162,3 +162,10 @@ def test_distill_options_need_distill(capsys, flag):
     assert run_cli("convert", "-i", FIXTURE, "-o", "/nonexistent/x", "--q-recipe", "uniform", "--q-bits", 3,
                    flag) != 0
     assert f"{flag}: only with --q-distill STEPS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("windows, held", [(1, 1), (4, 1), (8, 2), (64, 16), (256, 64), (1024, 64)])
+def test_held_out_is_a_quarter_up_to_64_windows(windows, held):
+    from mixquant.quant.distill import held_out_count
+
+    assert held_out_count(windows) == held
