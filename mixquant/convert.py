@@ -141,6 +141,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     out = Path(out)
     if not Path(src).exists():
         raise MixquantError(f"{src}: no such file or folder")
+    # the cache folder is guarded like an input but is not one of input_paths: the keys hash those
     cache = [Path(options.rounding_cache)] if options.rounding_cache is not None else []
     check_output(out, input_paths(src, options) + cache, options.force, options.replace_any)
     source, plan = build_plan(src, options)
