@@ -264,9 +264,11 @@ class CalibrationKL:
 
         from mixquant.calib.data import calibration_set
         from mixquant.loading import load
+        from mixquant.vocab import embedding_rows
 
         reference = load(src, dtype="float32", dequantize=True)
-        self.windows = calibration_set(calib, reference.model, reference.tokenizer, n_windows * 512, 512)[:n_windows]
+        self.windows = calibration_set(calib, reference.model, reference.tokenizer, n_windows * 512, 512,
+                                       embedding_rows(reference.config, src))[:n_windows]
         self.refs = [self._logprobs(reference.model, w) for w in self.windows]
         self.mx = mx
 

@@ -258,9 +258,10 @@ def mlx_lm_gptq(folder: Path, dest: Path, calib: str, tokens: int) -> None:
     from mlx_lm.utils import load, save
 
     from mixquant.calib.data import calibration_set
+    from mixquant.vocab import embedding_rows
 
     model, tokenizer, config = load(str(folder), return_config=True)
-    windows = calibration_set(calib, model, tokenizer, tokens, 512)
+    windows = calibration_set(calib, model, tokenizer, tokens, 512, embedding_rows(config, folder))
     model, config["quantization"] = gptq_quantize(model, mx.array(windows), 4, 64, 6, 64)
     save(str(dest), str(folder), model, tokenizer, config)
 

@@ -29,6 +29,7 @@ from mixquant.quant.encode import encode, encode_floats, mx_dtype
 from mixquant.quant.plan import DEFAULT_SHARD_BYTES, Plan, make_plan
 from mixquant.quant.recipe import Recipe
 from mixquant.sources import arch_plan_of
+from mixquant.vocab import embedding_rows
 from mixquant.writer import write_config, write_weights
 
 log = logging.getLogger(__name__)
@@ -234,8 +235,9 @@ def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> 
     from mixquant.calib.streamed import float_model
     from mixquant.progress import callback
 
-    model, tokenizer, streamed = float_model(src, options.calib, options.config_dir)
-    windows = calibration_set(options.calib, model, tokenizer, options.calib_tokens, CALIB_CTX)
+    model, tokenizer, config, streamed = float_model(src, options.calib, options.config_dir)
+    windows = calibration_set(options.calib, model, tokenizer, options.calib_tokens, CALIB_CTX,
+                              embedding_rows(config, src))
     steps = learn_steps(options)
     label = "learned rounding" if steps else "GPTQ"
     return run_gptq(model, windows, plan, mx_dtype(plan.entries[0].dtype), awq_result,
@@ -294,7 +296,8 @@ def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_resu
     from mixquant.quant.distill import distill
 
     loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
-    windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX)
+    windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX,
+                              embedding_rows(loaded.config, src))
     encodings = {**nearest_encodings(source, plan, awq_result, rounded), **rounded}
     result = distill(loaded.model, windows, plan, encodings, mx_dtype(plan.entries[0].dtype), options.distill_steps,
                      awq_result, progress=callback("distilling") if options.progress is not False else None,
@@ -383,7 +386,8 @@ def _awq_streamed(src, config_dir, source, plan, structure, opts, stats, importa
             s.samples = [None] * len(s.samples)
 
     streamed = StreamedModel(src, config_dir)
-    windows = calibration_set(opts.calib, None, streamed.tokenizer, opts.tokens, opts.ctx)
+    windows = calibration_set(opts.calib, None, streamed.tokenizer, opts.tokens, opts.ctx,
+                              embedding_rows(streamed.config, src))
     collect_streamed(streamed, windows, samples=opts.alpha is None, after_layer=after_layer)
     if by_layer:
         raise MixquantError(f"{src}: the model has no decoder layer {min(by_layer)}, which the plan has")

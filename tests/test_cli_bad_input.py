@@ -7,17 +7,19 @@ import struct
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, save_tiny_qwen35
 
 
 @pytest.fixture(scope="module")
 def files(fixture_dir, tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    q = root / "q"
-    assert run_cli("convert", "-i", tiny_models["text-r2"], "-o", q, "-q", "--drop-mtp") == 0
+    tiny = save_tiny_qwen35(root / "tiny", ratio=2, vocab_size=8192, seed=1)  # the whole fixture tokenizer
+    small = tiny_models["text-r2"]  # a 512-row embedding under the fixture's 8166-token tokenizer
+    q, q_small = root / "q", root / "q-small"
+    assert run_cli("convert", "-i", tiny, "-o", q, "-q", "--drop-mtp") == 0
+    assert run_cli("convert", "-i", small, "-o", q_small, "-q", "--drop-mtp") == 0
     ref = root / "ref.npz"
-    assert run_cli("eval", "--reference", tiny_models["text-r2"], "--ctx", 64, "--chunks", 1,
-                   "--save-reference", ref) == 0
+    assert run_cli("eval", "--reference", tiny, "--ctx", 64, "--chunks", 1, "--save-reference", ref) == 0
     (root / "latin1.txt").write_bytes("café crème\n".encode("latin-1") * 40)
     (root / "rules.toml").write_text('[[rules]]\nrole = "ffn_gaet"\nbits = 4\n')
     (root / "notes.txt").write_text("hello")
@@ -25,7 +27,7 @@ def files(fixture_dir, tiny_models, tmp_path_factory):
     (root / "huge_array.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(k)) + k
                                            + struct.pack("<IIQ", 9, 4, 2**61) + b"\0" * 100)
     cut = root / "cut"
-    shutil.copytree(tiny_models["text-r2"], cut)
+    shutil.copytree(tiny, cut)
     shard = cut / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-4096])
     # the same model with a tokenizer whose ids differ (two tokens swapped)
@@ -36,8 +38,8 @@ def files(fixture_dir, tiny_models, tmp_path_factory):
     a, b = "def", "class"
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(tok))
-    return {"F": fixture_dir, "T": tiny_models["text-r2"], "Q": q, "REF": ref, "OUT": root / "out", "ROOT": root,
-            "OTHER": other, "CUT": cut}
+    return {"F": fixture_dir, "T": tiny, "Q": q, "REF": ref, "OUT": root / "out", "ROOT": root,
+            "OTHER": other, "CUT": cut, "SMALL": small, "QSMALL": q_small}
 
 
 CASES = [
@@ -64,6 +66,15 @@ CASES = [
      "notes.txt: --q-rounding-cache needs a folder, this is a file"),
     ("convert -i {T} -o {ROOT}/rc/out -q --q-rounding gptq --q-rounding-cache {ROOT}/rc",
      "the output lies inside the input"),
+    # a tokenizer whose ids reach past the embedding (MLX would read outside it)
+    ("convert -i {SMALL} -o {OUT} -q --q-rounding gptq --calib-tokens 1024 --drop-mtp",
+     "calibration.jsonl: the tokenizer gives token id 8"),
+    ("convert -i {SMALL} -o {OUT} -q --awq --calib-tokens 512 --drop-mtp", "past the model's 512-row embedding"),
+    ("imatrix -m {SMALL} -o {ROOT}/im.gguf --tokens 512", "calibration.jsonl: the tokenizer gives token id 8"),
+    ("eval --model {QSMALL} --reference {SMALL} --ctx 64 --chunks 1", "eval_heldout.txt: the tokenizer gives token id"),
+    ("eval --model {QSMALL} --reference {REF}", "q-small: the tokenizer gives token id"),
+    ("generate {QSMALL} --prompt 'quantization of weights'", "past the model's 512-row embedding"),
+    ("bench {QSMALL} --repeats 1", "q-small: the tokenizer gives token id"),
     # plan
     ("plan -i {ROOT}/notes.txt", "not a GGUF file"),
     ("plan -i {ROOT}/huge_array.gguf -q", "truncated or corrupt GGUF"),

@@ -63,6 +63,7 @@ def test_streamed_awq_decides_as_the_in_memory_search(which, fixture_dir, tmp_pa
 def test_streamed_gptq_equals_the_in_memory_gptq(which, fixture_dir, tmp_path):
     """GPTQ reading one decoder layer at a time from the source rounds every tensor as GPTQ over the
     whole float model does."""
+    from mixquant.vocab import embedding_rows
     from mixquant.calib.data import calibration_set
     from mixquant.calib.rounding import run_gptq
     from mixquant.convert import ConvertOptions, build_plan, run_rounding
@@ -78,7 +79,7 @@ def test_streamed_gptq_equals_the_in_memory_gptq(which, fixture_dir, tmp_path):
     streamed = run_rounding(path, plan, options, None)
 
     loaded = load(path, dtype="float32", dequantize=True)
-    windows = calibration_set("mix", loaded.model, loaded.tokenizer, 1024, 512)
+    windows = calibration_set("mix", loaded.model, loaded.tokenizer, 1024, 512, embedding_rows(loaded.config, path))
     whole = run_gptq(loaded.model, windows, plan, mx_dtype(plan.entries[0].dtype))
     assert streamed.keys() == whole.keys() and len(whole) > 10
     for name, parts in whole.items():

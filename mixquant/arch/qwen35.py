@@ -546,4 +546,5 @@ STRUCTURE = Structure(
 )
 
 FAMILY = Family("qwen35", MODEL_TYPES, build, STRUCTURE, GGUF, imatrix_order, mlx_prefix="language_model.",
-                excluded_prefixes=(VISION_PREFIX, "vision_tower.", MTP_PREFIX), mtp=mtp_parts)
+                excluded_prefixes=(VISION_PREFIX, "vision_tower.", MTP_PREFIX), mtp=mtp_parts,
+                text_config=text_config)

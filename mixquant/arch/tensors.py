@@ -117,6 +117,8 @@ class Family:
     # (mlx-lm model, mtp.* tensors, quantization block, where) -> the parts MTP speculative decoding
     # runs (mixquant.arch.qwen35.MTPParts); None: the family has no MTP head
     mtp: Callable | None = None
+    # config -> the language model's own config (a VLM wraps it in text_config); None: it is the config
+    text_config: Callable | None = None
 
 
 def _norm_shift(a):

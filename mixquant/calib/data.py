@@ -15,6 +15,7 @@ import numpy as np
 
 from mixquant.bundled import CALIBRATION_MIX
 from mixquant.errors import MixquantError
+from mixquant.vocab import check_token_ids
 
 
 
@@ -117,9 +118,13 @@ def self_windows(model, tokenizer, n: int, ctx: int, seed: int = 0) -> np.ndarra
     return np.array(mx.concatenate(out, axis=1))
 
 
-def calibration_set(spec: str, model, tokenizer, tokens: int | None, ctx: int, seed: int = 0) -> np.ndarray:
-    """[n, ctx] token windows: the bundled mix, a user file, or (SELF) sampled from the model."""
+def calibration_set(spec: str, model, tokenizer, tokens: int | None, ctx: int, rows: int,
+                    seed: int = 0) -> np.ndarray:
+    """[n, ctx] token windows: the bundled mix, a user file, or (SELF) sampled from the model, whose
+    token embedding has `rows` rows."""
     if spec == SELF:
         n = max(1, tokens // ctx) if tokens else SELF_WINDOWS
         return self_windows(model, tokenizer, n, ctx, seed)
-    return calibration_windows(calibration_documents(spec, tokenizer), tokenizer, tokens, ctx)
+    windows = calibration_windows(calibration_documents(spec, tokenizer), tokenizer, tokens, ctx)
+    check_token_ids(windows, rows, str(CALIBRATION_MIX if spec == MIX else spec))
+    return windows

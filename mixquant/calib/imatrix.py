@@ -12,6 +12,7 @@ from mixquant.calib.collect import ModuleStats, collect
 from mixquant.calib.data import calibration_set
 from mixquant.errors import MixquantError
 from mixquant.io.imatrix import Imatrix, ImatrixEntry
+from mixquant.vocab import embedding_rows
 
 
 def _imatrix_names(config: dict, where):
@@ -81,7 +82,7 @@ def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, 
     else:
         streamed = StreamedModel(Path(model_path))
         config = streamed.config
-        windows = calibration_set(calib, None, streamed.tokenizer, tokens, ctx)
+        windows = calibration_set(calib, None, streamed.tokenizer, tokens, ctx, embedding_rows(config, model_path))
         stats = collect_streamed(streamed, windows, progress, samples=False)
     dataset = {"mix": "mixquant calibration mix", "self": "sampled from the model"}.get(calib, Path(calib).name)
     return stats_to_imatrix(stats, config, dataset, len(windows), windows.shape[1]), stats, config
@@ -96,7 +97,7 @@ def calibrate(model_path: Path, calib: str, tokens: int | None, ctx: int, judge_
 
     loaded = load(Path(model_path), dtype="float32", dequantize=True, config_dir=config_dir)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
-    windows = calibration_set(calib, model, tokenizer, tokens, ctx)
+    windows = calibration_set(calib, model, tokenizer, tokens, ctx, embedding_rows(config, model_path))
     stats = collect(model, windows, progress)
     judge = None
     if judge_windows > 0:

@@ -32,13 +32,15 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = "mix", n_wind
     from mixquant.loading import load
     from mixquant.quant.plan import make_plan
     from mixquant.sources import arch_plan_of
+    from mixquant.vocab import embedding_rows
 
     if mode not in (MEASURED, PROXY):
         raise MixquantError(f"--mode: {mode!r} is neither {MEASURED} nor {PROXY}")
     _, arch = arch_plan_of(Path(src), config_dir, keep_vision=False, keep_mtp=False)
     units = units_of(make_plan(arch, None, dtype))
     loaded = load(Path(src), dtype="float32", dequantize=True, config_dir=config_dir)
-    windows = calibration_set(calib, loaded.model, loaded.tokenizer, n_windows * ctx, ctx)[:n_windows]
+    windows = calibration_set(calib, loaded.model, loaded.tokenizer, n_windows * ctx, ctx,
+                              embedding_rows(loaded.config, src))[:n_windows]
     info = {"spec": str(calib), "windows": int(len(windows)), "ctx": int(windows.shape[1]),
             "tokens_hash": windows_hash(windows)}
     sens = Sensitivity(mode, str(src), info, dtype, {})

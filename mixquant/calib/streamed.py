@@ -51,15 +51,15 @@ def streamable(path: Path, calib: str | None = None) -> bool:
 
 
 def float_model(path: Path, calib: str | None = None, config_dir: Path | None = None):
-    """(model, tokenizer, streamed) for the float32 model at `path`: a StreamedModel's (weights read
-    a layer at a time) where `streamable`, else mlx-lm's whole model and None."""
+    """(model, tokenizer, config, streamed) for the float32 model at `path`: a StreamedModel's
+    (weights read a layer at a time) where `streamable`, else mlx-lm's whole model and None."""
     from mixquant.loading import load
 
     if not streamable(path, calib):
         loaded = load(Path(path), dtype="float32", dequantize=True, config_dir=config_dir)
-        return loaded.model, loaded.tokenizer, None
+        return loaded.model, loaded.tokenizer, loaded.config, None
     streamed = StreamedModel(Path(path), config_dir)
-    return streamed.model, streamed.tokenizer, streamed
+    return streamed.model, streamed.tokenizer, streamed.config, streamed
 
 
 class StreamedModel:

@@ -19,6 +19,7 @@ from mixquant.errors import MixquantError
 from mixquant.io.atomic import atomic_write
 from mixquant.eval import metrics
 from mixquant.loading import count_parameters, default_dequantize, load, load_tokenizer, text_weight_bytes
+from mixquant.vocab import check_token_ids, embedding_rows
 
 REFERENCE_FORMAT = "mixquant-reference-v2"  # v2: with the tokenizer's fingerprint
 AUTO_FULL_LIMIT_BYTES = 1 << 30  # keep full reference distributions while they fit in 1 GiB
@@ -180,11 +181,12 @@ def compute_reference(ref_path: Path, text_path: Path | None, ctx: int, chunks: 
 
     text, text_name = read_text(text_path)
     resolve_topk(topk, 1, ctx, 1)  # a bad --topk fails before the model runs
-    model, tokenizer, streamed = float_model(Path(ref_path))
+    model, tokenizer, config, streamed = float_model(Path(ref_path))
     fingerprint = tokenizer_fingerprint(tokenizer)
     if check_model is not None:
         check_same_tokenizer(Path(check_model), load_tokenizer(Path(check_model)), fingerprint, str(ref_path))
     windows = make_windows(tokenizer.encode(text), ctx, chunks)
+    check_token_ids(windows, embedding_rows(config, ref_path), text_name)
     if streamed is None:
         logits = (forward_logits(model, w) for w in windows)
     else:
@@ -208,13 +210,12 @@ def evaluate(model_path: Path, reference: Reference, dequantize: bool | None = N
     check_same_tokenizer(model_path, load_tokenizer(model_path), reference.tokenizer, reference.source)
     if dequantize is None:
         dequantize = default_dequantize()
-    model = load(model_path, dequantize=dequantize).model
+    loaded = load(model_path, dequantize=dequantize)
+    check_token_ids(reference.windows, embedding_rows(loaded.config, model_path), str(model_path))
+    model = loaded.model
     chunks = []
-    vocab_needed = int(reference.windows.max()) + 1
     for i, window in enumerate(reference.windows):
         q_lp = window_logprobs(model, window, reference.ctx)
-        if q_lp.shape[-1] < vocab_needed:
-            raise MixquantError(f"{model_path}: vocabulary of {q_lp.shape[-1]} does not cover the reference's tokens")
         chunks.append(reference.compare(i, q_lp))
         if progress:
             progress(i + 1, len(reference.windows))

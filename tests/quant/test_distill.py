@@ -18,6 +18,7 @@ def test_codes_unpack_what_pack_wrote(bits):
 @pytest.fixture(scope="module")
 def setup(fixture_dir):
     """The fixture in float32, its 2-bit uniform plan, the nearest-rounding encodings, and windows."""
+    from mixquant.vocab import embedding_rows
     from mixquant.calib.data import calibration_set
     from mixquant.convert import ConvertOptions, build_plan, nearest_encodings
     from mixquant.loading import load
@@ -26,7 +27,8 @@ def setup(fixture_dir):
     source, plan = build_plan(fixture_dir, ConvertOptions(recipe=uniform(2, 64), keep_vision=False, keep_mtp=False))
     encodings = nearest_encodings(source, plan, None, {})
     loaded = load(fixture_dir, dtype="float32", dequantize=True)
-    windows = calibration_set("mix", loaded.model, loaded.tokenizer, 8 * 64, 64)[:8]
+    windows = calibration_set("mix", loaded.model, loaded.tokenizer, 8 * 64, 64,
+                              embedding_rows(loaded.config, fixture_dir))[:8]
     return loaded.model, windows, plan, encodings
 
 
@@ -121,6 +123,7 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
     from conftest import FIXTURE, run_cli
     from mlx_lm import load as mlx_load
 
+    from mixquant.vocab import embedding_rows
     from mixquant.calib.data import calibration_set
     from mixquant.loading import load
     from mixquant.quant.distill import held_out_count
@@ -136,7 +139,8 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
 
     source = load(FIXTURE, dtype="float32", dequantize=True)
     quant = load(out, dtype="float32", dequantize=True).model
-    windows = calibration_set("mix", source.model, source.tokenizer, 2048, 512)  # as convert took them
+    windows = calibration_set("mix", source.model, source.tokenizer, 2048, 512,  # as convert took them
+                              embedding_rows(source.config, FIXTURE))
     held = windows[np.random.default_rng(0).permutation(len(windows))[: held_out_count(len(windows))]]
 
     def logprobs(model, window):
