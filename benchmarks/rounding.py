@@ -285,7 +285,7 @@ def write_doc(result: dict) -> None:
         lines.append(f"| {r['name']} | {r['bpw']:.3f} | {r['mean']:.5f} ± {r['stderr']:.5f} | {r['p999']:.4f} | "
                      f"{100 * r['same_top']:.2f}% | {r['seconds']}{reuse} | {r['s_per_billion']}{reuse} |")
     lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in result["checks"].items()]
+    lines += [f"| {k} | {v:.4f} |" for k, v in result["checks"].items()]
     lines.append(f"<!-- {key}:end -->")
     replace_section(DOC, key, "\n".join(lines))
 
