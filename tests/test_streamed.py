@@ -63,13 +63,13 @@ def test_streamed_awq_decides_as_the_in_memory_search(which, fixture_dir, tmp_pa
 def test_streamed_gptq_equals_the_in_memory_gptq(which, fixture_dir, tmp_path):
     """GPTQ reading one decoder layer at a time from the source rounds every tensor as GPTQ over the
     whole float model does."""
-    from mixquant.vocab import embedding_rows
     from mixquant.calib.data import calibration_set
     from mixquant.calib.rounding import run_gptq
     from mixquant.convert import ConvertOptions, build_plan, run_rounding
     from mixquant.loading import load
     from mixquant.quant.encode import mx_dtype
     from mixquant.quant.recipe import uniform
+    from mixquant.vocab import embedding_rows
 
     path = fixture_dir if which == "fixture" else save_tiny_qwen35(tmp_path, ratio=2, moe=True, vocab_size=8192,
                                                                     seed=7)

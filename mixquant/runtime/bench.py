@@ -45,10 +45,11 @@ class Runs:
 def prompt_ids(model, n: int, offset: int = 0) -> np.ndarray:
     """n tokens of the bundled text from `offset`, for a chat Model."""
     ids = model.tokenizer.encode(EVAL_TEXT.read_text(encoding="utf-8"))
-    check_token_ids(np.asarray(ids), model.rows, str(model.path))
     if len(ids) < offset + n:
         raise MixquantError(f"the bundled text has {len(ids)} tokens, fewer than {offset + n}")
-    return list(ids[offset : offset + n])
+    ids = list(ids[offset : offset + n])
+    check_token_ids(np.asarray(ids), model.rows, str(model.path))
+    return ids
 
 
 def _generate(model, session, new_tokens: list[int], gen_tokens: int, mtp: int = 0, stats=None,

@@ -18,11 +18,11 @@ def test_codes_unpack_what_pack_wrote(bits):
 @pytest.fixture(scope="module")
 def setup(fixture_dir):
     """The fixture in float32, its 2-bit uniform plan, the nearest-rounding encodings, and windows."""
-    from mixquant.vocab import embedding_rows
     from mixquant.calib.data import calibration_set
     from mixquant.convert import ConvertOptions, build_plan, nearest_encodings
     from mixquant.loading import load
     from mixquant.quant.recipe import uniform
+    from mixquant.vocab import embedding_rows
 
     source, plan = build_plan(fixture_dir, ConvertOptions(recipe=uniform(2, 64), keep_vision=False, keep_mtp=False))
     encodings = nearest_encodings(source, plan, None, {})
@@ -123,10 +123,10 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
     from conftest import FIXTURE, run_cli
     from mlx_lm import load as mlx_load
 
-    from mixquant.vocab import embedding_rows
     from mixquant.calib.data import calibration_set
     from mixquant.loading import load
     from mixquant.quant.distill import held_out_count
+    from mixquant.vocab import embedding_rows
 
     out = tmp_path / "norms"
     assert run_cli("convert", "-i", FIXTURE, "-o", out, "--q-recipe", "uniform", "--q-bits", 2, "--q-distill", 8,
