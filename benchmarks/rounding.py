@@ -42,6 +42,7 @@ from benchmarks.report import replace_section  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "RESULTS.md"
 LATER_SETTINGS = {"distill_anneal": False,  # settings newer than some results files: what those were measured with
+                  "distill_lr": 3e-4,
                   "distill_held_out": "a quarter of the windows, checked after every pass"}
 
 
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=64)
     ap.add_argument("--distill-anneal", action="store_true",
                     help="distillation's learning rate falls linearly toward zero over the second half of the steps")
+    ap.add_argument("--distill-lr", type=float, default=None,
+                    help="distillation's learning rate (default: the convert default)")
     ap.add_argument("--learn-steps", type=int, default=None,
                     help="learned rounding's steps per decoder layer (default: the convert default, 200)")
     ap.add_argument("--sensitivity", default=None, help="for the auto rows (default: a proxy on the calibration)")
@@ -75,7 +78,7 @@ def main() -> None:
     from mixquant.eval.kld import evaluate
     from mixquant.loading import count_parameters, load
     from mixquant.quant.auto import Target
-    from mixquant.quant.distill import EVAL_EVERY, HELD_OUT_MAX
+    from mixquant.quant.distill import EVAL_EVERY, HELD_OUT_MAX, LEARNING_RATE
     from mixquant.quant.learned import STEPS
     from mixquant.quant.recipe import auto_base, uniform
 
@@ -94,6 +97,7 @@ def main() -> None:
 
     settings = {"model": args.model, "tag": args.tag, "calib": calib, "calib_tokens": args.calib_tokens,
                 "chunks": args.chunks, "distill_steps": args.distill_steps, "distill_anneal": args.distill_anneal,
+                "distill_lr": args.distill_lr or LEARNING_RATE,
                 "distill_held_out": f"a quarter of the windows (at most {HELD_OUT_MAX}), checked every {EVAL_EVERY} "
                                     "steps or after every pass if sooner",
                 "learn_steps": args.learn_steps or STEPS}
@@ -141,6 +145,7 @@ def main() -> None:
             convert(src, dest, ConvertOptions(recipe=recipe, keep_vision=False, keep_mtp=False, progress=False,
                                               rounding=rounding, distill_steps=distill, distill_norms=norms,
                                               distill_anneal=args.distill_anneal and distill > 0,
+                                              distill_lr=args.distill_lr if distill > 0 else None,
                                               learn_steps=args.learn_steps or 0,
                                               calib=calib_path,
                                               calib_tokens=args.calib_tokens, target=target,
@@ -274,6 +279,7 @@ def write_doc(result: dict) -> None:
              + ": what each step buys", "",
              (" then ".join(f"`{c}`" for c in result["commands"]) + f" ({result['machine']}). Calibration: "
               f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps"
+              + (f", learning rate {result['distill_lr']:g}" if "distill_lr" in result else "")
               + (", the learning rate annealed over the second half" if result.get("distill_anneal") else "")
               + (f", held out: {result['distill_held_out']}" if "distill_held_out" in result else "") + "; "
               f"evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text. "

@@ -64,6 +64,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q-distill-anneal", action="store_true",
                    help="with --q-distill: lower the learning rate linearly toward zero over the second half "
                         "of the steps")
+    p.add_argument("--q-distill-lr", type=float, default=None, metavar="LR",
+                   help="with --q-distill: Adam's learning rate (default 3e-4; scales move as exp(a), biases in "
+                        "units of the group's scale)")
     p.add_argument("--awq", action="store_true", help="AWQ channel scales (alpha searched unless --awq-alpha)")
     p.add_argument("--imatrix-path", default=None, help="AWQ with importances from this imatrix (GGUF or .dat)")
     p.add_argument("--awq-alpha", type=float, default=None, help="fixed AWQ exponent (default: searched per group)")
@@ -121,9 +124,12 @@ def _options(args):
             raise MixquantError("--q-rounding-cache: only with --q-rounding gptq or learned")
         if Path(args.q_rounding_cache).exists() and not Path(args.q_rounding_cache).is_dir():
             raise MixquantError(f"{args.q_rounding_cache}: --q-rounding-cache needs a folder, this is a file")
-    for flag, given in (("--q-distill-norms", args.q_distill_norms), ("--q-distill-anneal", args.q_distill_anneal)):
+    for flag, given in (("--q-distill-norms", args.q_distill_norms), ("--q-distill-anneal", args.q_distill_anneal),
+                        ("--q-distill-lr", args.q_distill_lr is not None)):
         if given and not args.q_distill:
             raise MixquantError(f"{flag}: only with --q-distill STEPS")
+    if args.q_distill_lr is not None and not 0 < args.q_distill_lr < 1:
+        raise MixquantError(f"--q-distill-lr: must be above 0 and below 1 (got {args.q_distill_lr})")
     return ConvertOptions(
         recipe=recipe,
         dtype=args.dtype,
@@ -143,6 +149,7 @@ def _options(args):
         distill_steps=args.q_distill,
         distill_norms=args.q_distill_norms,
         distill_anneal=args.q_distill_anneal,
+        distill_lr=args.q_distill_lr,
         rounding_cache=Path(args.q_rounding_cache) if args.q_rounding_cache else None,
     )
 
