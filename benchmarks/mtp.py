@@ -115,7 +115,7 @@ def main() -> None:
                 r["predicted_memory_bound"] = r["tokens_per_round"] / (1 + r["depth"] * head_bytes / main_bytes)
             variants.append(result)
             if rollback is None:
-                rollback = rollback_times(model, prompt_ids(model, args.prompt_tokens), args.depths,
+                rollback = rollback_times(model, prompt_ids(model.tokenizer, args.prompt_tokens), args.depths,
                                           args.gen_tokens, args.repeats)
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}"
     out = {"machine": machine, "config": vars(cfg), "variants": variants, "rollback": rollback}

@@ -53,7 +53,8 @@ def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: d
             verdict = "kept" if d["kept"] else "not kept (it did not lower the held-out divergence)"
             what = "Scales, biases and norm multipliers" if d.get("norms") else "Scales and biases"
             annealed = " (the learning rate annealed toward zero over the second half)" if d.get("anneal") else ""
-            lines.append(f"{what} distilled for {d['steps']} steps{annealed} on the KL divergence to the "
+            rate = f" at learning rate {d['lr']:g}" if "lr" in d else ""
+            lines.append(f"{what} distilled for {d['steps']} steps{rate}{annealed} on the KL divergence to the "
                          f"unquantized model: held-out mean KL {d['heldout_before']:.5f} -> {d['heldout_after']:.5f}, "
                          f"{verdict}.")
     if awq:

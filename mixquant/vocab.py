@@ -20,6 +20,12 @@ def embedding_rows(config: dict, config_path) -> int:
     return rows
 
 
+def check_tokenizer(tokenizer, rows: int, where: str) -> None:
+    """Refuse a tokenizer that has any id past the embedding (its added tokens included): the check
+    of a model that will encode text it has not seen yet (chat, serve, generate, bench)."""
+    check_token_ids(np.fromiter(tokenizer.get_vocab().values(), dtype=np.int64), rows, where)
+
+
 def check_token_ids(ids: np.ndarray, rows: int, where: str) -> None:
     top = int(ids.max()) if ids.size else -1
     if top >= rows:

@@ -75,6 +75,8 @@ CASES = [
     ("eval --model {QSMALL} --reference {REF}", "q-small: the tokenizer gives token id"),
     ("generate {QSMALL} --prompt 'quantization of weights'", "past the model's 512-row embedding"),
     ("bench {QSMALL} --repeats 1", "q-small: the tokenizer gives token id"),
+    ("chat {QSMALL}", "q-small: the tokenizer gives token id"),
+    ("serve {QSMALL} --host 256.0.0.1", "q-small: the tokenizer gives token id"),
     # plan
     ("plan -i {ROOT}/notes.txt", "not a GGUF file"),
     ("plan -i {ROOT}/huge_array.gguf -q", "truncated or corrupt GGUF"),

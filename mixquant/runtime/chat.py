@@ -17,14 +17,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from mixquant.errors import MixquantError
 from mixquant.runtime.mtp import DEFAULT_DEPTH, check_depth
 from mixquant.runtime.sampling import GREEDY, Sampling
 from mixquant.runtime.template import render
 from mixquant.runtime.toolcalls import ToolCall, parse_tool_calls
-from mixquant.vocab import check_token_ids, embedding_rows
+from mixquant.vocab import check_tokenizer, embedding_rows
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -106,7 +104,7 @@ class Model:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.eos_ids.add(self.tokenizer.eos_token_id)
         self.mtp = loaded.mtp  # the MTP head's parts, when loaded with mtp=True
-        self.rows = embedding_rows(loaded.config, self.path)
+        check_tokenizer(self.tokenizer, embedding_rows(loaded.config, self.path), str(self.path))
 
     # -- prompt -------------------------------------------------------------------------------------
     def _template(self) -> str:
@@ -131,9 +129,7 @@ class Model:
         return prompt_text, prompt, len(history) if prompt[: len(history)] == history else None
 
     def encode(self, text: str) -> list[int]:
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        check_token_ids(np.asarray(ids, dtype=np.int64), self.rows, str(self.path))
-        return ids
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     # -- generation ---------------------------------------------------------------------------------
     def sampling(self, temperature=None, top_p=None, top_k=None, min_p=None) -> Sampling:

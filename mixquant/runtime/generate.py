@@ -8,15 +8,14 @@ from pathlib import Path
 
 def generate_text(path: Path, prompt: str, max_tokens: int = 64) -> Iterator[str]:
     """Greedy continuation of `prompt`, yielded piece by piece as it decodes."""
-    import numpy as np
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     from mixquant.loading import load
-    from mixquant.vocab import check_token_ids, embedding_rows
+    from mixquant.vocab import check_tokenizer, embedding_rows
 
     loaded = load(path, dequantize=False)
     model, tokenizer = loaded.model, loaded.tokenizer
-    check_token_ids(np.asarray(tokenizer.encode(prompt)), embedding_rows(loaded.config, path), str(path))
+    check_tokenizer(tokenizer, embedding_rows(loaded.config, path), str(path))
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)):
         yield response.text

@@ -131,10 +131,11 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
     out = tmp_path / "norms"
     assert run_cli("convert", "-i", FIXTURE, "-o", out, "--q-recipe", "uniform", "--q-bits", 2, "--q-distill", 8,
                    "--q-distill-norms", "--calib-tokens", 2048, "--drop-vision", "--drop-mtp",
-                   *(["--awq", "--awq-alpha", 0.5, "--q-distill-anneal"] if awq else [])) == 0
+                   *(["--awq", "--awq-alpha", 0.5, "--q-distill-anneal", "--q-distill-lr", 1e-3] if awq else [])) == 0
     card = (out / "README.md").read_text()
-    annealed = " (the learning rate annealed toward zero over the second half)" if awq else ""
-    assert f"Scales, biases and norm multipliers distilled for 8 steps{annealed} on" in card and ", kept." in card
+    rate = " at learning rate 0.001 (the learning rate annealed toward zero over the second half)" if awq else \
+        " at learning rate 0.0003"
+    assert f"Scales, biases and norm multipliers distilled for 8 steps{rate} on" in card and ", kept." in card
     reported = float(re.search(r"held-out mean KL [0-9.]+ -> ([0-9.]+)", card).group(1))
 
     source = load(FIXTURE, dtype="float32", dequantize=True)
@@ -159,13 +160,25 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
     assert mx.array_equal(model.language_model.model.layers[0].input_layernorm.weight, written)
 
 
-@pytest.mark.parametrize("flag", ["--q-distill-norms", "--q-distill-anneal"])
+@pytest.mark.parametrize("flag", [["--q-distill-norms"], ["--q-distill-anneal"], ["--q-distill-lr", "1e-3"]])
 def test_distill_options_need_distill(capsys, flag):
     from conftest import FIXTURE, run_cli
 
     assert run_cli("convert", "-i", FIXTURE, "-o", "/nonexistent/x", "--q-recipe", "uniform", "--q-bits", 3,
-                   flag) != 0
-    assert f"{flag}: only with --q-distill STEPS" in capsys.readouterr().err
+                   *flag) != 0
+    assert f"{flag[0]}: only with --q-distill STEPS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lr", ["0", "-0.001", "1", "nan"])
+def test_distill_learning_rate_must_be_between_0_and_1(tmp_path, capsys, lr):
+    from conftest import FIXTURE, run_cli
+
+    out = tmp_path / "q"
+    assert run_cli("convert", "-i", FIXTURE, "-o", out, "--q-recipe", "uniform", "--q-bits", 3,
+                   "--q-distill", 4, "--q-distill-lr", lr) == 2
+    err = capsys.readouterr().err
+    assert f"--q-distill-lr: must be above 0 and below 1 (got {float(lr)})" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("windows, held", [(1, 1), (4, 1), (8, 2), (64, 16), (256, 64), (1024, 64)])
