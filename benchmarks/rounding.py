@@ -11,7 +11,8 @@ calibration sees; calibration is the same text budget for every method that uses
 uniform 3-bit and 4-bit (group 64) to nearest (MLX's own quantizer) and with GPTQ, GPTQ plus
 distillation at 3-bit, and the headline: `--q-recipe auto` at 3.6 and 4.5 bits per weight with
 GPTQ and distillation against `mlx_lm.convert -q --q-bits 4 --q-group-size 64`; then the
-distillation rows again with the norm multipliers tuned too; then learned rounding
+distillation rows again with the norm multipliers tuned too, and with every unquantized float
+tensor of the text model (`--q-distill-floats`); then learned rounding
 (`--q-rounding learned`) in GPTQ's place, alone and under distillation. Seconds per step and per billion
 parameters are recorded. Writes benchmarks/results/rounding-<model><tag>.json and
 the section of docs/RESULTS.md of that name, after every row (a run cut short keeps what it measured).
@@ -135,7 +136,7 @@ def main() -> None:
             raise SystemExit(f"--rows: this row is sized to the row {name!r}; measure that one too")
         return rows[name]["bytes"]
 
-    def ours(recipe, rounding="nearest", distill=0, target=None, norms=False):
+    def ours(recipe, rounding="nearest", distill=0, target=None, norms=False, floats=False):
         """A conversion of ours; it returns True where it reused a rounding an earlier row left in the
         work folder (GPTQ is then not in its seconds)."""
         cache = work / "rounding" if rounding != "nearest" else None
@@ -144,6 +145,7 @@ def main() -> None:
             known = set(cache.glob("*.npz")) if cache is not None and cache.exists() else set()
             convert(src, dest, ConvertOptions(recipe=recipe, keep_vision=False, keep_mtp=False, progress=False,
                                               rounding=rounding, distill_steps=distill, distill_norms=norms,
+                                              distill_floats=floats,
                                               distill_anneal=args.distill_anneal and distill > 0,
                                               distill_lr=args.distill_lr if distill > 0 else None,
                                               learn_steps=args.learn_steps or 0,
@@ -190,6 +192,11 @@ def main() -> None:
     for bpw in (3.6, 4.5):
         plan.append((f"auto {bpw} gptq + distill + norms",
                      ours(auto, "gptq", args.distill_steps, Target(bpw=bpw), norms=True), f"auto-{bpw}"))
+    plan.append(("uniform-3 gptq + distill + floats",
+                 ours(uniform(3, 64), "gptq", args.distill_steps, floats=True), "uniform-3"))
+    for bpw in (3.6, 4.5):
+        plan.append((f"auto {bpw} gptq + distill + floats",
+                     ours(auto, "gptq", args.distill_steps, Target(bpw=bpw), floats=True), f"auto-{bpw}"))
     plan.append(("uniform-3 learned", ours(uniform(3, 64), "learned"), "uniform-3"))
     plan.append(("uniform-3 learned + distill", ours(uniform(3, 64), "learned", args.distill_steps), "uniform-3"))
     plan.append(("auto 3.6 learned + distill", ours(auto, "learned", args.distill_steps, Target(bpw=3.6)), "auto-3.6"))
@@ -240,6 +247,11 @@ def checks(rows: dict) -> dict:
         "auto 3.6 full + norms / mlx-lm 4-bit (mean)": ("auto 3.6 gptq + distill + norms", "mlx-lm 4-bit", "mean"),
         "auto 3.6 full + norms / mlx-lm 4-bit (p99.9)": ("auto 3.6 gptq + distill + norms", "mlx-lm 4-bit", "p999"),
         "auto 4.5 full + norms / mlx-lm 4-bit (mean)": ("auto 4.5 gptq + distill + norms", "mlx-lm 4-bit", "mean"),
+        "distill + floats/gptq uniform-3": ("uniform-3 gptq + distill + floats", "uniform-3 gptq", "mean"),
+        "auto 3.6 full + floats / mlx-lm 4-bit (mean)": ("auto 3.6 gptq + distill + floats", "mlx-lm 4-bit", "mean"),
+        "auto 3.6 full + floats / mlx-lm 4-bit (p99.9)": ("auto 3.6 gptq + distill + floats", "mlx-lm 4-bit",
+                                                          "p999"),
+        "auto 4.5 full + floats / mlx-lm 4-bit (mean)": ("auto 4.5 gptq + distill + floats", "mlx-lm 4-bit", "mean"),
         "learned/gptq uniform-3": ("uniform-3 learned", "uniform-3 gptq", "mean"),
         "learned + distill/gptq uniform-3": ("uniform-3 learned + distill", "uniform-3 gptq", "mean"),
         "auto 3.6 learned full / mlx-lm 4-bit (mean)": ("auto 3.6 learned + distill", "mlx-lm 4-bit", "mean"),

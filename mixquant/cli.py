@@ -61,6 +61,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
                         "(DWQ; kept only if it lowers the held-out divergence)")
     p.add_argument("--q-distill-norms", action="store_true",
                    help="with --q-distill: tune the norm multipliers too")
+    p.add_argument("--q-distill-floats", action="store_true",
+                   help="with --q-distill: tune every unquantized float tensor of the text model too (norms, "
+                        "short convolutions, per-head parameters such as Gated DeltaNet's A_log and dt_bias)")
     p.add_argument("--q-distill-anneal", action="store_true",
                    help="with --q-distill: lower the learning rate linearly toward zero over the second half "
                         "of the steps")
@@ -124,7 +127,8 @@ def _options(args):
             raise MixquantError("--q-rounding-cache: only with --q-rounding gptq or learned")
         if Path(args.q_rounding_cache).exists() and not Path(args.q_rounding_cache).is_dir():
             raise MixquantError(f"{args.q_rounding_cache}: --q-rounding-cache needs a folder, this is a file")
-    for flag, given in (("--q-distill-norms", args.q_distill_norms), ("--q-distill-anneal", args.q_distill_anneal),
+    for flag, given in (("--q-distill-norms", args.q_distill_norms), ("--q-distill-floats", args.q_distill_floats),
+                        ("--q-distill-anneal", args.q_distill_anneal),
                         ("--q-distill-lr", args.q_distill_lr is not None)):
         if given and not args.q_distill:
             raise MixquantError(f"{flag}: only with --q-distill STEPS")
@@ -148,6 +152,7 @@ def _options(args):
         learn_steps=args.q_learn_steps or 0,
         distill_steps=args.q_distill,
         distill_norms=args.q_distill_norms,
+        distill_floats=args.q_distill_floats,
         distill_anneal=args.q_distill_anneal,
         distill_lr=args.q_distill_lr,
         rounding_cache=Path(args.q_rounding_cache) if args.q_rounding_cache else None,

@@ -70,6 +70,7 @@ class ConvertOptions:
     learn_steps: int = 0  # learned rounding: steps per decoder layer (0: mixquant.quant.learned.STEPS)
     distill_steps: int = 0  # > 0: tune scales and biases on the KL to the unquantized model (DWQ)
     distill_norms: bool = False  # ... and the norm multipliers with them
+    distill_floats: bool = False  # ... and every unquantized float tensor of the text model (norms included)
     distill_anneal: bool = False  # ... with the learning rate falling toward zero over the second half of the steps
     distill_lr: float | None = None  # ... Adam's learning rate (None: mixquant.quant.distill.LEARNING_RATE)
     resume: bool = False  # stage in a folder a failure leaves behind; continue an earlier run of the same plan
@@ -192,7 +193,8 @@ def fingerprint(src: Path, plan: Plan, options: ConvertOptions, steps: dict | No
                 files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     if steps is None:
         steps = {**rounding_steps(options), "distill_steps": options.distill_steps,
-                 "distill_norms": options.distill_norms, "distill_anneal": options.distill_anneal,
+                 "distill_norms": options.distill_norms, "distill_floats": options.distill_floats,
+                 "distill_anneal": options.distill_anneal,
                  "distill_lr": distill_lr(options)}
     text = json.dumps({"files": files, "plan": plan.rows(), "steps": steps}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -303,7 +305,7 @@ def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_resu
     encodings = {**nearest_encodings(source, plan, awq_result, rounded), **rounded}
     result = distill(loaded.model, windows, plan, encodings, mx_dtype(plan.entries[0].dtype), options.distill_steps,
                      awq_result, progress=callback("distilling") if options.progress is not False else None,
-                     norms=options.distill_norms, anneal=options.distill_anneal, lr=distill_lr(options))
+                     norms=options.distill_norms, floats=options.distill_floats, anneal=options.distill_anneal, lr=distill_lr(options))
     if not result.kept:
         log.warning("distillation did not lower the held-out KL divergence (%.5f): the quant keeps its rounding",
                     result.before)
@@ -319,6 +321,7 @@ def methods_summary(options: ConvertOptions, distilled) -> dict:
     if distilled is not None:
         out["distillation"] = {"steps": distilled.steps, "kept": distilled.kept, "heldout_before": distilled.before,
                                "heldout_after": distilled.after, "norms": options.distill_norms,
+                               "floats": options.distill_floats,
                                "anneal": options.distill_anneal, "lr": distill_lr(options)}
     return out
 

@@ -51,7 +51,8 @@ def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: d
         d = methods.get("distillation")
         if d:
             verdict = "kept" if d["kept"] else "not kept (it did not lower the held-out divergence)"
-            what = "Scales, biases and norm multipliers" if d.get("norms") else "Scales and biases"
+            what = ("Scales, biases and every unquantized float tensor of the text model" if d.get("floats") else
+                    "Scales, biases and norm multipliers" if d.get("norms") else "Scales and biases")
             annealed = " (the learning rate annealed toward zero over the second half)" if d.get("anneal") else ""
             rate = f" at learning rate {d['lr']:g}" if "lr" in d else ""
             lines.append(f"{what} distilled for {d['steps']} steps{rate}{annealed} on the KL divergence to the "

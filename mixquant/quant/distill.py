@@ -6,7 +6,8 @@ The quantized model is the unquantized mlx-lm model with each quantized module r
 rebuilds its weight in float32 from the fixed codes and the trainable pair (scale = s0 * exp(a),
 bias = b0 + c * |s0|, a and c starting at zero): float32 GEMMs, which on MLX's CPU backend are far
 faster than its quantized kernels, and gradients reach every scale and bias. Optionally the text
-model's norm multipliers (unquantized, written in the output's float dtype) move with them. A
+model's norm multipliers, or all its unquantized float tensors (norms, short convolutions, per-head
+parameters; written in their output dtypes), move with them. A
 quarter of the windows, at most HELD_OUT_MAX of them, is held out and checked every EVAL_EVERY steps
 (or every pass over the rest, if that is shorter): the run keeps the state with the least held-out
 KL, and the result is kept only if that beats the start (once scales, biases and norms are rounded
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mixquant.arch.roles import Kind
+from mixquant.arch.tensors import SCOPE_MODEL
+
 log = logging.getLogger(__name__)
 
 HELD_OUT = 0.25
@@ -31,6 +35,7 @@ HELD_OUT_MAX = 64  # windows: enough for the keep decision; a larger budget goes
 EVAL_EVERY = 256
 LEARNING_RATE = 3e-4
 TEACHER_CACHE_BYTES = 2 << 30
+FLOAT_KINDS = frozenset({Kind.NORM, Kind.CONV, Kind.PARAM})  # the unquantized tensors `floats` tunes
 
 
 @dataclass
@@ -40,7 +45,7 @@ class DistillResult:
     after: float  # ... with the kept ones (equal to before when nothing improved)
     steps: int
     kept: bool
-    floats: dict = field(default_factory=dict)  # tensor name -> distilled norm multipliers (float32), when kept
+    floats: dict = field(default_factory=dict)  # tensor name -> distilled unquantized tensor (float32), when kept
 
 
 def student_classes():
@@ -104,19 +109,18 @@ def _codes(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
 
 def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int, awq_result=None,
             lr: float = LEARNING_RATE, eval_every: int | None = None, seed: int = 0, progress=None,
-            norms: bool = False, teacher_cache_bytes: int = TEACHER_CACHE_BYTES,
+            norms: bool = False, floats: bool = False, teacher_cache_bytes: int = TEACHER_CACHE_BYTES,
             anneal: bool = False) -> DistillResult:
     """Tune the scales and biases of `encodings` (tensor name -> per part (packed, scales, biases)) on
     `model`, the unquantized mlx-lm model in float32, and with `norms` the text model's norm
-    multipliers; returns the encodings to write (and the norms, in `floats`). With `anneal` the
-    learning rate falls toward zero over the second half of the steps (see `learning_rate`)."""
+    multipliers, with `floats` every unquantized float tensor of the text model; returns the
+    encodings to write (and those tensors, in `floats`). With `anneal` the learning rate falls toward
+    zero over the second half of the steps (see `learning_rate`)."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mixquant.arch.roles import Kind
-    from mixquant.arch.tensors import SCOPE_MODEL
     from mixquant.quant.encode import mx_dtype
 
     Dequantized = student_classes()
@@ -159,12 +163,14 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     for s in students.values():
         s.unfreeze(keys=["a", "c"])
     planned = {e.tensor.name: e for e in plan.entries}
-    tuned_norms = [n for n, e in planned.items() if norms and e.tensor.role.kind == Kind.NORM
-                   and e.tensor.scope == SCOPE_MODEL and n.rsplit(".", 1)[0] in modules]
-    for n in tuned_norms:
+    kinds = FLOAT_KINDS if floats else {Kind.NORM} if norms else set()
+    now = dict(model.named_modules())  # a quantized linear's own bias lives on its student
+    tuned = [n for n, e in planned.items() if e.tensor.role.kind in kinds and e.tensor.scope == SCOPE_MODEL
+             and n.rsplit(".", 1)[0] in now]
+    for n in tuned:
         module, leaf = n.rsplit(".", 1)
-        modules[module].unfreeze(keys=[leaf], recurse=False)
-    norm_start = {k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters()) if k in tuned_norms}
+        now[module].unfreeze(keys=[leaf], recurse=False)
+    float_start = {k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters()) if k in tuned}
     model.train()
 
     def teacher(index: int, tokens):
@@ -172,9 +178,9 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
         training ones."""
         if index < n_cached:
             return cache[index]
-        current = [(k, v) for k, v in tree_flatten(model.trainable_parameters()) if k in norm_start]
+        current = [(k, v) for k, v in tree_flatten(model.trainable_parameters()) if k in float_start]
         model.update_modules(tree_unflatten(originals))
-        model.update(tree_unflatten(list(norm_start.items())))
+        model.update(tree_unflatten(list(float_start.items())))
         model.train(training)
         target = logprobs(model, tokens)
         mx.eval(target)
@@ -195,7 +201,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
             for s in students.values():
                 _round_pairs(s, dtype)
             model.update(tree_unflatten([(k, v.astype(mx_dtype(planned[k].dtype)).astype(mx.float32))
-                                         for k, v in saved if k in norm_start]))
+                                         for k, v in saved if k in float_start]))
         total = float(np.mean([float(loss_fn(model, w, teacher(j, w))) for j, w in enumerate(held)]))
         if rounded:
             model.update(tree_unflatten(saved))
@@ -220,10 +226,10 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
                 progress(step + 1, steps)
         kept = best_state is not None and best < before
         out = dict(encodings)
-        tuned = {}
+        moved = {}
         if kept:
             model.update(tree_unflatten(best_state))
-            tuned = {k: np.array(v) for k, v in best_state if k in norm_start}
+            moved = {k: np.array(v) for k, v in best_state if k in float_start}
             for module_name, student in students.items():
                 s, b = student.pairs()
                 name = next(n for n, e in entries.items() if e.tensor.module == module_name)
@@ -232,9 +238,9 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
                     s, b = s[None], b[None]
                 out[name] = [(p[0], _as_dtype(sp, dtype), _as_dtype(bp, dtype)) for p, sp, bp in
                              zip(encodings[name], s, b)]
-        return DistillResult(out, before, best if kept else before, steps, kept, tuned)
+        return DistillResult(out, before, best if kept else before, steps, kept, moved)
     finally:
-        model.update(tree_unflatten(list(norm_start.items())))
+        model.update(tree_unflatten(list(float_start.items())))
         model.update_modules(tree_unflatten(originals))
         model.unfreeze()
         model.train(training)

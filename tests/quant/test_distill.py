@@ -90,6 +90,27 @@ def test_norm_multipliers_move_with_the_scales_and_the_model_is_given_back(setup
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
 
 
+def test_every_unquantized_float_of_the_text_model_moves_with_floats(setup):
+    """floats: the norms, Gated DeltaNet's conv1d, dt_bias and A_log of the text model move (the MTP
+    head's do not: it is not in this plan); the model is given back unchanged."""
+    from mlx.utils import tree_flatten
+
+    model, windows, plan, encodings = setup
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    result = distill(model, windows, plan, encodings, mx.bfloat16, steps=12, eval_every=6, floats=True)
+    assert result.kept and result.after < result.before
+    expected = {e.tensor.name for e in plan.entries if e.tensor.name.startswith("language_model.")
+                and e.tensor.name.endswith(("norm.weight", "conv1d.weight", ".A_log", ".dt_bias"))}
+    assert len(expected) == 6 * 3 + 8 * 2 + 2 * 2 + 6 * 1 + 1  # conv1d/dt_bias/A_log, layer norms, q/k norms
+    assert set(result.floats) == expected
+    for leaf in ("conv1d.weight", "A_log", "dt_bias"):
+        name = f"language_model.model.layers.0.linear_attn.{leaf}"
+        assert result.floats[name].shape == before[name].shape
+        assert not np.allclose(result.floats[name], before[name])
+    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
 def test_a_teacher_recomputed_per_window_gives_the_cached_teachers_result(setup):
     """Past the cache budget the unquantized model's log-probs are recomputed (its own modules and
     norms swapped back in): the same run, the same numbers, and the model given back unchanged."""
@@ -113,14 +134,15 @@ def test_a_teacher_recomputed_per_window_gives_the_cached_teachers_result(setup)
     assert all(np.array_equal(after[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("awq", [False, True])
-def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
-    """--q-distill-norms (with AWQ's scales folded into the same norms and an annealed rate, or
-    neither): the written quant has the held-out KL divergence that distillation reported, its norms
-    differ from the source's, and mlx_lm.load reads them as written."""
+@pytest.mark.parametrize("case", ["norms", "awq", "floats"])
+def test_distilled_floats_are_written_as_distilled(tmp_path, case):
+    """--q-distill-norms (alone, or with AWQ's scales folded into the same norms and an annealed rate)
+    and --q-distill-floats: the written quant has the held-out KL divergence that distillation
+    reported, its tuned tensors differ from the source's, and mlx_lm.load reads them as written."""
     import re
 
     from conftest import FIXTURE, run_cli
+    from mlx.utils import tree_flatten
     from mlx_lm import load as mlx_load
 
     from mixquant.calib.data import calibration_set
@@ -128,14 +150,17 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
     from mixquant.quant.distill import held_out_count
     from mixquant.vocab import embedding_rows
 
-    out = tmp_path / "norms"
+    awq = case == "awq"
+    out = tmp_path / case
     assert run_cli("convert", "-i", FIXTURE, "-o", out, "--q-recipe", "uniform", "--q-bits", 2, "--q-distill", 8,
-                   "--q-distill-norms", "--calib-tokens", 2048, "--drop-vision", "--drop-mtp",
+                   "--q-distill-floats" if case == "floats" else "--q-distill-norms", "--calib-tokens", 2048,
+                   "--drop-vision", "--drop-mtp",
                    *(["--awq", "--awq-alpha", 0.5, "--q-distill-anneal", "--q-distill-lr", 1e-3] if awq else [])) == 0
     card = (out / "README.md").read_text()
     rate = " at learning rate 0.001 (the learning rate annealed toward zero over the second half)" if awq else \
         " at learning rate 0.0003"
-    assert f"Scales, biases and norm multipliers distilled for 8 steps{rate} on" in card and ", kept." in card
+    what = "every unquantized float tensor of the text model" if case == "floats" else "norm multipliers"
+    assert f"Scales, biases and {what} distilled for 8 steps{rate} on" in card and ", kept." in card
     reported = float(re.search(r"held-out mean KL [0-9.]+ -> ([0-9.]+)", card).group(1))
 
     source = load(FIXTURE, dtype="float32", dequantize=True)
@@ -152,15 +177,20 @@ def test_distilled_norms_are_written_as_distilled(tmp_path, awq):
                         .sum(-1).mean()) for w in held])
     assert kl == pytest.approx(reported, rel=2e-3 if awq else 1e-5, abs=1e-5)
 
-    name = "language_model.model.layers.0.input_layernorm.weight"
-    written = mx.load(str(out / "model.safetensors"))[name]
-    original = source.model.language_model.model.layers[0].input_layernorm.weight.astype(mx.bfloat16)
-    assert written.dtype == mx.bfloat16 and not mx.array_equal(written, original)
-    model, _ = mlx_load(str(out))
-    assert mx.array_equal(model.language_model.model.layers[0].input_layernorm.weight, written)
+    tuned = {"input_layernorm.weight": mx.bfloat16}
+    if case == "floats":
+        tuned.update({"linear_attn.conv1d.weight": mx.bfloat16, "linear_attn.A_log": mx.float32})
+    files = mx.load(str(out / "model.safetensors"))
+    originals = dict(tree_flatten(source.model.language_model.model.layers[0].parameters()))
+    loaded = dict(tree_flatten(mlx_load(str(out))[0].language_model.model.layers[0].parameters()))
+    for leaf, dtype in tuned.items():
+        written = files[f"language_model.model.layers.0.{leaf}"]
+        assert written.dtype == dtype and not mx.array_equal(written, originals[leaf].astype(dtype))
+        assert mx.array_equal(loaded[leaf], written)
 
 
-@pytest.mark.parametrize("flag", [["--q-distill-norms"], ["--q-distill-anneal"], ["--q-distill-lr", "1e-3"]])
+@pytest.mark.parametrize("flag", [["--q-distill-norms"], ["--q-distill-floats"], ["--q-distill-anneal"],
+                                  ["--q-distill-lr", "1e-3"]])
 def test_distill_options_need_distill(capsys, flag):
     from conftest import FIXTURE, run_cli
 
