@@ -305,7 +305,8 @@ def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_resu
     encodings = {**nearest_encodings(source, plan, awq_result, rounded), **rounded}
     result = distill(loaded.model, windows, plan, encodings, mx_dtype(plan.entries[0].dtype), options.distill_steps,
                      awq_result, progress=callback("distilling") if options.progress is not False else None,
-                     norms=options.distill_norms, floats=options.distill_floats, anneal=options.distill_anneal, lr=distill_lr(options))
+                     norms=options.distill_norms, floats=options.distill_floats, anneal=options.distill_anneal,
+                     lr=distill_lr(options))
     if not result.kept:
         log.warning("distillation did not lower the held-out KL divergence (%.5f): the quant keeps its rounding",
                     result.before)
