@@ -216,3 +216,26 @@ def test_held_out_is_a_quarter_up_to_64_windows(windows, held):
     from mixquant.quant.distill import held_out_count
 
     assert held_out_count(windows) == held
+
+
+def test_floats_tune_the_bias_of_a_quantized_attention_projection(tmp_path):
+    """A quantized linear's own bias sits on the module that replaces it while distilling: with
+    floats it moves too, and is returned for writing like any other float."""
+    from conftest import save_tiny_qwen35, token_ids
+
+    from mixquant.convert import ConvertOptions, build_plan, nearest_encodings
+    from mixquant.loading import load
+    from mixquant.quant.recipe import uniform
+
+    path = save_tiny_qwen35(tmp_path / "bias", attention_bias=True)
+    source, plan = build_plan(path, ConvertOptions(recipe=uniform(2, 32), keep_mtp=False))
+    encodings = nearest_encodings(source, plan, None, {})
+    model = load(path, dtype="float32", dequantize=True).model
+    windows = np.stack([token_ids(32, 512, seed) for seed in range(4)])
+    result = distill(model, windows, plan, encodings, mx.bfloat16, steps=6, eval_every=3, floats=True)
+    assert result.kept
+    biases = {n for n in result.floats if n.endswith("_proj.bias")}
+    assert biases == {f"language_model.model.layers.{i}.self_attn.{p}_proj.bias" for i in (1, 3) for p in "qkvo"}
+    layer = model.language_model.model.layers[1].self_attn
+    assert not np.allclose(result.floats["language_model.model.layers.1.self_attn.q_proj.bias"],
+                           np.array(layer.q_proj.bias))
