@@ -40,6 +40,7 @@ class Runs:
 
 
 def prompt_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
+    """n tokens of the bundled text from `offset`."""
     ids = tokenizer.encode(EVAL_TEXT.read_text(encoding="utf-8"))
     if len(ids) < offset + n:
         raise MixquantError(f"the bundled text has {len(ids)} tokens, fewer than {offset + n}")
