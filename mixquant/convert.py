@@ -321,7 +321,9 @@ def methods_summary(options: ConvertOptions, distilled) -> dict:
         out["calibration"] = options.calib
     if distilled is not None:
         out["distillation"] = {"steps": distilled.steps, "kept": distilled.kept, "heldout_before": distilled.before,
-                               "heldout_after": distilled.after, "norms": options.distill_norms,
+                               "heldout_after": distilled.after, "best_step": distilled.best_step,
+                               "heldout_checks": [[s, kl] for s, kl in distilled.checks],
+                               "norms": options.distill_norms,
                                "floats": options.distill_floats,
                                "anneal": options.distill_anneal, "lr": distill_lr(options)}
     return out

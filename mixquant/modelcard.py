@@ -58,6 +58,10 @@ def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: d
             lines.append(f"{what} distilled for {d['steps']} steps{rate}{annealed} on the KL divergence to the "
                          f"unquantized model: held-out mean KL {d['heldout_before']:.5f} -> {d['heldout_after']:.5f}, "
                          f"{verdict}.")
+            if d.get("heldout_checks"):
+                best = f"; the state after step {d['best_step']} is the one kept" if d["kept"] else ""
+                lines.append("Held-out mean KL at each check (step: KL): "
+                             + ", ".join(f"{s}: {kl:.5f}" for s, kl in d["heldout_checks"]) + best + ".")
     if awq:
         lines += ["", "## AWQ", "",
                   f"Channel scales folded into the preceding norms (and the up projections' rows) before quantization; "

@@ -45,6 +45,8 @@ class DistillResult:
     steps: int
     kept: bool
     floats: dict = field(default_factory=dict)  # tensor name -> distilled unquantized tensor (float32), when kept
+    checks: list = field(default_factory=list)  # (step, held-out mean KL of the state after that step)
+    best_step: int = 0  # the step whose state was kept (0: the start)
 
 
 def student_classes():
@@ -208,7 +210,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
 
     try:
         before = held_kl(rounded=False)
-        best, best_state = before, None
+        best, best_state, best_step, checks = before, None, 0, []
         optimizer = optim.Adam(learning_rate=learning_rate(lr, steps, anneal))
         step_fn = nn.value_and_grad(model, loss_fn)
         eval_every = eval_every or max(1, min(EVAL_EVERY, len(train)))
@@ -219,8 +221,9 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
             mx.eval(model.trainable_parameters(), optimizer.state)
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 current = held_kl(rounded=True)
+                checks.append((step + 1, current))
                 if current < best:
-                    best, best_state = current, snapshot()
+                    best, best_state, best_step = current, snapshot(), step + 1
             if progress:
                 progress(step + 1, steps)
         kept = best_state is not None and best < before
@@ -237,7 +240,8 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
                     s, b = s[None], b[None]
                 out[name] = [(p[0], _as_dtype(sp, dtype), _as_dtype(bp, dtype)) for p, sp, bp in
                              zip(encodings[name], s, b)]
-        return DistillResult(out, before, best if kept else before, steps, kept, moved)
+        return DistillResult(out, before, best if kept else before, steps, kept, moved, checks,
+                             best_step if kept else 0)
     finally:
         model.update(tree_unflatten(list(float_start.items())))
         model.update_modules(tree_unflatten(originals))

@@ -60,6 +60,7 @@ def test_a_harmful_run_is_not_kept(setup):
     model, windows, plan, encodings = setup
     result = distill(model, windows, plan, encodings, mx.bfloat16, steps=2, lr=50.0)
     assert not result.kept and result.after == result.before
+    assert result.best_step == 0 and [s for s, _ in result.checks] == [2]  # the last step is always checked
     assert result.encodings == encodings  # the same arrays: nothing was written over
 
 
@@ -67,6 +68,9 @@ def test_a_few_steps_lower_the_held_out_divergence(setup):
     model, windows, plan, encodings = setup
     result = distill(model, windows, plan, encodings, mx.bfloat16, steps=12, eval_every=6)
     assert result.kept and result.after < 0.97 * result.before
+    assert [s for s, _ in result.checks] == [6, 12]
+    best_step, best = min(result.checks, key=lambda c: c[1])
+    assert (result.best_step, result.after) == (best_step, best)
     name = "language_model.model.layers.0.mlp.down_proj.weight"
     packed, scales, biases = result.encodings[name][0]
     np.testing.assert_array_equal(packed, encodings[name][0][0])  # codes kept
@@ -162,6 +166,11 @@ def test_distilled_floats_are_written_as_distilled(tmp_path, case):
     what = "every unquantized float tensor of the text model" if case == "floats" else "norm multipliers"
     assert f"Scales, biases and {what} distilled for 8 steps{rate} on" in card and ", kept." in card
     reported = float(re.search(r"held-out mean KL [0-9.]+ -> ([0-9.]+)", card).group(1))
+    checks = re.search(r"Held-out mean KL at each check \(step: KL\): (.*); the state after step (\d+) is the "
+                       r"one kept\.", card)
+    by_step = {int(s): float(kl) for s, kl in (c.split(": ") for c in checks.group(1).split(", "))}
+    assert list(by_step) == [3, 6, 8]  # one held-out window of four, so a check after every pass of three
+    assert by_step[int(checks.group(2))] == min(by_step.values()) == reported
 
     source = load(FIXTURE, dtype="float32", dequantize=True)
     quant = load(out, dtype="float32", dequantize=True).model
