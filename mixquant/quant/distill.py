@@ -35,6 +35,8 @@ EVAL_EVERY = 256
 LEARNING_RATE = 3e-4
 TEACHER_CACHE_BYTES = 2 << 30
 FLOAT_KINDS = frozenset({Kind.NORM, Kind.CONV, Kind.PARAM})  # the unquantized tensors `floats` tunes
+SLOW_KINDS = frozenset({Kind.CONV, Kind.PARAM})  # ... of which these move at SLOW_RATE times the rate
+SLOW_RATE = 0.1
 
 
 @dataclass
@@ -119,7 +121,6 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     zero over the second half of the steps (see `learning_rate`)."""
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_unflatten
 
     from mixquant.quant.encode import mx_dtype
@@ -211,14 +212,15 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     try:
         before = held_kl(rounded=False)
         best, best_state, best_step, checks = before, None, 0, []
-        optimizer = optim.Adam(learning_rate=learning_rate(lr, steps, anneal))
+        slow = {n for n in tuned if planned[n].tensor.role.kind in SLOW_KINDS}
+        optimizer = Optimizer(lr, steps, anneal, slow)
         step_fn = nn.value_and_grad(model, loss_fn)
         eval_every = eval_every or max(1, min(EVAL_EVERY, len(train)))
         for step in range(steps):
             i = step % len(train)
             loss, grads = step_fn(model, train[i], teacher(len(held) + i, train[i]))
             optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state)
+            mx.eval(model.trainable_parameters(), optimizer.states())
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 current = held_kl(rounded=True)
                 checks.append((step + 1, current))
@@ -252,6 +254,32 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
 def held_out_count(n_windows: int) -> int:
     """How many of `n_windows` calibration windows distillation holds out."""
     return max(1, min(HELD_OUT_MAX, int(round(HELD_OUT * n_windows))))
+
+
+class Optimizer:
+    """Adam at `lr` (see `learning_rate`) for every trainable parameter but those named in `slow`,
+    and a second Adam at SLOW_RATE times that rate for them."""
+
+    def __init__(self, lr: float, steps: int, anneal: bool, slow: set):
+        import mlx.optimizers as optim
+
+        self.slow = slow
+        self.fast_adam = optim.Adam(learning_rate=learning_rate(lr, steps, anneal))
+        self.slow_adam = optim.Adam(learning_rate=learning_rate(lr * SLOW_RATE, steps, anneal))
+
+    def update(self, model, grads) -> None:
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        params = dict(tree_flatten(model.trainable_parameters()))
+        moved = []
+        for adam, is_slow in ((self.fast_adam, False), (self.slow_adam, True)):
+            part = {k: g for k, g in tree_flatten(grads) if (k in self.slow) == is_slow}
+            if part:
+                moved += adam.apply_gradients(part, {k: params[k] for k in part}).items()
+        model.update(tree_unflatten(moved))
+
+    def states(self):
+        return [self.fast_adam.state, self.slow_adam.state]
 
 
 def learning_rate(lr: float, steps: int, anneal: bool):
