@@ -63,7 +63,7 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
                    help="with --q-distill: tune the norm multipliers too")
     p.add_argument("--q-distill-floats", action="store_true",
                    help="with --q-distill: tune every unquantized float tensor of the text model too (norms, "
-                        "short convolutions, per-head parameters, biases)")
+                        "short convolutions and per-head parameters at a tenth of the rate, biases)")
     p.add_argument("--q-distill-anneal", action="store_true",
                    help="with --q-distill: lower the learning rate linearly toward zero over the second half "
                         "of the steps")

@@ -7,10 +7,11 @@ rebuilds its weight in float32 from the fixed codes and the trainable pair (scal
 bias = b0 + c * |s0|, a and c starting at zero): float32 GEMMs, which on MLX's CPU backend are far
 faster than its quantized kernels, and gradients reach every scale and bias. Optionally the text
 model's norm multipliers, or all its unquantized float tensors (norms, short convolutions, per-head
-parameters), move with them. A quarter of the windows, at most HELD_OUT_MAX of them, is held out
-and checked every EVAL_EVERY steps (or every pass over the rest, if that is shorter): the run keeps
-the state with the least held-out KL, and the result is kept only if that beats the start (once
-scales, biases and tuned floats are rounded to their output dtypes). The unquantized model's
+parameters; the last two at SLOW_RATE times the rate), move with them. A quarter of the windows, at
+most HELD_OUT_MAX of them, is held out and checked every EVAL_EVERY steps (or every pass over the
+rest, if that is shorter): the run keeps the state with the least held-out KL, and the result is
+kept only if that beats the start (once scales, biases and tuned floats are rounded to their output
+dtypes). The unquantized model's
 log-probs (windows x tokens x vocab float32: half a GiB per 512-token window at a 248k vocabulary)
 are kept while they fit in TEACHER_CACHE_BYTES and recomputed by the same forward for the other
 windows, so the calibration budget is not bounded by memory.
