@@ -11,10 +11,9 @@ parameters; the last two at SLOW_RATE times the rate), move with them. A quarter
 most HELD_OUT_MAX of them, is held out and checked every EVAL_EVERY steps (or every pass over the
 rest, if that is shorter): the run keeps the state with the least held-out KL, and the result is
 kept only if that beats the start (once scales, biases and tuned floats are rounded to their output
-dtypes). The unquantized model's
-log-probs (windows x tokens x vocab float32: half a GiB per 512-token window at a 248k vocabulary)
-are kept while they fit in TEACHER_CACHE_BYTES and recomputed by the same forward for the other
-windows, so the calibration budget is not bounded by memory.
+dtypes). The unquantized model's log-probs (windows x tokens x vocab float32: half a GiB per
+512-token window at a 248k vocabulary) are kept while they fit in TEACHER_CACHE_BYTES and recomputed
+by the same forward for the other windows, so the calibration budget is not bounded by memory.
 mlx-lm's fused Gated DeltaNet kernel has no vjp, so the model runs in training mode (its ops path).
 """
 
