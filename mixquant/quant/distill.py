@@ -242,8 +242,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
                     s, b = s[None], b[None]
                 out[name] = [(p[0], _as_dtype(sp, dtype), _as_dtype(bp, dtype)) for p, sp, bp in
                              zip(encodings[name], s, b)]
-        return DistillResult(out, before, best if kept else before, steps, kept, moved, checks,
-                             best_step if kept else 0)
+        return DistillResult(out, before, best if kept else before, steps, kept, moved, checks, best_step)
     finally:
         model.update(tree_unflatten(list(float_start.items())))
         model.update_modules(tree_unflatten(originals))
@@ -271,9 +270,10 @@ class Optimizer:
         from mlx.utils import tree_flatten, tree_unflatten
 
         params = dict(tree_flatten(model.trainable_parameters()))
+        flat = tree_flatten(grads)
         moved = []
         for adam, is_slow in ((self.fast_adam, False), (self.slow_adam, True)):
-            part = {k: g for k, g in tree_flatten(grads) if (k in self.slow) == is_slow}
+            part = {k: g for k, g in flat if (k in self.slow) == is_slow}
             if part:
                 moved += adam.apply_gradients(part, {k: params[k] for k in part}).items()
         model.update(tree_unflatten(moved))
