@@ -69,9 +69,9 @@ def heldout_tail(work: Path, tokenizer, chunks: int, longer: Path | None = None)
     """The held-out text past the evaluated windows (and a 1000-character gap), written into `work`:
     of the bundled evaluation text, or of `longer`, a file that begins with it (the fixture's own
     held-out file, 1.9 MB, for calibration budgets the bundled text's tail cannot hold)."""
-    from mixquant.eval.kld import read_text
+    from mixquant.eval.kld import read_eval_text
 
-    text, _ = read_text(None)
+    text, _ = read_eval_text(None)
     evaluated = len(tokenizer.decode(tokenizer.encode(text)[: chunks * 512]))
     if longer is not None:
         full = longer.read_text(encoding="utf-8")

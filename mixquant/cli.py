@@ -10,6 +10,26 @@ import sys
 from pathlib import Path
 
 from mixquant.errors import MixquantError
+from mixquant.io.output import check_file_output, check_not_inputs
+
+
+def _paths(*given) -> list[Path]:
+    """The paths among `given` (None: an option not given)."""
+    return [Path(p) for p in given if p is not None]
+
+
+def _calib_file(spec: str | None) -> str | None:
+    """The file a --calib names (None for the bundled mix and `self`)."""
+    from mixquant.calib.data import BUILTIN_CALIB
+
+    return None if spec is None or spec in BUILTIN_CALIB else spec
+
+
+def write_json(path: Path, data) -> None:
+    from mixquant.io.atomic import atomic_write
+
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def positive(value: int | None, flag: str, minimum: int = 1) -> int | None:
@@ -70,6 +90,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q-distill-lr", type=float, default=None, metavar="LR",
                    help="with --q-distill: Adam's learning rate (default 3e-4; scales move as exp(a), biases in "
                         "units of the group's scale)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="keep tensors that hold inf or NaN unquantized, as they are (default: refuse them)")
     p.add_argument("--awq", action="store_true", help="AWQ channel scales (alpha searched unless --awq-alpha)")
     p.add_argument("--imatrix-path", default=None, help="AWQ with importances from this imatrix (GGUF or .dat)")
     p.add_argument("--awq-alpha", type=float, default=None, help="fixed AWQ exponent (default: searched per group)")
@@ -156,6 +178,7 @@ def _options(args):
         distill_anneal=args.q_distill_anneal,
         distill_lr=args.q_distill_lr,
         rounding_cache=Path(args.q_rounding_cache) if args.q_rounding_cache else None,
+        allow_nonfinite=args.allow_nonfinite,
     )
 
 
@@ -224,6 +247,10 @@ def cmd_eval(args) -> int:
 
     if args.model is None and args.save_reference is None:
         raise MixquantError("eval: give --model to evaluate, or --save-reference to only save the reference")
+    inputs = _paths(args.reference, args.model, args.text)
+    for flag in ("save_reference", "json"):
+        if getattr(args, flag):
+            check_file_output(Path(getattr(args, flag)), inputs, "--" + flag.replace("_", "-"))
     reference = load_reference(args)
     if args.save_reference:
         reference.save(Path(args.save_reference))
@@ -235,8 +262,7 @@ def cmd_eval(args) -> int:
                       progress=_progress("evaluating"))
     print(format_report(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(args.json), report)
     return 0
 
 
@@ -245,6 +271,9 @@ def cmd_compare(args) -> int:
     from mixquant.loading import HF, source_kind
 
     ref_path = Path(args.reference)
+    check_not_inputs([("--out folder", Path(args.out))],
+                     _paths(args.reference, *args.candidates, args.sensitivity, args.text,
+                            _calib_file(args.calib)))
     candidates = []
     for c in args.candidates:
         if not (Path(c) / "config.json").is_file():
@@ -280,6 +309,8 @@ def cmd_bench(args) -> int:
     for flag in ("prompt_tokens", "turns", "turn_tokens", "repeats"):
         positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     cfg = BenchConfig(args.prompt_tokens, args.gen_tokens, args.turns, args.turn_tokens, args.repeats)
+    if args.json:
+        check_file_output(Path(args.json), _paths(args.model, args.compare), "--json")
     if args.sample and not args.mtp:
         raise MixquantError("--sample: only with --mtp")
     if args.mtp:
@@ -289,8 +320,7 @@ def cmd_bench(args) -> int:
                            dequantize=args.dequantize)
         print(format_mtp_table(result))
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"config": vars(cfg), **result}, indent=2) + "\n")
+            write_json(Path(args.json), {"config": vars(cfg), **result})
         return 0
     paths = [Path(args.model)] + ([Path(args.compare)] if args.compare else [])
     results = bench(paths, cfg, dequantize=args.dequantize)
@@ -299,8 +329,7 @@ def cmd_bench(args) -> int:
         out = {"config": vars(cfg), "results": results}
         if len(results) == 2:
             out["ratio"] = {k: results[1][k] / results[0][k] for k in results[0] if k.endswith("tok_s")}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json(Path(args.json), out)
     return 0
 
 
@@ -318,8 +347,9 @@ def cmd_imatrix(args) -> int:
 
     positive(args.tokens, "--tokens")
     positive(args.ctx, "--ctx", 2)
-    imatrix, _, _ = compute_imatrix(Path(args.model), args.calib, args.tokens, args.ctx, _progress("calibrating"))
     out = Path(args.output)
+    check_file_output(out, _paths(args.model, _calib_file(args.calib)))
+    imatrix, _, _ = compute_imatrix(Path(args.model), args.calib, args.tokens, args.ctx, _progress("calibrating"))
     (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(out, imatrix)
     print(f"wrote {out}: {len(imatrix.entries)} tensors, {imatrix.chunk_count} chunks of {imatrix.chunk_size} tokens")
     return 0
@@ -330,6 +360,7 @@ def cmd_sensitivity(args) -> int:
 
     positive(args.windows, "--windows")
     positive(args.ctx, "--ctx", 4)
+    check_file_output(Path(args.output), _paths(args.model, _calib_file(args.calib)))
     sens = compute_sensitivity(Path(args.model), args.mode, args.calib, args.windows, args.ctx, args.dtype,
                                Path(args.output), progress=_progress(f"{args.mode} sensitivity"))
     print(f"wrote {args.output}: {args.mode} sensitivity of {len(sens.units)} units on {sens.calib['windows']} "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +22,15 @@ from mixquant.arch import family_for_config
 from mixquant.arch.tensors import SCOPE_MODEL
 from mixquant.calib.data import BUILTIN_CALIB
 from mixquant.errors import MixquantError
-from mixquant.io.output import check_output, resumable, staged
+from mixquant.io.output import check_not_inputs, check_output, resumable, staged
 from mixquant.modelcard import model_card
 from mixquant.quant.auto import Target
 from mixquant.quant.encode import encode, encode_floats, mx_dtype
 from mixquant.quant.plan import DEFAULT_SHARD_BYTES, Plan, make_plan
-from mixquant.quant.recipe import Recipe
+from mixquant.quant.recipe import SCOPE_ANY, Recipe, Rule
 from mixquant.sources import arch_plan_of
 from mixquant.vocab import embedding_rows
-from mixquant.writer import write_config, write_weights
+from mixquant.writer import nonfinite_tensors, write_config, write_weights
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class ConvertOptions:
     distill_floats: bool = False  # ... and every unquantized float tensor of the text model (norms included)
     distill_anneal: bool = False  # ... with the learning rate falling toward zero over the second half of the steps
     distill_lr: float | None = None  # ... Adam's learning rate (None: mixquant.quant.distill.LEARNING_RATE)
+    allow_nonfinite: bool = False  # tensors with inf/NaN kept unquantized, as they are (else an error)
     resume: bool = False  # stage in a folder a failure leaves behind; continue an earlier run of the same plan
     rounding_cache: Path | None = None  # a folder: GPTQ / learned rounding kept there and reused by a later run
 
@@ -85,6 +86,13 @@ def build_plan(src: Path, options: ConvertOptions):
     if recipe is not None and recipe.auto:
         recipe = _auto_recipe(src, arch_plan, options)
     plan = make_plan(arch_plan, recipe, options.dtype, options.max_shard_bytes)
+    if options.allow_nonfinite and recipe is not None:
+        bad = nonfinite_tensors(source, plan)
+        if bad:
+            recipe = replace(recipe, rules=[*recipe.rules, *(Rule(glob=n, scope=SCOPE_ANY, keep=True,
+                                                                  note="holds inf or NaN") for n in bad)])
+            plan = make_plan(arch_plan, recipe, options.dtype, options.max_shard_bytes)
+            plan.warnings.append(f"{len(bad)} tensor(s) hold inf or NaN and stay unquantized: {', '.join(bad)}")
     plan.warnings[:0] = source.warnings if hasattr(source, "warnings") else []
     return source, plan
 
@@ -146,6 +154,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
         raise MixquantError(f"{src}: no such file or folder")
     # the cache folder is guarded like an input but is not one of input_paths: the keys hash those
     cache = [Path(options.rounding_cache)] if options.rounding_cache is not None else []
+    check_not_inputs([("--q-rounding-cache folder", c) for c in cache], input_paths(src, options))
     check_output(out, input_paths(src, options) + cache, options.force, options.replace_any)
     source, plan = build_plan(src, options)
     for warning in plan.warnings:
@@ -159,7 +168,7 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     encoder = _encoder(awq_result, rounded, distilled.floats if distilled else {})
 
     def write(tmp: Path, done=frozenset(), completed=None) -> None:
-        write_weights(source, plan, tmp, encoder, options.progress, done, completed)
+        write_weights(source, plan, tmp, encoder, options.progress, done, completed, options.allow_nonfinite)
         write_config(plan, tmp)
         source.write_side_files(tmp)
         (tmp / "README.md").write_text(model_card(plan, source.name, awq_summary(options.awq, awq_result),
@@ -167,10 +176,10 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
 
     try:
         if options.resume:
-            with resumable(out, fingerprint(src, plan, options)) as state:
+            with resumable(out, fingerprint(src, plan, options), options.force, options.replace_any) as state:
                 write(state.folder, state.done, state.complete)
         else:
-            with staged(out) as tmp:
+            with staged(out, options.force, options.replace_any) as tmp:
                 write(tmp)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""

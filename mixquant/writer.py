@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from mixquant.blocks import tensor_blocks
+from mixquant.errors import MixquantError
 from mixquant.io.hf import INDEX_FILE
 from mixquant.io.safetensors import StreamingWriter
 from mixquant.progress import Progress
@@ -20,8 +23,10 @@ from mixquant.quant.plan import SAFETENSORS_METADATA, Plan
 
 
 def write_weights(source, plan: Plan, folder: Path, encode: Callable, progress: bool | None = None,
-                  done: set[str] = frozenset(), completed: Callable | None = None) -> None:
-    """done: files already there whole (a resumed run); completed(name) is called after each file."""
+                  done: set[str] = frozenset(), completed: Callable | None = None,
+                  allow_nonfinite: bool = False) -> None:
+    """done: files already there whole (a resumed run); completed(name) is called after each file.
+    A source block with inf or NaN is an error unless `allow_nonfinite`."""
     import mlx.core as mx
 
     weight_map = {}
@@ -38,6 +43,8 @@ def write_weights(source, plan: Plan, folder: Path, encode: Callable, progress: 
             writer = StreamingWriter(folder / file_name, specs, SAFETENSORS_METADATA)
             for entry in entries:
                 for part, r0, block in tensor_blocks(source, entry.tensor):
+                    if not allow_nonfinite:
+                        check_finite(block, entry.tensor.name, source.where)
                     for spec, arr in zip(entry.out_specs(), encode(entry, part, r0, block)):
                         writer.write(spec.name, arr)
                 bar.advance(entry.nbytes)
@@ -52,6 +59,22 @@ def write_weights(source, plan: Plan, folder: Path, encode: Callable, progress: 
         }
         with open(folder / INDEX_FILE, "w") as f:
             json.dump(index, f, indent=2)
+
+
+NONFINITE_FLAG = "--allow-nonfinite"
+
+
+def check_finite(block: np.ndarray, name: str, where: str) -> None:
+    bad = ~np.isfinite(block)
+    if bad.any():
+        raise MixquantError(f"{where}: {name} holds {int(bad.sum())} inf or NaN value(s); refusing to convert "
+                            f"it ({NONFINITE_FLAG} keeps such tensors unquantized, as they are)")
+
+
+def nonfinite_tensors(source, plan: Plan) -> list[str]:
+    """Names of the plan's tensors whose source values hold inf or NaN (reads every tensor once)."""
+    return [e.tensor.name for e in plan.entries
+            if any(not np.isfinite(block).all() for _, _, block in tensor_blocks(source, e.tensor))]
 
 
 def write_config(plan: Plan, folder: Path) -> None:

@@ -262,3 +262,140 @@ def test_resume_of_another_plan_starts_over(fixture_dir, tmp_path, monkeypatch, 
     assert "was left by a conversion of another plan: starting over" in caplog.text
     assert run_cli("convert", "-i", fixture_dir, "-o", direct, "--q-bits", "4", *args) == 0
     assert _files(out) == _files(direct)
+
+
+def test_force_trusts_the_marker_file_not_a_readme_phrase(model_copy, tmp_path, capsys):
+    """A folder whose README says "Converted with mixquant" is not ours; one that mixquant wrote but
+    someone added a file to is replaced only with --force-delete-any."""
+    n = tmp_path / "n"
+    n.mkdir()
+    (n / "README.md").write_text("I Converted with mixquant last week.\n")
+    (n / "thesis.tex").write_text("x")
+    (n / "config.json").write_text(json.dumps({"mixquant": {"recipe": "unsloth-3"}}))
+    assert run_cli("convert", "-i", model_copy, "-o", n, "-q", "--force") == 2
+    _one_error_line(capsys, "is not a mixquant output")
+    assert (n / "thesis.tex").read_text() == "x"
+
+    out = tmp_path / "out"
+    assert run_cli("convert", "-i", model_copy, "-o", out, "-q") == 0
+    marker = json.loads((out / ".mixquant-output.json").read_text())
+    assert set(marker["files"]) == {p.name for p in out.iterdir()} - {".mixquant-output.json"}
+    (out / "thesis.tex").write_text("x")
+    capsys.readouterr()
+    assert run_cli("convert", "-i", model_copy, "-o", out, "-q", "--force") == 2
+    _one_error_line(capsys, "holds files mixquant did not write (thesis.tex)")
+    assert (out / "thesis.tex").read_text() == "x"
+    (out / "thesis.tex").unlink()
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")  # edited: not as written
+    assert run_cli("convert", "-i", model_copy, "-o", out, "-q", "--force") == 2
+    _one_error_line(capsys, "holds files mixquant did not write (config.json)")
+
+
+def test_stale_cleanup_removes_only_this_outputs_staging(model_copy, tmp_path, capsys):
+    """`-o g/x` must not touch `g/.x.y.resume.partial` (another output's) nor, for `-o 'g/*'`, other
+    outputs' staging folders; a dead run's folder for exactly this output is removed."""
+    from mixquant.io.output import OWNER_FILE
+
+    g = tmp_path / "g"
+    other_resume = g / ".x.y.resume.partial"
+    other_resume.mkdir(parents=True)
+    (other_resume / "model-00001-of-00002.safetensors").write_bytes(b"keep")
+    other_dead = g / ".x.abc.partial"  # a dead run of output "x.abc"? no: of another output path
+    other_dead.mkdir()
+    (other_dead / OWNER_FILE).write_text(f"{__import__('socket').gethostname()} 999999999 {g / 'elsewhere'}\n")
+    mine = g / ".x.dead.partial"
+    mine.mkdir()
+    (mine / OWNER_FILE).write_text(f"{__import__('socket').gethostname()} 999999999 {g / 'x'}\n")
+    assert run_cli("convert", "-i", model_copy, "-o", g / "x") == 0
+    assert (other_resume / "model-00001-of-00002.safetensors").read_bytes() == b"keep"
+    assert other_dead.is_dir() and not mine.exists()
+    star = g / ".*.old.partial"
+    star.mkdir()
+    assert run_cli("convert", "-i", model_copy, "-o", g / "*") == 0
+    assert star.is_dir() and other_resume.is_dir() and other_dead.is_dir()
+
+
+def test_a_folder_created_at_the_output_mid_run_is_not_replaced(model_copy, tmp_path, monkeypatch, capsys):
+    import mixquant.convert as conv
+
+    out = tmp_path / "out"
+    real = conv.write_config
+
+    def meanwhile(plan, folder):
+        out.mkdir()
+        (out / "mine.txt").write_text("made meanwhile")
+        real(plan, folder)
+
+    monkeypatch.setattr(conv, "write_config", meanwhile)
+    assert run_cli("convert", "-i", model_copy, "-o", out, "-q", "--force-delete-any") == 2
+    _one_error_line(capsys, f"{out}: appeared while this run was writing; left as it is")
+    assert (out / "mine.txt").read_text() == "made meanwhile"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+
+
+def test_resume_rewrites_a_shard_corrupted_in_place(fixture_dir, tmp_path, monkeypatch, capsys):
+    import mixquant.writer as writer
+    from mixquant.io.output import resume_folder
+
+    args = ["-q", "--q-bits", "3", "--max-shard-size", "2MB", "--drop-vision"]
+    whole = tmp_path / "whole"
+    assert run_cli("convert", "-i", fixture_dir, "-o", whole, *args) == 0
+    out = tmp_path / "out"
+    real_writer, opened = writer.StreamingWriter, []
+
+    def failing(path, *a, **kw):
+        opened.append(Path(path).name)
+        if len(opened) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        return real_writer(path, *a, **kw)
+
+    monkeypatch.setattr(writer, "StreamingWriter", failing)
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "--resume", *args) == 2
+    first = sorted(resume_folder(out).glob("model-*.safetensors"))[0]
+    data = bytearray(first.read_bytes())
+    data[-100] ^= 0xFF  # same size, other bytes
+    first.write_bytes(bytes(data))
+    monkeypatch.setattr(writer, "StreamingWriter", real_writer)
+    capsys.readouterr()
+    assert run_cli("convert", "-i", fixture_dir, "-o", out, "--resume", *args) == 0
+    assert f"mixquant: warning: {first} changed since it was completed: writing it again" in capsys.readouterr().err
+    assert _files(out) == _files(whole)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+NO_WRITES_INTO_INPUTS = [
+    ("convert -i {M} -o {M}/q -q", "the output lies inside the input"),
+    ("convert -i {M} -o {ROOT}/q -q --q-rounding gptq --q-rounding-cache {M}",
+     "the --q-rounding-cache folder is the input"),
+    ("convert -i {M} -o {ROOT}/q -q --q-rounding gptq --q-rounding-cache {M}/cache",
+     "the --q-rounding-cache folder lies inside the input"),
+    ("sensitivity -m {M} -o {M}/sens.json", "the output lies inside the input"),
+    ("sensitivity -m {M} -o {M}/config.json", "the output lies inside the input"),
+    ("imatrix -m {M} -o {M}/imatrix.gguf", "the output lies inside the input"),
+    ("imatrix -m {M} -o {M}/model.safetensors", "the output lies inside the input"),
+    ("eval --reference {M} --save-reference {M}/ref.npz --chunks 1 --ctx 64", "the --save-reference lies inside"),
+    ("eval --model {M} --reference {M} --json {M}/config.json --chunks 1 --ctx 64", "the --json lies inside"),
+    ("eval --model {M} --reference {M} --text {TEXT} --json {TEXT} --chunks 1 --ctx 64", "the --json is the input"),
+    ("compare {M} --out {M}", "the --out folder is the input"),
+    ("compare {M} {M} --out {M}/report", "the --out folder lies inside the input"),
+    ("bench {M} --json {M}/bench.json --repeats 1", "the --json lies inside the input"),
+]
+
+
+@pytest.mark.parametrize("command, message", NO_WRITES_INTO_INPUTS, ids=[c for c, _ in NO_WRITES_INTO_INPUTS])
+def test_no_command_writes_into_its_inputs(fixture_dir, tmp_path, command, message, capsys):
+    import shlex
+
+    m = tmp_path / "m"
+    shutil.copytree(fixture_dir, m, ignore=shutil.ignore_patterns("heldout*", "*.md"))
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    before, text_before = _tree(m), text.read_bytes()
+    argv = [a.format(M=m, ROOT=tmp_path, TEXT=text) for a in shlex.split(command)]
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    _one_error_line(capsys, message)
+    assert _tree(m) == before and text.read_bytes() == text_before

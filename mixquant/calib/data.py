@@ -8,13 +8,13 @@ in use are part of the statistics.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from mixquant.bundled import CALIBRATION_MIX
 from mixquant.errors import MixquantError
+from mixquant.io.textfile import parse_json, read_text
 from mixquant.vocab import check_token_ids
 
 
@@ -22,27 +22,26 @@ from mixquant.vocab import check_token_ids
 def calibration_documents(spec: str, tokenizer) -> list[str]:
     """'mix', a .jsonl file in the mix's format, or a plain .txt file -> rendered documents."""
     path = CALIBRATION_MIX if spec == MIX else Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise MixquantError(f"{path}: calibration file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise MixquantError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    text = read_text(path)
     if path.suffix != ".jsonl":
         return [text]
     docs = []
     for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise MixquantError(f"{path}: line {i + 1} is not JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
+        item = parse_json(line, f"{path}: line {i + 1}")
         if not isinstance(item, dict):
             raise MixquantError(f"{path}: line {i + 1} is not a JSON object")
         if "messages" in item:
+            if not isinstance(item["messages"], list) or not all(isinstance(m, dict) for m in item["messages"]):
+                raise MixquantError(f"{path}: line {i + 1}: 'messages' must be a list of objects")
             docs.append(_render_chat(tokenizer, item, f"{path}: line {i + 1}"))
         elif "text" in item:
+            if not isinstance(item["text"], str):
+                raise MixquantError(f"{path}: line {i + 1}: 'text' must be a string, got "
+                                    f"{type(item['text']).__name__}")
             docs.append(item["text"])
         else:
             raise MixquantError(f"{path}: line {i + 1} has neither 'messages' nor 'text'")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixquant.errors import MixquantError
+from mixquant.io.atomic import atomic_write
 from mixquant.eval.kld import Reference, evaluate
 from mixquant.quant.recipe import AUTO
 
@@ -132,9 +133,10 @@ def run_compare(reference: Reference, ref_path: Path, candidates: list[Candidate
         "machine": f"{platform.machine()} {platform.system()}",
         "entries": sorted(entries, key=lambda e: e["size_bytes"]),
     }
-    (out_dir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown_table(result))
-    pareto_plot(result, out_dir / "pareto.png")
+    report = json.dumps(result, indent=2) + "\n"
+    atomic_write(out_dir / "report.json", lambda tmp: tmp.write_text(report))
+    atomic_write(out_dir / "report.md", lambda tmp: tmp.write_text(markdown_table(result)))
+    atomic_write(out_dir / "pareto.png", lambda tmp: pareto_plot(result, tmp), suffix=".partial.png")
     return result
 
 

@@ -9,6 +9,7 @@ and can be saved (full, or top-K with the tail mass) so that many candidates reu
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 from mixquant.bundled import EVAL_TEXT
 from mixquant.errors import MixquantError
 from mixquant.io.atomic import atomic_write
+from mixquant.io.textfile import parse_json, read_text
 from mixquant.eval import metrics
 from mixquant.loading import count_parameters, default_dequantize, load, load_tokenizer, text_weight_bytes
 from mixquant.vocab import check_token_ids, embedding_rows
@@ -72,14 +74,11 @@ def make_windows(tokens: list[int] | np.ndarray, ctx: int, chunks: int | None) -
     return tokens[: n * ctx].reshape(n, ctx)
 
 
-def read_text(path: Path | None) -> tuple[str, str]:
+def read_eval_text(path: Path | None) -> tuple[str, str]:
     path = Path(path) if path else EVAL_TEXT
-    try:
-        return path.read_text(encoding="utf-8"), path.name
-    except FileNotFoundError:
-        raise MixquantError(f"{path}: text file not found") from None
-    except UnicodeDecodeError:
-        raise MixquantError(f"{path}: not UTF-8 text") from None
+    if not path.exists():
+        raise MixquantError(f"{path}: text file not found")
+    return read_text(path), path.name
 
 
 @dataclass
@@ -141,11 +140,15 @@ class Reference:
     def load(cls, path: Path) -> "Reference":
         path = Path(path)
         try:
+            shapes = _member_shapes(path)
             data = np.load(path, allow_pickle=False)
             if str(data["format"]) != REFERENCE_FORMAT:
                 raise MixquantError(f"{path}: not a {REFERENCE_FORMAT} reference file ({data['format']}); save the "
                                     "reference again with this version")
-            meta = json.loads(str(data["meta"]))
+            meta = parse_json(str(data["meta"]), f"{path}: meta")
+            if not isinstance(meta, dict):
+                raise MixquantError(f"{path}: meta is not a JSON object")
+            _check_shapes(path, shapes, "full" in shapes)
             ref = cls(data["windows"], meta["n_params"], meta["source"], meta["text"], meta["topk"],
                       meta["tokenizer"])
             if ref.topk == 0:
@@ -153,9 +156,78 @@ class Reference:
             else:
                 ref.top_ids, ref.top_lp, ref.target_lp = list(data["top_ids"]), list(data["top_lp"]), list(
                     data["target_lp"])
-        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
             raise MixquantError(f"{path}: not a readable mixquant reference file ({e})") from None
+        ref.validate(path)
         return ref
+
+    def validate(self, path) -> None:
+        """The numbers a saved reference holds must be ones an evaluation could have written."""
+        if self.windows.size and self.windows.min() < 0:
+            raise MixquantError(f"{path}: negative token id {int(self.windows.min())} in its windows")
+        if not (isinstance(self.topk, int) and self.topk >= 0):
+            raise MixquantError(f"{path}: topk must be a whole number >= 0, got {self.topk!r}")
+        for name, arrays in (("full", self.full), ("top_lp", self.top_lp), ("target_lp", self.target_lp)):
+            for a in arrays:
+                if np.isnan(a).any() or (a > 1e-3).any():
+                    raise MixquantError(f"{path}: {name} holds values that are not log-probabilities (NaN or > 0)")
+        for ids in self.top_ids:
+            if ids.size and ids.min() < 0:
+                raise MixquantError(f"{path}: negative token id in top_ids")
+
+
+REFERENCE_ARRAYS = {  # name -> (dimensions, dtype kind): i integer, f float, U text
+    "format": (0, "U"), "meta": (0, "U"), "windows": (2, "i"),
+    "full": (3, "f"), "top_ids": (3, "i"), "top_lp": (3, "f"), "target_lp": (2, "f"),
+}
+
+
+def _member_shapes(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
+    """Shape and dtype of every array in a saved reference, read from the npy headers alone."""
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name = info.filename.removesuffix(".npy")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in readers:
+                    raise ValueError(f"{name}: npy format {version} is not one np.savez writes")
+                shape, _, dtype = readers[version](f, max_header_size=1 << 16)
+            out[name] = (shape, dtype)
+    return out
+
+
+def _memory_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_shapes(path: Path, shapes: dict, full: bool) -> None:
+    """Every array of the right rank and kind, consistent with the windows, and all of them
+    together within half this machine's memory, before any is read."""
+    need = ["format", "meta", "windows"] + (["full"] if full else ["top_ids", "top_lp", "target_lp"])
+    for name in need:
+        if name not in shapes:
+            raise MixquantError(f"{path}: has no {name!r} array")
+        rank, kind = REFERENCE_ARRAYS[name]
+        shape, dtype = shapes[name]
+        if len(shape) != rank or dtype.kind != kind and not (kind == "i" and dtype.kind == "u"):
+            raise MixquantError(f"{path}: {name!r} is {dtype}{list(shape)}, not a {rank}-d {kind} array")
+    n, ctx = shapes["windows"][0]
+    scored = len(range(*scored_slice(ctx).indices(ctx)))
+    for name in need[3:]:
+        shape = shapes[name][0]
+        if tuple(shape[:2]) != (n, scored):
+            raise MixquantError(f"{path}: {name!r} has shape {list(shape)}, but {n} windows of {ctx} tokens "
+                                f"score [{n}, {scored}]")
+    if full and shapes["full"][0][2] < 2:
+        raise MixquantError(f"{path}: 'full' has a vocabulary of {shapes['full'][0][2]}")
+    declared = sum(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize for shape, dtype in shapes.values())
+    if declared > _memory_bytes() // 2:
+        raise MixquantError(f"{path}: declares {declared / 2**30:.1f} GiB of arrays, more than half this machine's "
+                            "memory")
 
 
 def resolve_topk(topk: str | int, n_windows: int, ctx: int, vocab: int) -> int:
@@ -179,7 +251,7 @@ def compute_reference(ref_path: Path, text_path: Path | None, ctx: int, chunks: 
     reference's before anything runs."""
     from mixquant.calib.streamed import float_model, streamed_logits
 
-    text, text_name = read_text(text_path)
+    text, text_name = read_eval_text(text_path)
     resolve_topk(topk, 1, ctx, 1)  # a bad --topk fails before the model runs
     model, tokenizer, config, streamed = float_model(Path(ref_path))
     fingerprint = tokenizer_fingerprint(tokenizer)

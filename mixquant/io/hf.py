@@ -11,6 +11,7 @@ import numpy as np
 
 from mixquant.errors import MixquantError
 from mixquant.io.safetensors import TensorInfo, read_header, read_tensor
+from mixquant.io.textfile import read_json_object
 
 # Files a converted folder carries over unchanged (tokenizer, template, generation defaults).
 SIDE_FILES = (
@@ -28,16 +29,7 @@ SIDE_FILES = (
 
 
 def load_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise MixquantError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MixquantError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MixquantError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path)
 
 
 @dataclass

@@ -52,7 +52,19 @@ def read_imatrix(path: Path) -> Imatrix:
             magic = f.read(4)
     except OSError as e:
         raise MixquantError(f"{path}: cannot read: {e.strerror}") from None
-    return _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
+    imatrix = _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
+    for name, entry in imatrix.entries.items():
+        check_entry(entry, f"{path}: {name}")
+    return imatrix
+
+
+def check_entry(entry: ImatrixEntry, where: str) -> None:
+    """Sums of squares and token counts: finite and never negative."""
+    for what, values in (("in_sum2", entry.in_sum2), ("counts", entry.counts)):
+        bad = ~np.isfinite(values) | (values < 0)
+        if bad.any():
+            value = values.reshape(-1)[int(np.argmax(bad.reshape(-1)))]
+            raise MixquantError(f"{where}: {what} holds {value} (an importance must be finite and >= 0)")
 
 
 def _read_gguf(path: Path) -> Imatrix:
@@ -87,7 +99,9 @@ def _read_gguf(path: Path) -> Imatrix:
 
 
 def _read_dat(path: Path) -> Imatrix:
-    data = path.read_bytes()
+    from mixquant.io.textfile import read_bytes
+
+    data = read_bytes(path)
     pos = 0
 
     def take(fmt):

@@ -9,8 +9,8 @@ Nothing here touches weights: a recipe can be printed, diffed and tested on its 
 from __future__ import annotations
 
 import fnmatch
-import re
-import tomllib
+
+import regex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from mixquant.arch.roles import (ATTN_IN, ATTN_OUT, EMBED, FFN_DOWN, FFN_GATE_UP
                                  SSM_GATES, Role)
 from mixquant.arch.tensors import SCOPE_MODEL, SCOPE_MTP, SCOPE_VISION, LogicalTensor
 from mixquant.errors import MixquantError
+from mixquant.io.textfile import read_toml
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -49,9 +50,21 @@ class Rule:
             return False
         if self.glob is not None and not fnmatch.fnmatchcase(t.name, self.glob):
             return False
-        if self.regex is not None and not re.search(self.regex, t.name):
+        if self.regex is not None and not _search(self.regex, t.name, self.where):
             return False
         return True
+
+
+REGEX_SECONDS = 0.5  # a rule's regex gets this long per tensor name; past it the rule is refused
+MAX_RULES = 4096
+
+
+def _search(pattern: str, name: str, where: str) -> bool:
+    try:
+        return regex.search(pattern, name, timeout=REGEX_SECONDS) is not None
+    except TimeoutError:
+        raise MixquantError(f"{where or 'rule'}: regex {pattern!r} takes over {REGEX_SECONDS} s on {name!r} "
+                            "(catastrophic backtracking); simplify it") from None
 
 
 @dataclass(frozen=True)
@@ -162,17 +175,22 @@ FILE_KEYS = {"recipe", "bits", "group_size", "out_proj_8bit", "rules"}
 def from_file(path: Path, bits: int | None, group_size: int, out_proj_8bit: bool, mtp_bf16: bool = False) -> Recipe:
     """A TOML rules file: an optional base recipe, then [[rules]] applied after it, in order."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MixquantError(f"{path}: rules file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise MixquantError(f"{path}: invalid TOML ({e})") from None
+    if not path.exists():
+        raise MixquantError(f"{path}: rules file not found")
+    data = read_toml(path)
     unknown = set(data) - FILE_KEYS
     if unknown:
         raise MixquantError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(FILE_KEYS))})")
-    group_size = check_group_size(int(data.get("group_size", group_size)), f"{path}: group_size")
-    bits = data.get("bits", bits)
+    for key in ("group_size", "bits"):
+        if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool)):
+            raise MixquantError(f"{path}: {key} must be an integer")
+    group_size = check_group_size(data.get("group_size", group_size), f"{path}: group_size")
+    if "bits" in data:
+        bits = data["bits"]
+        if data.get("recipe") == "unsloth" and not 2 <= bits <= 8:
+            raise MixquantError(f"{path}: bits: unsloth base bits must be 2..8, got {bits}")
+        if data.get("recipe") != "unsloth":
+            check_bits(bits, f"{path}: bits")
     base = data.get("recipe")
     out_proj_8bit = bool(data.get("out_proj_8bit", out_proj_8bit))
     if base is None:
@@ -188,6 +206,8 @@ def from_file(path: Path, bits: int | None, group_size: int, out_proj_8bit: bool
     rules = data.get("rules", [])
     if not isinstance(rules, list):
         raise MixquantError(f"{path}: rules must be an array of tables ([[rules]])")
+    if len(rules) > MAX_RULES:
+        raise MixquantError(f"{path}: {len(rules)} rules, more than the {MAX_RULES} a rules file may hold")
     for i, entry in enumerate(rules):
         recipe.rules.append(_rule_from_table(entry, f"{path}: rules[{i}]"))
     recipe.name = path.stem if base is None else f"{path.stem} (on {recipe.name})"
@@ -218,8 +238,8 @@ def _rule_from_table(entry: dict, where: str) -> Rule:
         raise MixquantError(f"{where}: needs one of name (glob), regex or role")
     if "regex" in entry:
         try:
-            re.compile(entry["regex"])
-        except re.error as e:
+            regex.compile(entry["regex"])
+        except regex.error as e:
             raise MixquantError(f"{where}: bad regex ({e})") from None
     scope = entry.get("scope", SCOPE_MODEL)
     if scope not in SCOPES:

@@ -29,6 +29,7 @@ from mixquant.arch.roles import Kind, Role
 from mixquant.arch.tensors import SCOPE_MODEL
 from mixquant.errors import MixquantError
 from mixquant.io.atomic import atomic_write
+from mixquant.io.textfile import read_json
 from mixquant.quant.options import Option, all_options
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,21 @@ class Sensitivity:
     @classmethod
     def load(cls, path: Path) -> "Sensitivity":
         path = Path(path)
+        if not path.exists():
+            raise MixquantError(f"{path}: sensitivity file not found")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("format") != FORMAT:
-                raise ValueError(f"not a {FORMAT} file")
-            return cls(data["mode"], data["source"], data["calib"], data["dtype"], data["units"])
-        except FileNotFoundError:
-            raise MixquantError(f"{path}: sensitivity file not found") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise MixquantError(f"{path}: not a readable sensitivity file ({e})") from None
+            data = read_json(path)
+        except MixquantError as e:
+            raise MixquantError(f"{path}: not a readable sensitivity file ({str(e).removeprefix(f'{path}: ')})") \
+                from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise MixquantError(f"{path}: not a readable sensitivity file (not a {FORMAT} file)")
+        for key, kind in (("mode", str), ("source", str), ("calib", dict), ("dtype", str), ("units", dict)):
+            if not isinstance(data.get(key), kind):
+                raise MixquantError(f"{path}: not a readable sensitivity file ({key!r} must be a {kind.__name__})")
+        for name, unit in data["units"].items():
+            _check_unit(unit, f"{path}: {name}")
+        return cls(data["mode"], data["source"], data["calib"], data["dtype"], data["units"])
 
     def check_covers(self, units: list[Unit], where) -> None:
         missing = [u.name for u in units if u.name not in self.units]
@@ -95,6 +102,22 @@ class Sensitivity:
             raise MixquantError(f"{where}: has no sensitivity for {missing[0]}"
                                 f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
                                 "it was measured on another model")
+
+
+MIN_DKL = -1e-6  # a KL divergence's increase is >= 0 but for float round-off
+
+
+def _check_unit(unit, where: str) -> None:
+    if not isinstance(unit, dict) or not isinstance(unit.get("options"), dict):
+        raise MixquantError(f"{where}: must be an object with 'options' (option -> dKL)")
+    shape = unit.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                              for d in shape):
+        raise MixquantError(f"{where}: 'shape' must be a list of positive integers")
+    for key, value in unit["options"].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) \
+                or value < MIN_DKL:
+            raise MixquantError(f"{where}: option {key} has dKL {value!r} (must be a finite number >= 0)")
 
 
 def fake_quantized(w: np.ndarray, option: Option, dtype) -> np.ndarray:
