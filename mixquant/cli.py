@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -103,14 +104,12 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
 
 def _target(args):
     from mixquant.convert import parse_size
-    from mixquant.quant.auto import Target
+    from mixquant.quant.auto import Target, check_bpw
 
     if args.target_bpw is not None and args.target_size is not None:
         raise MixquantError("--target-bpw and --target-size: give one")
     if args.target_bpw is not None:
-        if not 1 <= args.target_bpw <= 32:
-            raise MixquantError(f"--target-bpw: must be within 1..32, got {args.target_bpw}")
-        return Target(bpw=args.target_bpw)
+        return Target(bpw=check_bpw(args.target_bpw, "--target-bpw"))
     if args.target_size is not None:
         return Target(bytes=parse_size(args.target_size, "--target-size"))
     return None
@@ -373,7 +372,10 @@ def cmd_chat(args) -> int:
 
     from mixquant.runtime.mtp import DEFAULT_DEPTH, check_depth
 
+    from mixquant.runtime.sampling import check_sampling
+
     positive(args.max_tokens, "--max-tokens")
+    check_sampling("--temperature", temperature=args.temperature)
     if args.mtp_depth is not None and not args.mtp:
         raise MixquantError("--mtp-depth: only with --mtp")
     mtp = (DEFAULT_DEPTH if args.mtp_depth is None else check_depth(args.mtp_depth)) if args.mtp else 0
@@ -385,7 +387,12 @@ def cmd_serve(args) -> int:
 
     for flag in ("max_concurrency", "max_prompt_tokens", "max_tokens"):
         positive(getattr(args, flag), "--" + flag.replace("_", "-"))
-    positive(args.port, "--port", 0)
+    if not 0 <= args.port <= 65535:
+        raise MixquantError(f"--port: must be within 0..65535, got {args.port}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MIXQUANT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise MixquantError("--api-key: empty (an empty key would turn authentication off; leave it out for none)"
+                            if args.api_key is not None else "MIXQUANT_API_KEY: set but empty")
     if args.mtp_depth is not None and not args.mtp:
         raise MixquantError("--mtp-depth: only with --mtp")
     mtp = (DEFAULT_DEPTH if args.mtp_depth is None else check_depth(args.mtp_depth)) if args.mtp else 0
@@ -394,10 +401,8 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise MixquantError(f"serve needs the server extra ({e.name} is missing): pip install 'mixquant[serve]'") \
             from None
-    import os
-
     return serve(Path(args.model), host=args.host, port=args.port,
-                 api_key=args.api_key or os.environ.get("MIXQUANT_API_KEY"), max_concurrency=args.max_concurrency,
+                 api_key=api_key, max_concurrency=args.max_concurrency,
                  max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, mtp=mtp,
                  dequantize=args.dequantize)
 

@@ -22,6 +22,7 @@ from mixquant.arch import family_for_config
 from mixquant.arch.tensors import SCOPE_MODEL
 from mixquant.calib.data import BUILTIN_CALIB
 from mixquant.errors import MixquantError
+from mixquant.io.hf import check_tokenizer_files
 from mixquant.io.output import check_not_inputs, check_output, resumable, staged
 from mixquant.modelcard import model_card
 from mixquant.quant.auto import Target
@@ -125,9 +126,16 @@ def parse_size(text: str, flag: str) -> int:
         value = float(digits)
     except ValueError:
         value = -1
-    if unit not in units or value <= 0:
+    if unit not in units or not 0 < value < float("inf"):
         raise MixquantError(f"{flag}: cannot read {text!r} (e.g. 5GB, 500MB)")
+    if value * units[unit] > MAX_SIZE:
+        raise MixquantError(f"{flag}: {text!r} is more than {MAX_SIZE // 10**15} PB")
+    if value * units[unit] < 1:
+        raise MixquantError(f"{flag}: {text!r} is less than one byte")
     return int(value * units[unit])
+
+
+MAX_SIZE = 10**18
 
 
 def input_paths(src: Path, options: ConvertOptions) -> list[Path]:
@@ -157,6 +165,8 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     check_not_inputs([("--q-rounding-cache folder", c) for c in cache], input_paths(src, options))
     check_output(out, input_paths(src, options) + cache, options.force, options.replace_any)
     source, plan = build_plan(src, options)
+    if getattr(source, "root", None) is not None:
+        check_tokenizer_files(source.root)
     for warning in plan.warnings:
         log.warning(warning)
     awq_result = run_awq(Path(src), source, plan, options.awq) if options.awq else None

@@ -117,9 +117,26 @@ def _mtp_parts(loaded: Loaded, weights: dict):
     return family.mtp(loaded.model, weights, loaded.config.get("quantization"), str(loaded.path))
 
 
+def check_mlx_folder(path: Path) -> None:
+    """What mlx-lm would crash on, as one-line errors first: truncated or corrupt safetensors
+    files, a missing or unreadable tokenizer, config values no loader can use."""
+    from mixquant.arch import check_config_values
+    from mixquant.io.hf import check_tokenizer_files
+    from mixquant.io.safetensors import read_header
+
+    check_config_values(load_json(path / "config.json"), path / "config.json")
+    shards = sorted(path.glob("*.safetensors"))
+    if not any(p.name.startswith("model") for p in shards):
+        raise MixquantError(f"{path}: no model*.safetensors file")
+    for shard in shards:
+        read_header(shard)
+    check_tokenizer_files(path)
+
+
 def _load_mlx(path: Path, mtp: bool) -> tuple[Loaded, dict]:
     from mlx_lm import load as mlx_load
 
+    check_mlx_folder(path)
     try:
         model, tokenizer, config = mlx_load(str(path), return_config=True)
     except (FileNotFoundError, ValueError) as e:
@@ -148,6 +165,10 @@ def _load_source(path: Path, kind: str, dtype: str, mtp: bool,
 
     source = open_source(path, config_dir)
     family = family_for_config(source.config, source.config_path)
+    if getattr(source, "root", None) is not None:
+        from mixquant.io.hf import check_tokenizer_files
+
+        check_tokenizer_files(source.root)
     arch = family.build(source, keep_vision=False, keep_mtp=mtp)
     plan = make_plan(arch, None, dtype)
     weights, mtp_weights = {}, {}

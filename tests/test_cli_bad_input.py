@@ -76,7 +76,8 @@ CASES = [
     ("generate {QSMALL} --prompt 'quantization of weights'", "past the model's 512-row embedding"),
     ("bench {QSMALL} --repeats 1", "q-small: the tokenizer gives token id"),
     ("chat {QSMALL}", "q-small: the tokenizer gives token id"),
-    ("serve {QSMALL} --host 256.0.0.1", "q-small: the tokenizer gives token id"),
+    ("serve {QSMALL} --port 0", "q-small: the tokenizer gives token id"),
+    ("serve {Q} --host 256.0.0.1", "--host 256.0.0.1: cannot resolve it"),
     # plan
     ("plan -i {ROOT}/notes.txt", "not a GGUF file"),
     ("plan -i {ROOT}/huge_array.gguf -q", "truncated or corrupt GGUF"),
@@ -115,7 +116,7 @@ CASES = [
     ("bench {Q} --mtp --compare {Q}", "--mtp and --compare: one at a time"),
     # serve
     ("serve {Q} --max-concurrency 0", "--max-concurrency: must be at least 1, got 0"),
-    ("serve {Q} --port -1", "--port: must be at least 0, got -1"),
+    ("serve {Q} --port -1", "--port: must be within 0..65535, got -1"),
     ("serve {Q} --mtp-depth 2", "--mtp-depth: only with --mtp"),
     ("serve {ROOT}/missing", "not a model folder"),
 ]

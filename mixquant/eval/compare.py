@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -40,7 +41,10 @@ class Candidate:
 
 def parse_recipes(spec: str) -> list[tuple[str, float]]:
     """'unsloth:2-6,uniform:4,auto:3.5' -> [('unsloth', 2), ..., ('unsloth', 6), ('uniform', 4), ('auto', 3.5)]
-    (auto takes target bits per weight)."""
+    (auto takes target bits per weight). Every item is checked as convert would check it."""
+    from mixquant.quant.auto import check_bpw
+    from mixquant.quant.recipe import check_bits, unsloth
+
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, bits = item.partition(":")
@@ -48,16 +52,23 @@ def parse_recipes(spec: str) -> list[tuple[str, float]]:
             raise MixquantError(f"--recipes: cannot read {item!r} (e.g. unsloth:2-6,uniform:4,auto:3.5)")
         if name == AUTO:
             try:
-                out.append((name, float(bits)))
+                target = float(bits)
             except ValueError:
                 raise MixquantError(f"--recipes: cannot read the target {bits!r} in {item!r}") from None
+            out.append((name, check_bpw(target, f"--recipes: {item}")))
             continue
-        lo, _, hi = bits.partition("-")
-        try:
-            lo_i, hi_i = int(lo), int(hi or lo)
-        except ValueError:
-            raise MixquantError(f"--recipes: cannot read bits {bits!r} in {item!r}") from None
-        out += [(name, b) for b in range(lo_i, hi_i + 1)]
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", bits)
+        if match is None:
+            raise MixquantError(f"--recipes: cannot read bits {bits!r} in {item!r} (a width, or a range like 2-6)")
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        if hi < lo:
+            raise MixquantError(f"--recipes: the range {bits!r} in {item!r} runs backwards")
+        for b in range(lo, hi + 1):
+            if name == "uniform":
+                check_bits(b, f"--recipes: {item}")
+            else:
+                unsloth(b)
+            out.append((name, b))
     return out
 
 

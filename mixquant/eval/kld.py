@@ -194,8 +194,19 @@ def _member_shapes(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
                 if version not in readers:
                     raise ValueError(f"{name}: npy format {version} is not one np.savez writes")
                 shape, _, dtype = readers[version](f, max_header_size=1 << 16)
+                header = f.tell()
+            declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if header + declared != info.file_size:
+                raise MixquantError(f"{path}: {name!r} declares {declared / 2**30:.2f} GiB but holds "
+                                    f"{(info.file_size - header) / 2**30:.2f} GiB")
+            if info.file_size > MAX_RATIO_FROM and info.file_size > MAX_RATIO * info.compress_size:
+                raise MixquantError(f"{path}: {name!r} expands {info.file_size / max(info.compress_size, 1):.0f}x "
+                                    "when read; no saved reference compresses that far")
             out[name] = (shape, dtype)
     return out
+
+
+MAX_RATIO, MAX_RATIO_FROM = 32, 16 << 20  # log-probabilities compress about 1.1x; ids a few times
 
 
 def _memory_bytes() -> int:

@@ -182,7 +182,14 @@ def _parse(c: _Cursor) -> GGUFFile:
     for name, dims, qtype, offset in raw:
         if name in out.tensors:
             c.fail(f"tensor {name} appears twice")
+        if offset % alignment:
+            c.fail(f"tensor {name} at data offset {offset} is not aligned to {alignment} bytes")
         out.tensors[name] = _tensor_info(c, name, dims, qtype, offset, data_start)
+    last_end, last_name = -1, None
+    for info in sorted(out.tensors.values(), key=lambda i: i.offset):
+        if info.offset < last_end:
+            c.fail(f"tensors {last_name} and {info.name} overlap")
+        last_end, last_name = info.offset + info.nbytes, info.name
     return out
 
 

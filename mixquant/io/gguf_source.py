@@ -49,7 +49,9 @@ def split_parts(path: Path) -> list[Path]:
     m = SPLIT_NAME.match(path.name)
     if not m:
         return [path]
-    n = int(m.group("n"))
+    n, i = int(m.group("n")), int(m.group("i"))
+    if n == 0 or not 1 <= i <= n:
+        raise MixquantError(f"{path}: split GGUF name says part {i} of {n}; parts count from 1 to their number")
     parts = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
@@ -63,6 +65,20 @@ def source_name(path: Path) -> str:
     return f"{m.group('stem')}.gguf" if m else path.name
 
 
+TOKENIZER_PREFIX = "tokenizer.ggml."
+MAX_TOKENIZER_ENTRIES = 1 << 20  # tokens, scores, types or merges: real vocabularies have up to ~262k
+
+
+def check_tokenizer_arrays(meta, path: Path) -> None:
+    """The tokenizer's arrays within what any real vocabulary needs (rebuilding a tokenizer from a
+    2M-entry array takes gigabytes)."""
+    for key, value in meta.fields.items():
+        if key.startswith(TOKENIZER_PREFIX) and hasattr(value, "__len__") and not isinstance(value, str) \
+                and len(value) > MAX_TOKENIZER_ENTRIES:
+            raise MixquantError(f"{path}: {key} has {len(value)} entries, more than the {MAX_TOKENIZER_ENTRIES} "
+                                "any real tokenizer needs")
+
+
 class GGUFSource:
     def __init__(self, path: Path, config_dir: Path | None = None):
         self.path = Path(path)
@@ -70,6 +86,7 @@ class GGUFSource:
         self.files: list[GGUFFile] = [read_gguf(p) for p in self.parts]
         self.meta = self.files[0]
         self.arch = self.meta.get(KEY_ARCHITECTURE)
+        check_tokenizer_arrays(self.meta, self.path)
         self.family = family_for_gguf(self.arch, self.path)
         self.spec = self.family.gguf
         self.config_dir = Path(config_dir) if config_dir else None

@@ -11,7 +11,7 @@ import numpy as np
 
 from mixquant.errors import MixquantError
 from mixquant.io.safetensors import TensorInfo, read_header, read_tensor
-from mixquant.io.textfile import read_json_object
+from mixquant.io.textfile import MAX_JSON_BYTES, read_json_object, read_text
 
 # Files a converted folder carries over unchanged (tokenizer, template, generation defaults).
 SIDE_FILES = (
@@ -26,6 +26,20 @@ SIDE_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them makes a tokenizer
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """The folder has a tokenizer, and its JSON files parse (within size and nesting limits)."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise MixquantError(f"{folder}: no tokenizer ({', '.join(TOKENIZER_FILES)}: none of them is there)")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json",
+                 "added_tokens.json", "generation_config.json", "chat_template.json"):
+        if (folder / name).exists():
+            read_json_object(folder / name)
 
 
 def load_json(path: Path) -> dict:
@@ -124,7 +138,7 @@ def read_chat_template(folder: Path) -> tuple[str | None, dict]:
         if isinstance(value, str):
             specials[key] = value
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8"), specials
+        return read_text(folder / "chat_template.jinja", MAX_JSON_BYTES), specials
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),

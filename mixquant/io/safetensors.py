@@ -88,7 +88,17 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if data_start + end > size:
             raise MixquantError(f"{path}: truncated: tensor {name} ends at byte {data_start + end}, file has {size}")
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
+    _check_disjoint(path, tensors.values())
     return tensors
+
+
+def _check_disjoint(path: Path, infos) -> None:
+    """No two tensors share bytes (the safetensors library refuses overlapping data_offsets too)."""
+    last_end, last_name = -1, None
+    for info in sorted((i for i in infos if i.nbytes), key=lambda i: i.offset):
+        if info.offset < last_end:
+            raise MixquantError(f"{path}: tensors {last_name} and {info.name} overlap (corrupt data_offsets)")
+        last_end, last_name = info.offset + info.nbytes, info.name
 
 
 def _int_list(value) -> bool:

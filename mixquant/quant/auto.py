@@ -13,10 +13,21 @@ from dataclasses import dataclass
 
 from mixquant.arch.roles import ROUTERS
 from mixquant.arch.tensors import SCOPE_MODEL
+from mixquant.errors import MixquantError
 from mixquant.quant.allocate import Allocation, Choice, allocate, as_recipe
 from mixquant.quant.options import Option, all_options
 from mixquant.quant.recipe import AUTO, ROUTER_BITS, Recipe, Rule
 from mixquant.quant.sensitivity import Sensitivity, units_of
+
+
+MIN_BPW, MAX_BPW = 1.0, 32.0
+
+
+def check_bpw(value, where: str) -> float:
+    """A target in bits per weight: a finite number within MIN_BPW..MAX_BPW (CLI and compare alike)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_BPW <= value <= MAX_BPW:
+        raise MixquantError(f"{where}: must be within {MIN_BPW:g}..{MAX_BPW:g} bits per weight, got {value!r}")
+    return float(value)
 
 
 @dataclass

@@ -13,13 +13,14 @@ taken at the end of that conversation; anything else (an edited history) starts 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixquant.errors import MixquantError
 from mixquant.runtime.mtp import DEFAULT_DEPTH, check_depth
-from mixquant.runtime.sampling import GREEDY, Sampling
+from mixquant.runtime.sampling import GREEDY, Sampling, check_sampling
 from mixquant.runtime.template import render
 from mixquant.runtime.toolcalls import ToolCall, parse_tool_calls
 from mixquant.vocab import check_tokenizer, embedding_rows
@@ -131,9 +132,16 @@ class Model:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's length in characters: a text of N characters is at least
+        N / max_token_chars tokens, which bounds a prompt before it is rendered."""
+        return max(1, max((len(t) for t in self.tokenizer.get_vocab()), default=1))
+
     # -- generation ---------------------------------------------------------------------------------
     def sampling(self, temperature=None, top_p=None, top_k=None, min_p=None) -> Sampling:
         """The settings given, the rest from generation_config.json."""
+        check_sampling("", temperature, top_p, top_k, min_p)
         g = self.generation_config
         temp = g.get("temperature", 0.0) if temperature is None else temperature
         if not g.get("do_sample", True) and temperature is None:

@@ -4,7 +4,26 @@ speculative decoding needs to accept or reject a draft."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from mixquant.errors import MixquantError
+
+MAX_TEMPERATURE = 2.0  # OpenAI's bound, which the server's schema applies too
+
+
+def check_sampling(where: str = "", temperature=None, top_p=None, top_k=None, min_p=None) -> None:
+    """One check of the sampling settings for the CLI, the library and the server: each given one a
+    finite number in its range."""
+    prefix = f"{where}: " if where else ""
+    for name, value, lo, hi in (("temperature", temperature, 0.0, MAX_TEMPERATURE), ("top_p", top_p, 0.0, 1.0),
+                                ("min_p", min_p, 0.0, 1.0), ("top_k", top_k, 0, 1 << 31)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not lo <= value <= hi or (name == "top_k" and not float(value).is_integer()):
+            raise MixquantError(f"{prefix}{name} must be a {'whole ' if name == 'top_k' else ''}number within "
+                                f"{lo:g}..{hi:g}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ def error_response(path: str, status: int, message: str, kind: str = "invalid_re
 
 
 class BodyLimit:
-    """Refuses request bodies over `limit` bytes (413), by Content-Length and while reading."""
+    """Refuses request bodies over `limit` bytes (413), by Content-Length or, for a chunked body, once
+    what arrived passes the limit: the body is read whole before the app sees the request."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -61,22 +62,31 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = error_response(scope["path"], 413, f"request body over {self.limit} bytes")
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await error_response(scope["path"], 413, f"request body over {self.limit} bytes")(scope, receive,
-                                                                                                   send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+            return await too_large(scope, receive, send)
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise APIError(413, f"request body over {self.limit} bytes")
-            return message
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, delivered = b"".join(chunks), False
 
-        return await self.app(scope, limited, send)
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
 def create_app(engine, config: ServerConfig) -> FastAPI:
@@ -157,7 +167,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
         turn = oai.chat_turn(body, min(config.limits.max_tokens, 4096))
-        prepared = prepare(model, turn, config.limits)
+        prepared = await asyncio.to_thread(prepare, model, turn, config.limits)
         usage, cid = Usage(), oai.new_id("chatcmpl-")
         if not body.stream:
             events = await collect(request, turn, prepared, usage)
@@ -197,7 +207,10 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         limits = config.limits
         if not 1 <= max_tokens <= limits.max_tokens:
             raise APIError(400, f"max_tokens must be 1..{limits.max_tokens}, got {max_tokens}", "max_tokens")
-        ids = model.encode(text)
+        if len(text) // model.max_token_chars > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has at least {len(text) // model.max_token_chars} tokens, over this "
+                           f"server's limit of {limits.max_prompt_tokens}", "prompt")
+        ids = await asyncio.to_thread(model.encode, text)
         if len(ids) > limits.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of "
                            f"{limits.max_prompt_tokens}", "prompt")
@@ -236,7 +249,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(body: oai.ResponsesRequest, request: Request):
         turn = oai.responses_turn(body, min(config.limits.max_tokens, 4096))
-        prepared = prepare(model, turn, config.limits)
+        prepared = await asyncio.to_thread(prepare, model, turn, config.limits)
         usage, rid, created = Usage(), oai.new_id("resp_"), int(time.time())
 
         def final_output(result):
@@ -352,13 +365,13 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     # -- Anthropic: messages --------------------------------------------------------------------
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: anth.CountTokensRequest):
-        prepared = prepare(model, anth.turn(body), config.limits)
+        prepared = await asyncio.to_thread(prepare, model, anth.turn(body), config.limits)
         return {"input_tokens": len(prepared.prompt)}
 
     @app.post("/v1/messages")
     async def messages(body: anth.MessagesRequest, request: Request):
         turn = anth.turn(body, body.max_tokens)
-        prepared = prepare(model, turn, config.limits)
+        prepared = await asyncio.to_thread(prepare, model, turn, config.limits)
         usage, mid = Usage(), anth.new_id("msg_")
         if not body.stream:
             events = await collect(request, turn, prepared, usage)
@@ -429,6 +442,30 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     return app
 
 
+def listen(host: str, port: int):
+    """The listening socket, bound before anything else runs: a port in use or an unknown host is
+    a one-line error, not uvicorn's exit 3 after the model has loaded."""
+    import socket
+
+    from mixquant.errors import MixquantError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise MixquantError(f"--host {host}: cannot resolve it ({getattr(e, 'strerror', None) or e})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise MixquantError(f"{host}:{port}: cannot listen there ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(model_path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_concurrency: int = 16, max_prompt_tokens: int = 32768, max_tokens: int = 4096, mtp: int = 0,
           dequantize: bool = False) -> int:
@@ -437,11 +474,22 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str
     from mixquant.loading import load
     from mixquant.runtime.chat import Model
     from mixquant.server.engine import Engine
+    from mixquant.server.transport import GuardedH11Protocol, connection_cap
 
+    sock = listen(host, port)
     model = Model(load(model_path, dequantize=dequantize, mtp=bool(mtp)))
     engine = Engine(model, max_concurrency=max_concurrency, mtp=mtp)
     config = ServerConfig(model_id=str(model_path).rstrip("/").split("/")[-1], api_key=api_key,
                           limits=Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens))
     app = BodyLimit(create_app(engine, config), config.max_body_bytes)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    GuardedH11Protocol.cap = connection_cap()
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await asyncio.to_thread(engine.close)  # streams in flight end with their finish chunk
+            await super().shutdown(sockets)
+
+    server = Server(uvicorn.Config(app, http=GuardedH11Protocol, log_level="warning", timeout_graceful_shutdown=5,
+                                   lifespan="on"))
+    server.run(sockets=[sock])
     return 0

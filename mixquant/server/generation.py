@@ -70,7 +70,28 @@ class Prepared:
     forced: str
 
 
+def _chars(value) -> int:
+    """Characters of text in a message's fields (strings within lists and objects included)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value)
+    return 0
+
+
+def check_prompt_bound(model, turn: Turn, limits: Limits) -> None:
+    """Refuse a prompt that cannot fit before rendering it: every message takes at least one token,
+    and no token covers more than the model's longest token's characters."""
+    bound = max(len(turn.messages), _chars(turn.messages) // model.max_token_chars)
+    if bound > limits.max_prompt_tokens:
+        raise APIError(400, f"the prompt has at least {bound} tokens, over this server's limit of "
+                       f"{limits.max_prompt_tokens}", "messages")
+
+
 def prepare(model, turn: Turn, limits: Limits) -> Prepared:
+    check_prompt_bound(model, turn, limits)
     if turn.max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {turn.max_tokens}", "max_tokens")
     if turn.max_tokens > limits.max_tokens:
