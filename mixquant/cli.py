@@ -385,7 +385,7 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     from mixquant.runtime.mtp import DEFAULT_DEPTH, check_depth
 
-    for flag in ("max_concurrency", "max_prompt_tokens", "max_tokens"):
+    for flag in ("max_concurrency", "max_prompt_tokens", "max_tokens", "max_connections"):
         positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     if not 0 <= args.port <= 65535:
         raise MixquantError(f"--port: must be within 0..65535, got {args.port}")
@@ -404,7 +404,7 @@ def cmd_serve(args) -> int:
     return serve(Path(args.model), host=args.host, port=args.port,
                  api_key=api_key, max_concurrency=args.max_concurrency,
                  max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, mtp=mtp,
-                 dequantize=args.dequantize)
+                 dequantize=args.dequantize, max_connections=args.max_connections)
 
 
 def cmd_generate(args) -> int:
@@ -584,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this key on every endpoint but /health (default: $MIXQUANT_API_KEY, else none)")
     p.add_argument("--max-concurrency", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-prompt-tokens", type=int, default=32768)
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most (default: what the descriptor limit allows, less a reserve); "
+                        "past it the longest-waiting connection without a request is closed")
     p.add_argument("--max-tokens", type=int, default=4096, help="the most tokens a request may generate")
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's MTP head (requests then run one at a time)")

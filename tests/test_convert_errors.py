@@ -132,6 +132,9 @@ def test_existing_output_refused_without_force(tiny_models, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
     assert run_cli("convert", "-i", tiny_models["text-r2"], "-o", out, "--force-delete-any") == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
-    (out / "extra.txt").write_text("made later")
     assert run_cli("convert", "-i", tiny_models["text-r2"], "-o", out, "--force", "-q") == 0  # ours: replaced
-    assert not (out / "extra.txt").exists()
+    (out / "extra.txt").write_text("made later")
+    capsys.readouterr()
+    assert run_cli("convert", "-i", tiny_models["text-r2"], "-o", out, "--force", "-q") == 2  # someone's file in it
+    assert "holds files mixquant did not write (extra.txt)" in capsys.readouterr().err
+    assert (out / "extra.txt").read_text() == "made later"

@@ -279,3 +279,27 @@ def test_templates_that_loop_within_bounds_render_as_before():
     t = "{% for i in range(messages|length - 1, -1, -1) %}{{ loop.index }}:{{ messages[i].content }}" \
         "{% if not loop.last %},{% endif %}{% endfor %}"
     assert render(t, [{"content": "a"}, {"content": "b"}, {"content": "c"}]) == "1:c,2:b,3:a"
+
+
+def test_chat_with_standard_input_closed_is_one_line(files):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mixquant.cli", "chat", str(files["Q"])], capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: os.close(0))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "mixquant: error: chat: standard input is closed (chat reads your messages from it)"
+
+
+def test_chat_template_errors_go_to_stderr(files, tmp_path):
+    import subprocess
+    import sys
+
+    q = tmp_path / "q"
+    shutil.copytree(files["Q"], q)
+    (q / "chat_template.jinja").write_text("{{ raise_exception('this template takes no user turns') }}")
+    proc = subprocess.run([sys.executable, "-m", "mixquant.cli", "chat", str(q)], input="hello\n/exit\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "this template takes no user turns" not in proc.stdout
+    assert proc.stderr.strip() == "mixquant: error: chat template: this template takes no user turns"

@@ -15,7 +15,11 @@ HELP = "commands: /reset, /system TEXT, /think on|off, /exit"
 DIM, RESET = "\033[2m", "\033[0m"
 
 
-def run(model_path, max_tokens: int = 512, temperature: float | None = None, out=sys.stdout, mtp: int = 0) -> int:
+def run(model_path, max_tokens: int = 512, temperature: float | None = None, out=sys.stdout, mtp: int = 0,
+        err=None) -> int:
+    """The chat loop; replies go to `out`, errors to `err` (default: standard error)."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise MixquantError("chat: standard input is closed (chat reads your messages from it)")
     model = load(model_path, mtp=bool(mtp))
     session = ChatSession(model)
     messages: list[dict] = []
@@ -26,7 +30,7 @@ def run(model_path, max_tokens: int = 512, temperature: float | None = None, out
     while True:
         try:
             line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt, OSError, RuntimeError, ValueError):  # end of input, or none left
             print(file=out)
             return 0
         line = line.strip()
@@ -71,7 +75,8 @@ def run(model_path, max_tokens: int = 512, temperature: float | None = None, out
                 out.flush()
         except MixquantError as e:
             messages.pop()
-            print(f"\nmixquant: error: {e}", file=out, flush=True)
+            print(file=out, flush=True)
+            print(f"mixquant: error: {e}", file=err or sys.stderr, flush=True)
             continue
         t = result.timings
         print(f"\n[{result.num_tokens} tokens, prefill {t['prefill_tokens']} at {t['prefill_tok_s']:.1f} tok/s, "

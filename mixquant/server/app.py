@@ -54,10 +54,30 @@ def error_response(path: str, status: int, message: str, kind: str = "invalid_re
 
 class BodyLimit:
     """Refuses request bodies over `limit` bytes (413), by Content-Length or, for a chunked body, once
-    what arrived passes the limit: the body is read whole before the app sees the request."""
+    what arrived passes the limit: the body is read whole before the app sees the request. With
+    `max_messages`, a JSON body whose `messages` list is longer (every message costs a prompt token)
+    is refused with a 400 after a parse off the event loop, before it is validated on it."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, max_messages: int | None = None):
+        self.app, self.limit, self.max_messages = app, limit, max_messages
+
+    async def _too_many_messages(self, scope, body: bytes):
+        if self.max_messages is None or scope.get("method") != "POST" or len(body) < 2 * self.max_messages:
+            return None
+
+        def count():
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):
+                return 0
+            messages = data.get("messages") if isinstance(data, dict) else None
+            return len(messages) if isinstance(messages, list) else 0
+
+        n = await asyncio.to_thread(count)
+        if n <= self.max_messages:
+            return None
+        return error_response(scope["path"], 400, f"the prompt has at least {n} tokens, over this server's limit "
+                              f"of {self.max_messages}", param="messages")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -78,6 +98,9 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body, delivered = b"".join(chunks), False
+        refused = await self._too_many_messages(scope, body)
+        if refused is not None:
+            return await refused(scope, receive, send)
 
         async def replay():
             nonlocal delivered
@@ -468,7 +491,7 @@ def listen(host: str, port: int):
 
 def serve(model_path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_concurrency: int = 16, max_prompt_tokens: int = 32768, max_tokens: int = 4096, mtp: int = 0,
-          dequantize: bool = False) -> int:
+          dequantize: bool = False, max_connections: int | None = None) -> int:
     import uvicorn
 
     from mixquant.loading import load
@@ -481,8 +504,8 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str
     engine = Engine(model, max_concurrency=max_concurrency, mtp=mtp)
     config = ServerConfig(model_id=str(model_path).rstrip("/").split("/")[-1], api_key=api_key,
                           limits=Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens))
-    app = BodyLimit(create_app(engine, config), config.max_body_bytes)
-    GuardedH11Protocol.cap = connection_cap()
+    app = BodyLimit(create_app(engine, config), config.max_body_bytes, max_prompt_tokens)
+    GuardedH11Protocol.cap = connection_cap(max_connections)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):

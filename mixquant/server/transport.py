@@ -21,9 +21,9 @@ DESCRIPTOR_RESERVE = 64  # files the process keeps for itself: model files, logs
 MAX_CONNECTIONS = 4096
 
 
-def connection_cap() -> int:
+def connection_cap(wanted: int | None = None) -> int:
     """Raise the soft descriptor limit to the hard one, and return how many connections fit under
-    it with DESCRIPTOR_RESERVE to spare."""
+    it with DESCRIPTOR_RESERVE to spare (at most `wanted`, when given)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
     if target > soft:
@@ -32,7 +32,7 @@ def connection_cap() -> int:
             soft = target
         except (ValueError, OSError):
             pass
-    return max(8, min(MAX_CONNECTIONS, soft - DESCRIPTOR_RESERVE))
+    return max(8, min(wanted or MAX_CONNECTIONS, soft - DESCRIPTOR_RESERVE))
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -50,8 +50,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _make_room(self) -> bool:
         """Close the connection that has waited longest without a request in progress."""
-        idle = [c for c in self.connections
-                if c is not self and getattr(c, "_read_timer", None) is not None and c.cycle is None]
+        idle = [c for c in self.connections if c is not self and getattr(c, "_read_timer", None) is not None]
         if not idle:
             return False
         oldest = min(idle, key=lambda c: c._waiting_since)
