@@ -316,13 +316,13 @@ def cmd_bench(args) -> int:
         if args.compare:
             raise MixquantError("--mtp and --compare: one at a time (--mtp compares plain and MTP decoding)")
         result = bench_mtp(Path(args.model), cfg, _depths(args.mtp_depths), sampled=args.sample,
-                           dequantize=args.dequantize)
+                           native=args.native)
         print(format_mtp_table(result))
         if args.json:
             write_json(Path(args.json), {"config": vars(cfg), **result})
         return 0
     paths = [Path(args.model)] + ([Path(args.compare)] if args.compare else [])
-    results = bench(paths, cfg, dequantize=args.dequantize)
+    results = bench(paths, cfg, native=args.native)
     print(format_table(results, cfg))
     if args.json:
         out = {"config": vars(cfg), "results": results}
@@ -379,7 +379,7 @@ def cmd_chat(args) -> int:
     if args.mtp_depth is not None and not args.mtp:
         raise MixquantError("--mtp-depth: only with --mtp")
     mtp = (DEFAULT_DEPTH if args.mtp_depth is None else check_depth(args.mtp_depth)) if args.mtp else 0
-    return run(Path(args.model), args.max_tokens, args.temperature, mtp=mtp)
+    return run(Path(args.model), args.max_tokens, args.temperature, mtp=mtp, native=args.native)
 
 
 def cmd_serve(args) -> int:
@@ -404,7 +404,7 @@ def cmd_serve(args) -> int:
     return serve(Path(args.model), host=args.host, port=args.port,
                  api_key=api_key, max_concurrency=args.max_concurrency,
                  max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, mtp=mtp,
-                 dequantize=args.dequantize, max_connections=args.max_connections)
+                 native=args.native, max_connections=args.max_connections)
 
 
 def cmd_generate(args) -> int:
@@ -413,7 +413,7 @@ def cmd_generate(args) -> int:
     positive(args.max_tokens, "--max-tokens")
     if not args.prompt:
         raise MixquantError("--prompt: empty (give the text to continue)")
-    for piece in generate_text(Path(args.model), args.prompt, args.max_tokens):
+    for piece in generate_text(Path(args.model), args.prompt, args.max_tokens, native=args.native):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -460,6 +460,10 @@ def cmd_demo(args) -> int:
     print(f"user: {question}\nassistant: {result.text}\n[{result.num_tokens} tokens, "
           f"{result.timings['decode_tok_s']:.1f} tok/s decode]")
     return 0
+
+
+NATIVE_HELP = ("use the quantized kernels even on MLX's CPU backend (default there: the weights dequantized to "
+               "float32 when they fit in half the memory, which decodes, batches and verifies drafts faster)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -541,9 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp-depths", default="1,2,3", help="with --mtp: the draft depths to measure (default 1,2,3)")
     p.add_argument("--sample", action="store_true",
                    help="with --mtp: sample with the model's generation_config instead of decoding greedily")
-    p.add_argument("--dequantize", action="store_true",
-                   help="compute in float32 with the weights dequantized (how small models run fastest on MLX's "
-                        "CPU backend)")
+    p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench)
 
@@ -573,7 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=None, help="default: the model's generation_config")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
-    p.add_argument("--mtp-depth", type=int, default=None, help="tokens drafted per step (default: the measured best)")
+    p.add_argument("--mtp-depth", type=int, default=None,
+                   help="the most tokens drafted per step (default 2); fewer, or none, while that decodes faster")
+    p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server with continuous batching")
@@ -591,15 +595,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's MTP head (requests then run one at a time)")
     p.add_argument("--mtp-depth", type=int, default=None)
-    p.add_argument("--dequantize", action="store_true",
-                   help="compute in float32 with the weights dequantized: faster on MLX's CPU backend, for models "
-                        "whose float32 weights fit in memory")
+    p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")
     p.add_argument("model", help="converted model folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="plan, convert, evaluate and chat with the bundled demo model")
@@ -613,10 +616,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _WarningLine(logging.Handler):
-    """mixquant's library warnings, one line each on stderr."""
+    """mixquant's library warnings and notes, one line each on stderr."""
 
     def emit(self, record):
-        print(f"mixquant: warning: {record.getMessage()}", file=sys.stderr)
+        kind = "warning" if record.levelno >= logging.WARNING else "note"
+        print(f"mixquant: {kind}: {record.getMessage()}", file=sys.stderr)
+
+
+NOTE_LEVEL = 25  # mixquant.loading.NOTE, without importing MLX before the BLAS is chosen
 
 
 def _terminate(signum, frame):
@@ -630,8 +637,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu_blas.enable()  # before anything imports MLX
     logger = logging.getLogger("mixquant")
-    handler = _WarningLine(logging.WARNING)
+    handler = _WarningLine(NOTE_LEVEL)
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(NOTE_LEVEL)
     logger.propagate = False
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
@@ -650,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
+import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from mixquant.blocks import read_tensor
 from mixquant.errors import MixquantError
 from mixquant.io.hf import load_json, read_chat_template
 from mixquant.io.output import CONFIG_MARKER
+
+log = logging.getLogger(__name__)
 
 MLX, HF, GGUF = "mlx", "hf", "gguf"
 QUANTIZED_CONFIG_KEYS = ("quantization", "quantization_config")
@@ -45,6 +49,7 @@ class Loaded:
     specials: dict = field(default_factory=dict)  # bos/eos/pad/unk token strings, for the template
     generation_config: dict = field(default_factory=dict)
     mtp: object = None  # the MTP head and the main model's parts it runs with (arch's MTPParts), when asked
+    compute_note: str | None = None  # load_for_running: which compute path it chose and why, to say once
 
 
 def source_kind(path: Path) -> str:
@@ -275,6 +280,58 @@ def dequantize_model(model) -> None:
         model.update_modules(tree_unflatten(replacements))
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
+
+
+FAST_CPU_SHARE = 0.5  # float32 weights may take this share of memory before the kernels are kept
+NOTE = 25  # a logging level between INFO and WARNING: what the CLI says once, as "note"
+
+
+def float32_bytes(model) -> int:
+    """What the model's weights take once dequantized to float32."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    total = 0
+    for _, m in model.named_modules():
+        own = dict(tree_flatten(m.parameters()))
+        own = {k: v for k, v in own.items() if "." not in k}  # this module's own arrays, not its children's
+        bits = getattr(m, "bits", None) if isinstance(m, nn.Module) else None
+        if bits and "weight" in own and "scales" in own:
+            total += own.pop("weight").size * 32 // bits
+            own.pop("scales")
+            own.pop("biases", None)
+        total += sum(v.size for v in own.values())
+    return 4 * total
+
+
+def load_for_running(path: Path, *, native: bool = False, mtp: bool = False) -> Loaded:
+    """A model to decode with, in the compute path that is fastest on this backend: on MLX's CPU
+    backend the weights dequantized to float32 (where batching and MTP verification gain, through
+    an optimised BLAS), when they fit in FAST_CPU_SHARE of memory; elsewhere, or `native`, the
+    quantized kernels. `compute_note` says which, for the caller to log once the model is ready."""
+    import mlx.core as mx
+
+    loaded = load(path, mtp=mtp)
+    if native or not default_dequantize():
+        return loaded
+    need = float32_bytes(loaded.model) + (float32_bytes(loaded.mtp.head) if loaded.mtp is not None else 0)
+    budget = int(FAST_CPU_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > budget:
+        loaded.compute_note = (f"MLX's CPU backend: keeping the quantized kernels (float32 weights would take "
+                               f"{need / 1e9:.1f} GB, over {budget / 1e9:.1f} GB)")
+        return loaded
+    dequantize_model(loaded.model)
+    if loaded.mtp is not None:
+        dequantize_model(loaded.mtp.head)
+    loaded.model.set_dtype(mx.float32)
+    loaded.compute_note = (f"MLX's CPU backend: computing in float32 with the weights dequantized ({need / 1e9:.2f} "
+                           "GB; faster here than the quantized kernels); --native keeps them quantized")
+    return loaded
+
+
+def say_compute_path(loaded: Loaded) -> None:
+    if loaded.compute_note:
+        log.log(NOTE, loaded.compute_note)
 
 
 def count_parameters(model) -> int:

@@ -48,7 +48,7 @@ def prompt_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
 
 
 def _generate(model, session, new_tokens: list[int], gen_tokens: int, mtp: int = 0, stats=None,
-              sampling=None) -> tuple[float, float]:
+              sampling=None, fixed: bool = True) -> tuple[float, float]:
     """Prefill `new_tokens` after what the session holds, decode `gen_tokens` (greedily unless
     `sampling`); returns (prefill tok/s, decode tok/s)."""
     from mixquant.runtime.sampling import GREEDY
@@ -57,7 +57,7 @@ def _generate(model, session, new_tokens: list[int], gen_tokens: int, mtp: int =
     t0 = time.perf_counter()
     times = []
     for _ in model.stream(prompt, session, max_new_tokens=gen_tokens, mtp=mtp, stats=stats,
-                          sampling=sampling or GREEDY):
+                          sampling=sampling or GREEDY, mtp_fixed=fixed):
         times.append(time.perf_counter())
     prefill = len(new_tokens) / (times[0] - t0)
     timed = times[WARMUP_TOKENS:]
@@ -66,7 +66,7 @@ def _generate(model, session, new_tokens: list[int], gen_tokens: int, mtp: int =
 
 
 def run_once(model, cfg: BenchConfig, runs: Runs, mtp: int = 0, stats=None, offset: int = 0,
-             sampling=None) -> None:
+             sampling=None, fixed: bool = True) -> None:
     """One conversation of cfg.turns turns, its prompt from the bundled text at token `offset`."""
     import mlx.core as mx
 
@@ -75,14 +75,14 @@ def run_once(model, cfg: BenchConfig, runs: Runs, mtp: int = 0, stats=None, offs
     mx.reset_peak_memory()
     session = ChatSession(model)
     prefill, decode = _generate(model, session, prompt_ids(model.tokenizer, cfg.prompt_tokens, offset),
-                                cfg.gen_tokens, mtp, stats, sampling)
+                                cfg.gen_tokens, mtp, stats, sampling, fixed)
     runs.prefill.append(prefill)
     runs.decode.append(decode)
     last = decode
     offset += cfg.prompt_tokens
     for _ in range(cfg.turns - 1):  # later turns prefill only their new tokens on top of the kept cache
         _, last = _generate(model, session, prompt_ids(model.tokenizer, cfg.turn_tokens, offset), cfg.gen_tokens,
-                            mtp, stats, sampling)
+                            mtp, stats, sampling, fixed)
         offset += cfg.turn_tokens
     runs.last_turn_decode.append(last)
     runs.peak_memory = max(runs.peak_memory, mx.get_peak_memory())
@@ -99,19 +99,18 @@ def summarize(path: Path, runs: Runs, cfg: BenchConfig) -> dict:
     }
 
 
-def load_for_bench(path: Path, mtp: bool = False, dequantize: bool = False):
-    """A chat Model as `chat` loads it, or computing in float32 with dequantized weights."""
-    from mixquant.loading import load
-    from mixquant.runtime.chat import Model
+def load_for_bench(path: Path, mtp: bool = False, native: bool = False):
+    """A chat Model as `chat` loads it (`native`: with the quantized kernels on any backend)."""
+    from mixquant.runtime.chat import load
 
-    return Model(load(Path(path), dtype="float32" if dequantize else None, dequantize=dequantize, mtp=mtp))
+    return load(Path(path), mtp=mtp, native=native)
 
 
-def bench(paths: list[Path], cfg: BenchConfig, dequantize: bool = False) -> list[dict]:
+def bench(paths: list[Path], cfg: BenchConfig, native: bool = False) -> list[dict]:
     """Benchmark one model, or several alternating repeat by repeat."""
     if cfg.gen_tokens <= WARMUP_TOKENS + 1:
         raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
-    models = [load_for_bench(p, dequantize=dequantize) for p in paths]
+    models = [load_for_bench(p, native=native) for p in paths]
     runs = [Runs() for _ in paths]
     for model in models:  # one untimed pass each: compile, page in, allocate
         run_once(model, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs())
@@ -140,47 +139,55 @@ MTP_PROMPT_STRIDE = 1000  # tokens between the bundled-text prompts of successiv
 
 
 def bench_mtp(path: Path, cfg: BenchConfig, depths: list[int], model=None, sampled: bool = False,
-              dequantize: bool = False) -> dict:
+              native: bool = False) -> dict:
     """Plain decoding and MTP speculative decoding at each depth, alternating on one loaded model
     (`model`: a chat Model loaded with its MTP head; default: `path` as chat loads it), each repeat
     on another prompt; greedy, or sampled with the model's generation_config (`sampled`, seeded).
     The speed-up is the median over repeats of MTP tok/s over plain tok/s on the same prompt."""
     import mlx.core as mx
 
-    from mixquant.runtime.mtp import Stats, check_depth
+    from mixquant.runtime.mtp import DEFAULT_DEPTH, Stats, check_depth
 
     for d in depths:
         check_depth(d)
     if cfg.gen_tokens <= WARMUP_TOKENS + 1:
         raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
-    model = model or load_for_bench(path, mtp=True, dequantize=dequantize)
+    model = model or load_for_bench(path, mtp=True, native=native)
     sampling = model.sampling() if sampled else None
-    modes = [0] + list(depths)
+    modes = [(0, True), (DEFAULT_DEPTH, False)] + [(d, True) for d in depths]  # (depth, fixed); 0: plain
     runs = {m: Runs() for m in modes}
     stats = {m: Stats() for m in modes}
-    for m in modes:
-        run_once(model, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs(), m, Stats())
+    for depth, fixed in modes:
+        run_once(model, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs(), depth, Stats(),
+                 fixed=fixed)
     for r in range(cfg.repeats):
         for m in modes:
             mx.random.seed(r)
-            run_once(model, cfg, runs[m], m, stats[m], offset=r * MTP_PROMPT_STRIDE, sampling=sampling)
-    plain = summarize(path, runs[0], cfg)
-    rows = []
-    for d in depths:
-        r = summarize(path, runs[d], cfg)
-        ratios = [a / b for a, b in zip(runs[d].decode, runs[0].decode)]
-        r.update(depth=d, speedup=statistics.median(ratios), speedups=ratios,
-                 acceptance=stats[d].acceptance()[:d], tokens_per_round=stats[d].emitted / max(stats[d].rounds, 1))
-        rows.append(r)
+            run_once(model, cfg, runs[m], m[0], stats[m], offset=r * MTP_PROMPT_STRIDE, sampling=sampling,
+                     fixed=m[1])
+    plain = summarize(path, runs[(0, True)], cfg)
+
+    def row(mode):
+        r = summarize(path, runs[mode], cfg)
+        ratios = [a / b for a, b in zip(runs[mode].decode, runs[(0, True)].decode)]
+        st = stats[mode]
+        r.update(depth=mode[0], speedup=statistics.median(ratios), speedups=ratios,
+                 acceptance=st.acceptance()[:mode[0]], tokens_per_round=st.emitted / max(st.rounds, 1))
+        return r
+
+    rows = [row((d, True)) for d in depths]
     best = max(rows, key=lambda r: r["speedup"])
-    return {"plain": plain, "mtp": rows, "best_depth": best["depth"], "sampled": sampled,
-            "sampling": None if sampling is None else vars(sampling)}
+    return {"plain": plain, "adaptive": row((DEFAULT_DEPTH, False)), "mtp": rows, "best_depth": best["depth"],
+            "sampled": sampled, "sampling": None if sampling is None else vars(sampling)}
 
 
 def format_mtp_table(result: dict) -> str:
     plain = result["plain"]
     lines = [f"{'decoding':<12} {'decode tok/s':>13} {'speed-up':>9} {'tokens/round':>13}  acceptance by draft position",
              f"{'plain':<12} {plain['decode_tok_s']:>13.2f} {1.0:>9.3f} {1.0:>13.2f}"]
+    auto = result["adaptive"]
+    lines.append(f"{'mtp (default)':<12} {auto['decode_tok_s']:>13.2f} {auto['speedup']:>9.3f} "
+                 f"{auto['tokens_per_round']:>13.2f}  up to depth {auto['depth']}, as measured fastest")
     for r in result["mtp"]:
         acc = ", ".join("-" if a is None else f"{a:.1%}" for a in r["acceptance"])
         lines.append(f"{'mtp depth ' + str(r['depth']):<12} {r['decode_tok_s']:>13.2f} {r['speedup']:>9.3f} "

@@ -159,10 +159,11 @@ class Model:
             presence_penalty=presence_penalty or None, frequency_penalty=frequency_penalty or None)
 
     def stream(self, prompt: list[int], session: "ChatSession", *, max_new_tokens: int, sampling: Sampling = GREEDY,
-               processors=None, boundary: int | None = None, mtp: int = 0, stats=None):
+               processors=None, boundary: int | None = None, mtp: int = 0, stats=None, mtp_fixed: bool = False):
         """Token ids as mlx-lm's generate_step decodes them on the session's cache, after prefilling
         what of `prompt` the cache does not hold; with `mtp` (a draft depth), speculatively with the
-        MTP head (stats: a mixquant.runtime.mtp.Stats to count drafts in). The path every chat,
+        MTP head (stats: a mixquant.runtime.mtp.Stats to count drafts in), drafting up to `mtp` tokens a
+        round as measured fastest (`mtp_fixed`: always `mtp`). The path every chat,
         stream and benchmark takes."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
@@ -178,7 +179,8 @@ class Model:
             from mixquant.runtime.mtp import speculative_steps
 
             yield from speculative_steps(self.mtp, session, fresh, max_new_tokens=max_new_tokens, sampling=sampling,
-                                         processors=processors, depth=mtp, stats=stats, prefill_step=PREFILL_STEP)
+                                         processors=processors, depth=mtp, stats=stats, prefill_step=PREFILL_STEP,
+                                         adaptive=not mtp_fixed)
             return
         steps = generate_step(mx.array(fresh), self.model, max_tokens=max_new_tokens, sampler=sampling.sampler(),
                               logits_processors=processors or None, prompt_cache=session.cache,
@@ -484,9 +486,14 @@ class _StreamSplitter:
             self.held = ""
 
 
-def load(path, mtp: bool = False) -> Model:
+def load(path, mtp: bool = False, native: bool = False) -> Model:
     """Our quants, plain mlx-lm quants, an unquantized Hugging Face folder or a GGUF file (built in
-    memory in bfloat16), ready to chat with mlx-lm's native kernels; with `mtp`, its MTP head too."""
-    from mixquant.loading import load as load_model
+    memory in bfloat16), ready to chat, in the compute path that is fastest on this backend
+    (mixquant.loading.load_for_running; `native`: mlx-lm's quantized kernels); with `mtp`, its MTP
+    head too."""
+    from mixquant.loading import load_for_running, say_compute_path
 
-    return Model(load_model(Path(path), dequantize=False, mtp=mtp))
+    loaded = load_for_running(Path(path), native=native, mtp=mtp)
+    model = Model(loaded)
+    say_compute_path(loaded)
+    return model

@@ -6,16 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def generate_text(path: Path, prompt: str, max_tokens: int = 64) -> Iterator[str]:
+def generate_text(path: Path, prompt: str, max_tokens: int = 64, native: bool = False) -> Iterator[str]:
     """Greedy continuation of `prompt`, yielded piece by piece as it decodes."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mixquant.loading import load
+    from mixquant.loading import load_for_running, say_compute_path
     from mixquant.vocab import check_tokenizer, embedding_rows
 
-    loaded = load(path, dequantize=False)
+    loaded = load_for_running(path, native=native)
     model, tokenizer = loaded.model, loaded.tokenizer
     check_tokenizer(tokenizer, embedding_rows(loaded.config, path), str(path))
+    say_compute_path(loaded)
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)):
         yield response.text

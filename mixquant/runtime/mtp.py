@@ -47,6 +47,48 @@ class Stats:
         self.emitted += other.emitted
 
 
+class Adaptive:
+    """Chooses each round's draft depth from what decoding has measured: tokens per second at every
+    depth in `depths` (0: plain decoding, one token per step), kept as decayed sums. Every depth is
+    tried for a few rounds first; then the fastest is used, and the others are tried again for a few
+    rounds after `period` tokens (twice as long after each trial that changes nothing), so a depth
+    that has become faster is found while a slower one costs little."""
+
+    TRIAL_ROUNDS = 2
+    PERIOD, MAX_PERIOD = 128, 2048
+    DECAY = 0.7
+
+    def __init__(self, depths):
+        self.depths = sorted(set(depths))
+        self.tokens = {d: 0.0 for d in self.depths}
+        self.seconds = {d: 0.0 for d in self.depths}
+        self.trials = [d for d in self.depths for _ in range(self.TRIAL_ROUNDS)]
+        self.period, self.since = self.PERIOD, 0
+        self.best = None
+
+    def rate(self, depth: int) -> float:
+        return self.tokens[depth] / self.seconds[depth] if self.seconds[depth] > 0 else 0.0
+
+    def next_depth(self) -> int:
+        if self.trials:
+            return self.trials.pop(0)
+        if self.since >= self.period:
+            self.since = 0
+            self.trials = [d for d in self.depths if d != self.best for _ in range(self.TRIAL_ROUNDS)]
+            return self.next_depth() if self.trials else self.best
+        return self.best
+
+    def record(self, depth: int, tokens: int, seconds: float) -> None:
+        self.tokens[depth] = self.DECAY * self.tokens[depth] + tokens
+        self.seconds[depth] = self.DECAY * self.seconds[depth] + seconds
+        self.since += tokens
+        if not self.trials:
+            best = max(self.depths, key=self.rate)
+            if self.best is not None:
+                self.period = self.PERIOD if best != self.best else min(2 * self.period, self.MAX_PERIOD)
+            self.best = best
+
+
 def check_depth(depth: int) -> int:
     from mixquant.errors import MixquantError
 
@@ -77,6 +119,8 @@ class Drafter:
 
         self.kv = KVCache()
         self.queue: list[tuple] = []  # (hidden [1, n, H], token ids [n], rope position of the first)
+        self.out, self.position = None, None  # the head's output at the last pair it ran over, and where
+        self.chooser = None  # the Adaptive depth chooser of this conversation's speculative decoding
 
     def push(self, hidden, tokens: list[int], position: int) -> None:
         self.queue.append((hidden, tokens, position))
@@ -87,15 +131,25 @@ class Drafter:
         mask = create_attention_mask(hidden, self.kv)
         return self.parts.head(self.parts.embed(tokens), hidden, mask, _At(self.kv, position))
 
+    def backlog(self) -> int:
+        """Pairs queued that the head has not run over yet."""
+        return sum(len(tokens) for _, tokens, _ in self.queue)
+
+    def catch_up(self) -> None:
+        """Run the head over the queued pairs (its output at the last one is what drafting starts from)."""
+        import mlx.core as mx
+
+        for hidden, tokens, position in self.queue:
+            self.out = self._step(hidden, mx.array([tokens]), position)
+            self.position = position + len(tokens)
+        self.queue = []
+
     def draft(self, depth: int, sampling):
         """`depth` draft tokens (a lazy [depth] array) and, when sampling, their distributions [depth, V]."""
         import mlx.core as mx
 
-        out, position = None, None
-        for hidden, tokens, position in self.queue:
-            out = self._step(hidden, mx.array([tokens]), position)
-            position += len(tokens)
-        self.queue = []
+        self.catch_up()
+        out, position = self.out, self.position
         drafts, dists = [], []
         for j in range(depth):
             logits = self.parts.logits(out[:, -1:])[0, 0]
@@ -178,10 +232,14 @@ def _record(cache, on: bool) -> None:
 
 def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, sampling, processors=(),
                       depth: int = DEFAULT_DEPTH, stats: Stats | None = None, rollback: str = CAPTURE,
-                      prefill_step: int = 512):
+                      prefill_step: int = 512, adaptive: bool = True):
     """Token ids decoded with drafts from `parts.head`, on `session.cache` (a recording cache) after
     feeding `fresh` (the prompt tokens it does not hold yet). `session.tokens` tracks what the cache
-    holds, `session.drafter` the head's state."""
+    holds, `session.drafter` the head's state. With `adaptive`, `depth` is the most drafted per
+    round: each round drafts 0 (a plain step), 1 or `depth` tokens, whichever Adaptive measures
+    fastest, so speculation never costs more than a few trial rounds over plain decoding."""
+    import time
+
     import mlx.core as mx
     from mlx_lm.models.cache import ArraysCache
 
@@ -205,8 +263,35 @@ def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, 
     position += len(fresh)  # y's position
     produced = 1
     yield y
+    chooser = None
+    if adaptive:
+        if drafter.chooser is None or drafter.chooser.depths != sorted({0, 1, depth}):
+            drafter.chooser = Adaptive({0, 1, depth})
+        chooser = drafter.chooser
     while produced < max_new_tokens:
-        k = min(depth, max_new_tokens - produced)
+        chosen = chooser.next_depth() if chooser is not None else depth
+        if chosen and drafter.backlog() > depth + 1:  # a prompt or plain steps to catch up on: not the round's
+            drafter.catch_up()
+            mx.eval(drafter.out)
+        start = time.perf_counter()
+        k = min(chosen, max_new_tokens - produced)
+        if k == 0:  # a plain step; the head is still shown the pair, so that drafting can resume
+            hidden = parts.body(mx.array([[y]]), cache=cache)
+            logits = parts.logits(hidden)[0]
+            if processors:
+                logits = _apply_processors(processors, context + [y], logits)
+            token = int(mx.argmax(logits[0]) if sampling.greedy else
+                        mx.random.categorical(mx.log(sampling.probs(logits[0]))))
+            chooser.record(0, 1, time.perf_counter() - start)
+            session.tokens.append(y)
+            drafter.push(hidden, [token], position + 1)
+            position += 1
+            context.append(y)
+            produced += 1
+            stats.emitted += 1
+            yield token
+            y = token
+            continue
         drafted, q = drafter.draft(k, sampling)
         mx.async_eval(drafted)  # drafting runs while the verification pass is built
         fed = mx.concatenate([mx.array([y]), drafted])
@@ -226,6 +311,8 @@ def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, 
             drafts = drafted.tolist()
             emitted = accept_sampled(sampling.probs(logits), q, drafts)
         a = len(emitted) - 1
+        if chooser is not None:
+            chooser.record(chosen, a + 1, time.perf_counter() - start)
         if rollback == CAPTURE:
             _rewind(cache, a + 1, k + 1)
             _record(cache, False)

@@ -16,11 +16,11 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 
 def run(model_path, max_tokens: int = 512, temperature: float | None = None, out=sys.stdout, mtp: int = 0,
-        err=None) -> int:
+        err=None, native: bool = False) -> int:
     """The chat loop; replies go to `out`, errors to `err` (default: standard error)."""
     if sys.stdin is None or sys.stdin.closed:
         raise MixquantError("chat: standard input is closed (chat reads your messages from it)")
-    model = load(model_path, mtp=bool(mtp))
+    model = load(model_path, mtp=bool(mtp), native=native)
     session = ChatSession(model)
     messages: list[dict] = []
     system: str | None = None

@@ -491,16 +491,18 @@ def listen(host: str, port: int):
 
 def serve(model_path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_concurrency: int = 16, max_prompt_tokens: int = 32768, max_tokens: int = 4096, mtp: int = 0,
-          dequantize: bool = False, max_connections: int | None = None) -> int:
+          native: bool = False, max_connections: int | None = None) -> int:
     import uvicorn
 
-    from mixquant.loading import load
+    from mixquant.loading import load_for_running, say_compute_path
     from mixquant.runtime.chat import Model
     from mixquant.server.engine import Engine
     from mixquant.server.transport import GuardedH11Protocol, connection_cap
 
     sock = listen(host, port)
-    model = Model(load(model_path, dequantize=dequantize, mtp=bool(mtp)))
+    loaded = load_for_running(model_path, native=native, mtp=bool(mtp))
+    model = Model(loaded)
+    say_compute_path(loaded)
     engine = Engine(model, max_concurrency=max_concurrency, mtp=mtp)
     config = ServerConfig(model_id=str(model_path).rstrip("/").split("/")[-1], api_key=api_key,
                           limits=Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens))

@@ -53,10 +53,35 @@ def test_greedy_mtp_is_plain_greedy_token_for_token(which, fixture_dir, unsloth3
         plain = _decode(model, prompt)
         assert len(plain) == NEW_TOKENS
         for depth in (1, 2, 3):
-            assert _decode(model, prompt, mtp=depth, stats=stats[depth]) == plain, (which, depth, prompt)
+            assert _decode(model, prompt, mtp=depth, stats=stats[depth], mtp_fixed=True) == plain, \
+                (which, depth, prompt)
+        assert _decode(model, prompt, mtp=3) == plain, (which, "adaptive", prompt)
     for depth, s in stats.items():  # the trained head drafts well: most first drafts are kept
         assert s.emitted == PROMPTS * (NEW_TOKENS - 1)
         assert s.acceptance()[0] > 0.5, (depth, s.acceptance())
+
+
+def test_adaptive_depth_keeps_to_the_fastest_and_tries_the_others_again():
+    from mixquant.runtime.mtp import Adaptive
+
+    chooser = Adaptive({0, 1, 3})
+    rates = {0: 100.0, 1: 80.0, 3: 60.0}  # tokens per second: plain decoding is fastest here
+    tokens_per_round = {0: 1, 1: 1.8, 3: 2.5}
+    chosen = []
+    for _ in range(2000):
+        d = chooser.next_depth()
+        chosen.append(d)
+        chooser.record(d, tokens_per_round[d], tokens_per_round[d] / rates[d])
+    assert chosen[:6] == [0, 0, 1, 1, 3, 3]
+    tokens = sum(tokens_per_round[d] for d in chosen)
+    seconds = sum(tokens_per_round[d] / rates[d] for d in chosen)
+    assert tokens / seconds > 0.97 * rates[0]  # trials cost under 3%
+    assert chosen[-100:].count(0) >= 96
+    rates[3] = 300.0  # now drafting three pays: a later trial finds it
+    for _ in range(2500):
+        d = chooser.next_depth()
+        chooser.record(d, tokens_per_round[d], tokens_per_round[d] / rates[d])
+    assert chooser.best == 3 and chooser.next_depth() == 3
 
 
 def test_rolling_back_by_recomputing_gives_the_same_tokens(fixture_dir, prompts):
