@@ -2,10 +2,11 @@
 
     python benchmarks/mtp.py [--gen-tokens 128] [--prompt-tokens 128] [--repeats 3] [--depths 1 2 3 4]
 
-For each way of running the fixture (float32, greedy and sampled with its generation_config; as
-`chat` loads it; its unsloth-3 quant with native kernels and dequantized to float32),
-`mixquant bench --mtp`'s measurement: plain decoding and MTP decoding at each depth alternate on
-each of --repeats prompts from the bundled held-out text; the speed-up is the median over prompts of
+For each way of running the fixture (its unsloth-4 quant as `chat --mtp` runs it by default, and
+with --native's quantized kernels; float32, greedy and sampled with its generation_config),
+`mixquant bench --mtp`'s measurement: plain decoding, the default MTP decoding (up to depth 2, the
+depth chosen round by round as measured fastest, plain steps included) and MTP at each fixed depth
+alternate on each of --repeats prompts from the bundled held-out text; the speed-up is the median over prompts of
 the paired ratio, acceptance is counted by draft position over all of them. Then the two ways of rolling back rejected drafts (recording per-position
 states during verification; restoring the states from before it and running the accepted tokens
 again) are timed against each other. Last, what the same acceptance predicts where decoding is
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="prompts (each a repeat; default 5)")
-    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
     args = parser.parse_args()
 
     import mixquant
@@ -96,14 +97,13 @@ def main() -> None:
     cfg = BenchConfig(prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, turns=1, repeats=args.repeats)
     variants = []
     with tempfile.TemporaryDirectory() as tmp:
-        quant = Path(tmp) / "unsloth3"
-        convert(FIXTURE, quant, ConvertOptions(recipe=unsloth(3), keep_vision=False, progress=False))
+        quant = Path(tmp) / "unsloth4"
+        convert(FIXTURE, quant, ConvertOptions(recipe=unsloth(4), keep_vision=False, progress=False))
         float32 = lambda: Model(load(FIXTURE, dtype="float32", dequantize=True, mtp=True))  # noqa: E731
-        ways = [("qwen35-tiny, float32", float32, False),
-                ("qwen35-tiny, float32, sampled", float32, True),
-                ("qwen35-tiny, as `chat` loads it (bfloat16)", lambda: mixquant.load(FIXTURE, mtp=True), False),
-                ("unsloth-3, native quantized kernels", lambda: mixquant.load(quant, mtp=True), False),
-                ("unsloth-3, dequantized to float32", lambda: Model(load(quant, dequantize=True, mtp=True)), False)]
+        ways = [("unsloth-4, the default (`chat --mtp`)", lambda: mixquant.load(quant, mtp=True), False),
+                ("unsloth-4, --native quantized kernels", lambda: mixquant.load(quant, mtp=True, native=True), False),
+                ("qwen35-tiny, float32", float32, False),
+                ("qwen35-tiny, float32, sampled", float32, True)]
         rollback = None
         for name, make, sampled in ways:
             model = make()
@@ -111,7 +111,7 @@ def main() -> None:
             print(f"\n{name}\n{format_mtp_table(result)}", flush=True)
             main_bytes, head_bytes = step_bytes(model)
             result.update(name=name, main_step_bytes=main_bytes, head_step_bytes=head_bytes)
-            for r in result["mtp"]:
+            for r in [result["adaptive"]] + result["mtp"]:
                 r["predicted_memory_bound"] = r["tokens_per_round"] / (1 + r["depth"] * head_bytes / main_bytes)
             variants.append(result)
             if rollback is None:
@@ -125,13 +125,17 @@ def main() -> None:
 
 
 def write_doc(out: dict) -> None:
+    from mixquant.runtime.mtp import DEFAULT_DEPTH
+
     cfg = out["config"]
     lines = ["<!-- mtp:begin -->", "## MTP speculative decoding", "",
              f"`python benchmarks/mtp.py` ({out['machine']}): decoding of {cfg['gen_tokens']} tokens after a "
              f"{cfg['prompt_tokens']}-token prompt of the bundled held-out text (greedy unless marked sampled: "
              f"then the fixture's generation_config), plain and with the fixture's own MTP head drafting, "
              f"alternating in one process on each of {cfg['repeats']} prompts; speed-up: the median of the "
-             f"per-prompt ratios. Acceptance: the share of drafts "
+             f"per-prompt ratios. The default (`--mtp`) drafts up to {DEFAULT_DEPTH} tokens a round, choosing 0 "
+             f"(a plain step), 1 or {DEFAULT_DEPTH} from the tokens per second it has measured "
+             f"(mixquant.runtime.mtp.Adaptive); the fixed depths are for comparison. Acceptance: the share of drafts "
              f"kept at each position of a round. Predicted: tokens per round / (1 + depth x head bytes / main-step "
              f"bytes), the speed-up where a pass of a few tokens costs what one token does (memory-bound decoding).",
              "", "| model | decoding | tok/s | speed-up | tokens/round | acceptance by position | predicted, memory-bound |",
@@ -139,6 +143,9 @@ def write_doc(out: dict) -> None:
     for v in out["variants"]:
         p = v["plain"]
         lines.append(f"| {v['name']} | plain | {p['decode_tok_s']:.2f} | 1.000 | 1.00 | | |")
+        a = v["adaptive"]
+        lines.append(f"| | **MTP, default** (depth <= {a['depth']}, as measured fastest) | {a['decode_tok_s']:.2f} | "
+                     f"**{a['speedup']:.3f}** | {a['tokens_per_round']:.2f} | | |")
         for r in v["mtp"]:
             acc = ", ".join(f"{a:.0%}" for a in r["acceptance"] if a is not None)
             lines.append(f"| | MTP depth {r['depth']} | {r['decode_tok_s']:.2f} | {r['speedup']:.3f} | "

@@ -135,6 +135,20 @@ def run_cli(*argv) -> int:
     return main([str(a) for a in argv])
 
 
+def run_cli_error(argv: list[str], capsys) -> str:
+    """Run the CLI expecting a one-line error and exit code 2; returns that line."""
+    capsys.readouterr()
+    try:
+        code = run_cli(*argv)
+    except SystemExit as e:  # argparse's own exit
+        code = e.code
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("mixquant: error: "), captured.err
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     return FIXTURE

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from conftest import run_cli, save_tiny_qwen35
+from conftest import run_cli, run_cli_error, save_tiny_qwen35
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +127,5 @@ def test_bad_input_is_one_line_and_exit_2(files, command, message, capsys):
     import shlex
 
     argv = [a.format(**files) for a in shlex.split(command)]
-    capsys.readouterr()
-    try:
-        code = run_cli(*argv)
-    except SystemExit as e:  # argparse's own exit
-        code = e.code
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured.err
-    assert len(lines) == 1 and lines[0].startswith("mixquant: error: "), captured.err
-    assert message in lines[0], lines[0]
+    assert message in run_cli_error(argv, capsys)
     assert not files["OUT"].exists()

@@ -202,6 +202,22 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def _fail_on_third_file(monkeypatch) -> list[str]:
+    """The writer fails as a full disk would when it opens its third file; returns the names opened."""
+    import mixquant.writer as writer
+
+    real_writer, opened = writer.StreamingWriter, []
+
+    def failing(path, *a, **kw):
+        opened.append(Path(path).name)
+        if len(opened) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        return real_writer(path, *a, **kw)
+
+    monkeypatch.setattr(writer, "StreamingWriter", failing)
+    return opened
+
+
 def test_resume_after_a_failure_midway_gives_the_uninterrupted_output(fixture_dir, tmp_path, monkeypatch, capsys):
     """Shards of 2 MB: the run fails while writing the third of five; --resume keeps the two complete
     ones (they are not rewritten) and the result is byte for byte an uninterrupted run's."""
@@ -215,15 +231,7 @@ def test_resume_after_a_failure_midway_gives_the_uninterrupted_output(fixture_di
     assert len(shards) >= 4
 
     out = tmp_path / "out"
-    real_writer, opened = writer.StreamingWriter, []
-
-    def failing(path, *a, **kw):
-        opened.append(Path(path).name)
-        if len(opened) == 3:
-            raise OSError(28, "No space left on device", str(path))
-        return real_writer(path, *a, **kw)
-
-    monkeypatch.setattr(writer, "StreamingWriter", failing)
+    real_writer, opened = writer.StreamingWriter, _fail_on_third_file(monkeypatch)
     assert run_cli("convert", "-i", fixture_dir, "-o", out, "--resume", *args) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert not out.exists()
@@ -341,15 +349,8 @@ def test_resume_rewrites_a_shard_corrupted_in_place(fixture_dir, tmp_path, monke
     whole = tmp_path / "whole"
     assert run_cli("convert", "-i", fixture_dir, "-o", whole, *args) == 0
     out = tmp_path / "out"
-    real_writer, opened = writer.StreamingWriter, []
-
-    def failing(path, *a, **kw):
-        opened.append(Path(path).name)
-        if len(opened) == 3:
-            raise OSError(28, "No space left on device", str(path))
-        return real_writer(path, *a, **kw)
-
-    monkeypatch.setattr(writer, "StreamingWriter", failing)
+    real_writer = writer.StreamingWriter
+    _fail_on_third_file(monkeypatch)
     assert run_cli("convert", "-i", fixture_dir, "-o", out, "--resume", *args) == 2
     first = sorted(resume_folder(out).glob("model-*.safetensors"))[0]
     data = bytearray(first.read_bytes())

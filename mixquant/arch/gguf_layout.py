@@ -134,7 +134,12 @@ def field(meta, key: str, default=None, kind=int):
     value = meta.get(key, default)
     if value is None:
         raise MixquantError(f"{meta.path}: metadata {key} is missing")
+    if isinstance(value, (str, bytes, bool, list)) or (hasattr(value, "shape") and value.shape != ()):
+        raise MixquantError(f"{meta.path}: metadata {key} is not a number ({value!r})")
     try:
-        return kind(value)
-    except (TypeError, ValueError):
+        out = kind(value)
+    except (TypeError, ValueError, OverflowError):
         raise MixquantError(f"{meta.path}: metadata {key} is not a number ({value!r})") from None
+    if kind is int and out != value:
+        raise MixquantError(f"{meta.path}: metadata {key} is not a whole number ({value!r})")
+    return out

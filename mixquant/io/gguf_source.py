@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixquant.arch import family_for_gguf
+from mixquant.arch import family_for_config, family_for_gguf
 from mixquant.arch.gguf_layout import EXPERTS, EXPERTS_GATE_UP, Layout, expert_slices
 from mixquant.errors import MixquantError
 from mixquant.io.gguf import GGUFFile, TensorInfo, read_all, read_gguf, read_rows
@@ -100,6 +100,9 @@ class GGUFSource:
         n_main = self.spec.main_layers(self.arch, self.meta)
         self.config = (load_json(self.config_dir / "config.json") if self.config_dir
                        else self.spec.config(self.arch, self.meta, raw, n_main))
+        if self.config_dir and family_for_config(self.config, self.config_path) is not self.family:
+            raise MixquantError(f"{self.config_path}: model_type {self.config.get('model_type')!r} is not a "
+                                f"{self.family.name} model, which {self.path.name} ({self.arch}) is")
         self.tensors = self._present(n_main)
         lossy = sorted({t.type_name for t in raw.values()} - set(FLOAT_TYPES))
         self.warnings = [f"{self.path.name} holds quantized tensors ({', '.join(lossy)}): the source is already "

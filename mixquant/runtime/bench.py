@@ -187,7 +187,8 @@ def format_mtp_table(result: dict) -> str:
              f"{'plain':<12} {plain['decode_tok_s']:>13.2f} {1.0:>9.3f} {1.0:>13.2f}"]
     auto = result["adaptive"]
     lines.append(f"{'mtp (default)':<12} {auto['decode_tok_s']:>13.2f} {auto['speedup']:>9.3f} "
-                 f"{auto['tokens_per_round']:>13.2f}  up to depth {auto['depth']}, as measured fastest")
+                 f"{auto['tokens_per_round']:>13.2f}  up to depth {auto['depth']}, as measured fastest (plain steps "
+                 "count as rounds)")
     for r in result["mtp"]:
         acc = ", ".join("-" if a is None else f"{a:.1%}" for a in r["acceptance"])
         lines.append(f"{'mtp depth ' + str(r['depth']):<12} {r['decode_tok_s']:>13.2f} {r['speedup']:>9.3f} "

@@ -105,6 +105,7 @@ class Model:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.eos_ids.add(self.tokenizer.eos_token_id)
         self.mtp = loaded.mtp  # the MTP head's parts, when loaded with mtp=True
+        self._mtp_choosers: dict = {}  # draft depth -> mixquant.runtime.mtp.Adaptive
         check_tokenizer(self.tokenizer, embedding_rows(loaded.config, self.path), str(self.path))
 
     # -- prompt -------------------------------------------------------------------------------------
@@ -131,6 +132,12 @@ class Model:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def mtp_chooser(self, depth: int):
+        """The MTP depth chooser for drafting up to `depth`, kept for the model's lifetime."""
+        from mixquant.runtime.mtp import Adaptive
+
+        return self._mtp_choosers.setdefault(depth, Adaptive({0, 1, depth}))
 
     @functools.cached_property
     def max_token_chars(self) -> int:
@@ -180,7 +187,7 @@ class Model:
 
             yield from speculative_steps(self.mtp, session, fresh, max_new_tokens=max_new_tokens, sampling=sampling,
                                          processors=processors, depth=mtp, stats=stats, prefill_step=PREFILL_STEP,
-                                         adaptive=not mtp_fixed)
+                                         chooser=None if mtp_fixed else self.mtp_chooser(mtp))
             return
         steps = generate_step(mx.array(fresh), self.model, max_tokens=max_new_tokens, sampler=sampling.sampler(),
                               logits_processors=processors or None, prompt_cache=session.cache,

@@ -120,7 +120,6 @@ class Drafter:
         self.kv = KVCache()
         self.queue: list[tuple] = []  # (hidden [1, n, H], token ids [n], rope position of the first)
         self.out, self.position = None, None  # the head's output at the last pair it ran over, and where
-        self.chooser = None  # the Adaptive depth chooser of this conversation's speculative decoding
 
     def push(self, hidden, tokens: list[int], position: int) -> None:
         self.queue.append((hidden, tokens, position))
@@ -232,12 +231,14 @@ def _record(cache, on: bool) -> None:
 
 def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, sampling, processors=(),
                       depth: int = DEFAULT_DEPTH, stats: Stats | None = None, rollback: str = CAPTURE,
-                      prefill_step: int = 512, adaptive: bool = True):
+                      prefill_step: int = 512, chooser: "Adaptive | None" = None):
     """Token ids decoded with drafts from `parts.head`, on `session.cache` (a recording cache) after
     feeding `fresh` (the prompt tokens it does not hold yet). `session.tokens` tracks what the cache
-    holds, `session.drafter` the head's state. With `adaptive`, `depth` is the most drafted per
-    round: each round drafts 0 (a plain step), 1 or `depth` tokens, whichever Adaptive measures
-    fastest, so speculation never costs more than a few trial rounds over plain decoding."""
+    holds, `session.drafter` the head's state. With a `chooser` (an Adaptive over 0, 1 and `depth`,
+    kept with the model: how fast each depth decodes is the machine's and the model's, not one
+    conversation's), each round drafts as many tokens as it measures fastest, 0 being a plain step,
+    so speculation costs no more than its trial rounds where it does not pay; without one, `depth`
+    tokens every round."""
     import time
 
     import mlx.core as mx
@@ -263,11 +264,6 @@ def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, 
     position += len(fresh)  # y's position
     produced = 1
     yield y
-    chooser = None
-    if adaptive:
-        if drafter.chooser is None or drafter.chooser.depths != sorted({0, 1, depth}):
-            drafter.chooser = Adaptive({0, 1, depth})
-        chooser = drafter.chooser
     while produced < max_new_tokens:
         chosen = chooser.next_depth() if chooser is not None else depth
         if chosen and drafter.backlog() > depth + 1:  # a prompt or plain steps to catch up on: not the round's
@@ -288,6 +284,7 @@ def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, 
             position += 1
             context.append(y)
             produced += 1
+            stats.rounds += 1
             stats.emitted += 1
             yield token
             y = token

@@ -231,3 +231,39 @@ def test_a_split_gguf_converts_one_row_block_at_a_time(tiny_ggufs, tmp_path, mon
     peak = python_peak + mx.get_peak_memory() - held
     assert peak <= 32 * block < largest // 2, (peak, block, largest)
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
+
+
+def _metadata_gguf(path, arch, add):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    add(w)
+    w.add_tensor("token_embd.weight", np.zeros((4, 64), dtype=np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_number_stored_as_text_is_refused(tmp_path, capsys):
+    bad = _metadata_gguf(tmp_path / "s.gguf", "llama", lambda w: w.add_string("llama.block_count", "1"))
+    _expect(capsys, tmp_path, bad, "metadata llama.block_count is not a number ('1')")
+    bad = _metadata_gguf(tmp_path / "f.gguf", "llama", lambda w: w.add_float32("llama.block_count", 1.5))
+    _expect(capsys, tmp_path, bad, "metadata llama.block_count is not a whole number (1.5)")
+
+
+def test_a_tokenizer_array_past_any_real_vocabulary_is_refused(tmp_path, capsys):
+    n = (1 << 20) + 1
+    bad = _metadata_gguf(tmp_path / "v.gguf", "llama", lambda w: (w.add_block_count(1), w.add_token_list(["a"] * n)))
+    _expect(capsys, tmp_path, bad, f"tokenizer.ggml.tokens has {n} entries, more than the 1048576")
+
+
+def test_config_dir_of_another_architecture_is_refused(smollm2, fixture_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run_cli("convert", "-i", smollm2, "-o", out, "--config-dir", fixture_dir) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mixquant: error: {fixture_dir}/config.json: model_type 'qwen3_5' is not a llama model, which "
+        f"{smollm2.name} (llama) is")
+    assert not out.exists()
