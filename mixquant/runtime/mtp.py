@@ -50,7 +50,8 @@ class Stats:
 class Adaptive:
     """Chooses each round's draft depth from what decoding has measured: tokens per second at every
     depth in `depths` (0: plain decoding, one token per step), kept as decayed sums. Every depth is
-    tried for a few rounds first; then the fastest is used, and the others are tried again for a few
+    tried for a few rounds first (its very first round, which pays for MLX's first use of that
+    shape, is not counted); then the fastest is used, and the others are measured afresh for a few
     rounds after `period` tokens (twice as long after each trial that changes nothing), so a depth
     that has become faster is found while a slower one costs little."""
 
@@ -62,7 +63,8 @@ class Adaptive:
         self.depths = sorted(set(depths))
         self.tokens = {d: 0.0 for d in self.depths}
         self.seconds = {d: 0.0 for d in self.depths}
-        self.trials = [d for d in self.depths for _ in range(self.TRIAL_ROUNDS)]
+        self.trials = [d for d in self.depths for _ in range(self.TRIAL_ROUNDS + 1)]
+        self.warm: set[int] = set()
         self.period, self.since = self.PERIOD, 0
         self.best = None
 
@@ -74,14 +76,20 @@ class Adaptive:
             return self.trials.pop(0)
         if self.since >= self.period:
             self.since = 0
-            self.trials = [d for d in self.depths if d != self.best for _ in range(self.TRIAL_ROUNDS)]
+            challengers = [d for d in self.depths if d != self.best]
+            for d in challengers:
+                self.tokens[d] = self.seconds[d] = 0.0
+            self.trials = [d for d in challengers for _ in range(self.TRIAL_ROUNDS)]
             return self.next_depth() if self.trials else self.best
         return self.best
 
     def record(self, depth: int, tokens: int, seconds: float) -> None:
-        self.tokens[depth] = self.DECAY * self.tokens[depth] + tokens
-        self.seconds[depth] = self.DECAY * self.seconds[depth] + seconds
         self.since += tokens
+        if depth not in self.warm:
+            self.warm.add(depth)
+        else:
+            self.tokens[depth] = self.DECAY * self.tokens[depth] + tokens
+            self.seconds[depth] = self.DECAY * self.seconds[depth] + seconds
         if not self.trials:
             best = max(self.depths, key=self.rate)
             if self.best is not None:
