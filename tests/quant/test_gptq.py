@@ -84,7 +84,8 @@ def test_gptq_quant_loads_and_matches_its_dequantized_forward(tmp_path):
     out = tmp_path / "gptq"
     assert run_cli("convert", "-i", FIXTURE, "-o", out, "-q", "--q-recipe", "uniform", "--q-bits", "3",
                    "--q-rounding", "gptq", "--calib-tokens", 2048, "--drop-vision", "--drop-mtp") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "chat_template.jinja", "config.json",
+    assert sorted(p.name for p in out.iterdir()) == [".mixquant-output.json", "README.md", "chat_template.jinja",
+                                                      "config.json",
                                                       "generation_config.json", "model.safetensors",
                                                       "tokenizer.json", "tokenizer_config.json"]
     assert "## Rounding" in (out / "README.md").read_text()
