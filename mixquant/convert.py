@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -433,7 +432,9 @@ def float_bytes(plan: Plan) -> int:
 
 
 def fits_in_memory(plan: Plan) -> bool:
-    return float_bytes(plan) <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    from mixquant.loading import memory_bytes
+
+    return float_bytes(plan) <= memory_bytes() // 2
 
 
 def awq_summary(opts: AwqOptions | None, result) -> dict | None:

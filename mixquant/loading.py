@@ -283,6 +283,11 @@ def dequantize_model(model) -> None:
 
 
 FAST_CPU_SHARE = 0.5  # float32 weights may take this share of memory before the kernels are kept
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 NOTE = 25  # a logging level between INFO and WARNING: what the CLI says once, as "note"
 
 
@@ -309,13 +314,11 @@ def load_for_running(path: Path, *, native: bool = False, mtp: bool = False) -> 
     backend the weights dequantized to float32 (where batching and MTP verification gain, through
     an optimised BLAS), when they fit in FAST_CPU_SHARE of memory; elsewhere, or `native`, the
     quantized kernels. `compute_note` says which, for the caller to log once the model is ready."""
-    import mlx.core as mx
-
     loaded = load(path, mtp=mtp)
     if native or not default_dequantize():
         return loaded
     need = float32_bytes(loaded.model) + (float32_bytes(loaded.mtp.head) if loaded.mtp is not None else 0)
-    budget = int(FAST_CPU_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    budget = int(FAST_CPU_SHARE * memory_bytes())
     if need > budget:
         loaded.compute_note = (f"MLX's CPU backend: keeping the quantized kernels (float32 weights would take "
                                f"{need / 1e9:.1f} GB, over {budget / 1e9:.1f} GB)")
@@ -323,7 +326,6 @@ def load_for_running(path: Path, *, native: bool = False, mtp: bool = False) -> 
     dequantize_model(loaded.model)
     if loaded.mtp is not None:
         dequantize_model(loaded.mtp.head)
-    loaded.model.set_dtype(mx.float32)
     loaded.compute_note = (f"MLX's CPU backend: computing in float32 with the weights dequantized ({need / 1e9:.2f} "
                            "GB; faster here than the quantized kernels); --native keeps them quantized")
     return loaded

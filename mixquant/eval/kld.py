@@ -20,7 +20,8 @@ from mixquant.errors import MixquantError
 from mixquant.io.atomic import atomic_write
 from mixquant.io.textfile import parse_json, read_text
 from mixquant.eval import metrics
-from mixquant.loading import count_parameters, default_dequantize, load, load_tokenizer, text_weight_bytes
+from mixquant.loading import (count_parameters, default_dequantize, load, load_tokenizer, memory_bytes,
+                              text_weight_bytes)
 from mixquant.vocab import check_token_ids, embedding_rows
 
 REFERENCE_FORMAT = "mixquant-reference-v2"  # v2: with the tokenizer's fingerprint
@@ -209,12 +210,6 @@ def _member_shapes(path: Path) -> dict[str, tuple[tuple, np.dtype]]:
 MAX_RATIO, MAX_RATIO_FROM = 32, 16 << 20  # log-probabilities compress about 1.1x; ids a few times
 
 
-def _memory_bytes() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def _check_shapes(path: Path, shapes: dict, full: bool) -> None:
     """Every array of the right rank and kind, consistent with the windows, and all of them
     together within half this machine's memory, before any is read."""
@@ -236,7 +231,7 @@ def _check_shapes(path: Path, shapes: dict, full: bool) -> None:
     if full and shapes["full"][0][2] < 2:
         raise MixquantError(f"{path}: 'full' has a vocabulary of {shapes['full'][0][2]}")
     declared = sum(int(np.prod(shape, dtype=np.float64)) * dtype.itemsize for shape, dtype in shapes.values())
-    if declared > _memory_bytes() // 2:
+    if declared > memory_bytes() // 2:
         raise MixquantError(f"{path}: declares {declared / 2**30:.1f} GiB of arrays, more than half this machine's "
                             "memory")
 

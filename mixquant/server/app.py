@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixquant.server import anthropic_api as anth
 from mixquant.server import openai_api as oai
-from mixquant.server.generation import APIError, Limits, Usage, prepare, run
+from mixquant.server.generation import APIError, Limits, Usage, check_prompt_length, prepare, run
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 8 << 20
@@ -73,11 +73,11 @@ class BodyLimit:
             messages = data.get("messages") if isinstance(data, dict) else None
             return len(messages) if isinstance(messages, list) else 0
 
-        n = await asyncio.to_thread(count)
-        if n <= self.max_messages:
-            return None
-        return error_response(scope["path"], 400, f"the prompt has at least {n} tokens, over this server's limit "
-                              f"of {self.max_messages}", param="messages")
+        try:
+            check_prompt_length(await asyncio.to_thread(count), self.max_messages, "messages", at_least=True)
+        except APIError as e:
+            return error_response(scope["path"], e.status, e.message, e.kind, e.param)
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -230,13 +230,9 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         limits = config.limits
         if not 1 <= max_tokens <= limits.max_tokens:
             raise APIError(400, f"max_tokens must be 1..{limits.max_tokens}, got {max_tokens}", "max_tokens")
-        if len(text) // model.max_token_chars > limits.max_prompt_tokens:
-            raise APIError(400, f"the prompt has at least {len(text) // model.max_token_chars} tokens, over this "
-                           f"server's limit of {limits.max_prompt_tokens}", "prompt")
+        check_prompt_length(len(text) // model.max_token_chars, limits.max_prompt_tokens, "prompt", at_least=True)
         ids = await asyncio.to_thread(model.encode, text)
-        if len(ids) > limits.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of "
-                           f"{limits.max_prompt_tokens}", "prompt")
+        check_prompt_length(len(ids), limits.max_prompt_tokens, "prompt")
         from mixquant.server.generation import Prepared, Turn
 
         turn = Turn(messages=[], max_tokens=max_tokens, stop=oai._stops(body.stop), **oai._sampling(body))

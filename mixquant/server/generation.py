@@ -81,13 +81,18 @@ def _chars(value) -> int:
     return 0
 
 
+def check_prompt_length(tokens: int, limit: int, param: str, at_least: bool = False) -> None:
+    """A prompt of `tokens` tokens (`at_least`: a lower bound) over `limit` is a 400 naming `param`."""
+    if tokens > limit:
+        raise APIError(400, f"the prompt has {'at least ' if at_least else ''}{tokens} tokens, over this server's "
+                       f"limit of {limit}", param)
+
+
 def check_prompt_bound(model, turn: Turn, limits: Limits) -> None:
     """Refuse a prompt that cannot fit before rendering it: every message takes at least one token,
     and no token covers more than the model's longest token's characters."""
     bound = max(len(turn.messages), _chars(turn.messages) // model.max_token_chars)
-    if bound > limits.max_prompt_tokens:
-        raise APIError(400, f"the prompt has at least {bound} tokens, over this server's limit of "
-                       f"{limits.max_prompt_tokens}", "messages")
+    check_prompt_length(bound, limits.max_prompt_tokens, "messages", at_least=True)
 
 
 def prepare(model, turn: Turn, limits: Limits) -> Prepared:
@@ -114,9 +119,7 @@ def prepare(model, turn: Turn, limits: Limits) -> Prepared:
     if forced:
         prompt_text += forced
         prompt = prompt + model.encode(forced)
-    if len(prompt) > limits.max_prompt_tokens:
-        raise APIError(400, f"the prompt has {len(prompt)} tokens, over this server's limit of "
-                       f"{limits.max_prompt_tokens}", "messages")
+    check_prompt_length(len(prompt), limits.max_prompt_tokens, "messages")
     return Prepared(prompt_text, prompt, boundary, tools, forced)
 
 
