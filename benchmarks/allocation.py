@@ -3,6 +3,9 @@
     python benchmarks/allocation.py --model fixture [--calib heldout-tail] [--measured]
     python benchmarks/allocation.py --model smollm2 [--calib mix]
 
+Calibration: the default (`auto`) unless --calib says; heldout-tail is in-domain text (the
+evaluation file's own tail), for a labelled second column only.
+
 For each peer quant (mlx-lm's uniform 3/4/5/6-bit and mixed_3_4/3_6/4_6, our unsloth-2/3/4), an
 `auto` quant is made at the peer's size (language-model tensor bytes, as plan counts them) from
 the sensitivity file, and both are evaluated on the bundled held-out text (32 windows of 512
@@ -92,12 +95,12 @@ def work_folder(work: str | None, prefix: str) -> Path:
 
 
 def calibration_of(model: str, calib: str | None, work: Path, src: Path, chunks: int) -> tuple[str, str]:
-    """(name for reports, calibration to pass on): `calib`, or by default the held-out tail (fixture)
-    or the mix; a held-out tail (`heldout-tail`, or `fixture-heldout-tail` from the fixture's longer
+    """(name for reports, calibration to pass on): `calib`, or by default the default calibration
+    (`auto`, what a user gets); a held-out tail (in-domain text, a labelled second column) (`heldout-tail`, or `fixture-heldout-tail` from the fixture's longer
     file) is written into `work` and its path passed on."""
     from mixquant.loading import load_tokenizer
 
-    name = calib or ("heldout-tail" if model == "fixture" else "mix")
+    name = calib or "auto"
     if name == "fixture-heldout-tail":
         return name, heldout_tail(work, load_tokenizer(src), chunks, FIXTURE / "heldout.txt")
     if name == "heldout-tail":
@@ -131,7 +134,7 @@ def spearman(a, b) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("fixture", "smollm2"), default="fixture")
-    ap.add_argument("--calib", default=None, help="mix | self | heldout-tail (fixture) | FILE")
+    ap.add_argument("--calib", default=None, help="auto (default) | mix | self | heldout-tail (fixture) | FILE")
     ap.add_argument("--windows", type=int, default=8, help="calibration windows of 512 tokens")
     ap.add_argument("--chunks", type=int, default=32, help="evaluation windows of 512 tokens")
     ap.add_argument("--measured", action="store_true", help="also measure sensitivities (slow) and compare")
@@ -317,13 +320,18 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+IN_DOMAIN = {"heldout-tail": " (in-domain text: the evaluation file's own tail, the lab path; the default path is in "
+                             "the section \"Default calibration off the lab path\")"}
+
+
 def write_doc(result: dict) -> None:
     key = f"allocation-{result['model']}"
     lines = [f"<!-- {key}:begin -->", f"## Measured allocation on {result['model']}: `auto` at each peer's size", "",
              f"`python benchmarks/allocation.py --model {result['model']}"
-             f"{' --measured' if 'proxy_vs_measured' in result else ''}` ({result['machine']}; "
+             f"{' --measured' if 'proxy_vs_measured' in result else ''}"
+             f"{'' if result['calib'] == 'auto' else ' --calib ' + result['calib']}` ({result['machine']}; "
              f"{result['seconds']} s). Sensitivity: proxy on {result['windows']} windows of 512 tokens of "
-             f"{result['calib']}; evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text.",
+             f"{result['calib']}{IN_DOMAIN.get(result['calib'], '')}; evaluation: {result['chunks']} windows of 512 tokens of the bundled held-out text.",
              "", f"![Pareto](pareto_allocation_{result['model']}.png)", "",
              "| peer | bpw | mean KLD ± se | p99.9 | auto bpw | auto mean KLD ± se | auto p99.9 | mean ratio | "
              "p99.9 ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -51,7 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("fixture", "smollm2"), default="fixture")
     ap.add_argument("--calib", default=None,
-                    help="mix | self | heldout-tail | fixture-heldout-tail (fixture) | FILE")
+                    help="auto (default: the default calibration) | mix | self | heldout-tail | "
+                         "fixture-heldout-tail (in-domain, fixture) | FILE")
     ap.add_argument("--calib-tokens", type=int, default=16 * 512)
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--distill-steps", type=int, default=64)
@@ -67,7 +68,12 @@ def main() -> None:
                     help="measure only these rows; the other rows of the results file are kept")
     ap.add_argument("--tag", default="", help="suffix of the JSON and docs section (a second calibration budget)")
     ap.add_argument("--note", default="", help="a sentence for the docs section (how the machine was shared)")
+    ap.add_argument("--rewrite-doc", action="store_true",
+                    help="only regenerate the docs section from benchmarks/results/rounding-<model><tag>.json")
     args = ap.parse_args()
+    if args.rewrite_doc:
+        write_doc(json.loads((RESULTS / f"rounding-{args.model}{args.tag}.json").read_text()))
+        return
 
     import mixquant
 
@@ -92,9 +98,11 @@ def main() -> None:
     calib, calib_path = calibration_of(args.model, args.calib, work, src, args.chunks)
     reference = reference_of(src, work, args.chunks)
     params = count_parameters(load(src, dtype="float32").model)
-    sens = Path(args.sensitivity) if args.sensitivity else work / "sensitivity-proxy.json"
-    if not sens.exists():
-        compute_sensitivity(src, "proxy", calib_path, 8, 512, out=sens)
+    sens = {}  # the rounding a proxy is priced for -> its file (as convert prices it: after GPTQ where it rounds)
+    for rounding in ("nearest", "gptq"):
+        sens[rounding] = Path(args.sensitivity) if args.sensitivity else work / f"sensitivity-proxy-{rounding}.json"
+        if not sens[rounding].exists():
+            compute_sensitivity(src, "proxy", calib_path, 8, 512, out=sens[rounding], rounding=rounding)
 
     settings = {"model": args.model, "tag": args.tag, "calib": calib, "calib_tokens": args.calib_tokens,
                 "chunks": args.chunks, "distill_steps": args.distill_steps, "distill_anneal": args.distill_anneal,
@@ -151,7 +159,8 @@ def main() -> None:
                                               learn_steps=args.learn_steps or 0,
                                               calib=calib_path,
                                               calib_tokens=args.calib_tokens, target=target,
-                                              sensitivity=sens if target else None, rounding_cache=cache))
+                                              sensitivity=sens["nearest" if rounding == "nearest" else "gptq"] if target
+                                              else None, rounding_cache=cache))
             return bool(known) and set(cache.glob("*.npz")) == known
         return make
 
@@ -283,14 +292,25 @@ def mlx_lm_gptq(folder: Path, dest: Path, calib: str, tokens: int) -> None:
     save(str(dest), str(folder), model, tokenizer, config)
 
 
+IN_DOMAIN = {c: " (in-domain text: the evaluation file's own tail, the lab path that flatters the error-compensating "
+                "steps; the default path is in the section \"Default calibration off the lab path\")"
+             for c in ("heldout-tail", "fixture-heldout-tail")}
+
+
+def with_calib(command: str, calib: str) -> str:
+    """A recorded command as it reproduces its figures now that the default calibration is `auto`."""
+    return command if "--calib " in command or calib == "auto" else f"{command} --calib {calib}"
+
+
 def write_doc(result: dict) -> None:
     key = f"rounding-{result['model']}{result['tag']}"
     learned = has_learned(result["rows"])
     lines = [f"<!-- {key}:begin -->", f"## Rounding and allocation on {result['model']}, {result['calib_tokens']} "
              "calibration tokens" + (f", learned rounding {result['learn_steps']} steps per layer" if learned else "")
              + ": what each step buys", "",
-             (" then ".join(f"`{c}`" for c in result["commands"]) + f" ({result['machine']}). Calibration: "
-              f"{result['calib_tokens']} tokens of {result['calib']}; distillation {result['distill_steps']} steps"
+             (" then ".join(f"`{with_calib(c, result['calib'])}`" for c in result["commands"]) + f" ({result['machine']}). Calibration: "
+              f"{result['calib_tokens']} tokens of {result['calib']}{IN_DOMAIN.get(result['calib'], '')}; "
+              f"distillation {result['distill_steps']} steps"
               + (f", learning rate {result['distill_lr']:g}" if "distill_lr" in result else "")
               + (", the learning rate annealed over the second half" if result.get("distill_anneal") else "")
               + (f", held out: {result['distill_held_out']}" if "distill_held_out" in result else "") + "; "

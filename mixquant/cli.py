@@ -10,8 +10,13 @@ import signal
 import sys
 from pathlib import Path
 
+from mixquant.calib.data import DEFAULT_CALIB
 from mixquant.errors import MixquantError
 from mixquant.io.output import check_file_output, check_not_inputs
+from mixquant.quant.presets import DEFAULT_PRESET, PRESETS, preset
+
+CALIB_HELP = ("auto (default: the bundled mix and the model's own continuations of it), mix (bundled), "
+              "self (sampled from the model) or FILE.jsonl / FILE.txt")
 
 
 def _paths(*given) -> list[Path]:
@@ -64,11 +69,14 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
                    help="keep the MTP head's projections unquantized (default: the recipe's attention bits; auto: 8)")
     p.add_argument("--max-shard-size", default="5GB", help="largest model shard (default 5GB)")
     p.add_argument("--calib", default=None,
-                   help="calibration text of the steps that need one (AWQ, auto's proxy): mix (bundled, default), "
-                        "self (sampled from the model) or FILE.jsonl / FILE.txt")
+                   help="calibration text of the steps that need one (auto's proxy, GPTQ, learned rounding, "
+                        "distillation, AWQ): " + CALIB_HELP)
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
-                   help="calibration tokens to use (default: all of a file or the mix; 4096 sampled for self)")
-    p.add_argument("--q-rounding", default="nearest", choices=("nearest", "gptq", "learned"),
+                   help="calibration tokens to use (default: 16384 for auto, all of a file or the mix, 4096 for self)")
+    p.add_argument("--quality", default=None, choices=tuple(PRESETS),
+                   help="with --target-bpw / --target-size: the steps to take, as docs/RESULTS.md measures them "
+                        "(fast: rounding to nearest; balanced: GPTQ, the default; best: GPTQ and distillation)")
+    p.add_argument("--q-rounding", default=None, choices=("nearest", "gptq", "learned"),
                    help="nearest (default); gptq: each column's rounding error compensated on the rest, "
                         "layer by layer on calibration text; learned: each decoder layer's rounding trained on its "
                         "output (AutoRound-style), the head by GPTQ")
@@ -119,12 +127,16 @@ def _options(args):
     from mixquant.convert import ConvertOptions, parse_size
     from mixquant.quant.recipe import recipe_from_options
 
+    target = _target(args)
     wants_q = args.quantize or args.q_recipe is not None or args.q_bits is not None or args.q_out_proj_8bit
     recipe = None
-    if wants_q:
-        recipe = recipe_from_options(args.q_recipe or "unsloth", args.q_bits, args.q_group_size, args.q_out_proj_8bit,
+    if wants_q or target is not None:
+        default = "auto" if target is not None and not args.quantize and args.q_bits is None else "unsloth"
+        recipe = recipe_from_options(args.q_recipe or default, args.q_bits, args.q_group_size, args.q_out_proj_8bit,
                                      args.mtp_bf16)
-    target = _target(args)
+    chosen = _preset(args, target)
+    rounding = chosen.rounding if chosen else args.q_rounding or "nearest"
+    distill = chosen.distill_steps if chosen else args.q_distill
     if target is not None and (recipe is None or not recipe.auto):
         raise MixquantError("--target-bpw / --target-size: only with --q-recipe auto (or a rules file with "
                             "recipe = \"auto\")")
@@ -134,24 +146,24 @@ def _options(args):
     positive(args.calib_tokens, "--calib-tokens", 16)
     positive(args.q_distill, "--q-distill", 0)
     positive(args.q_learn_steps, "--q-learn-steps", 1)
-    if args.q_learn_steps is not None and args.q_rounding != "learned":
+    if args.q_learn_steps is not None and rounding != "learned":
         raise MixquantError("--q-learn-steps: only with --q-rounding learned")
-    uses_calib = awq is not None or args.q_rounding != "nearest" or args.q_distill > 0 or (
+    uses_calib = awq is not None or rounding != "nearest" or distill > 0 or (
         recipe is not None and recipe.auto and not args.sensitivity)
     if args.calib is not None and not uses_calib:
         raise MixquantError("--calib: no step of this conversion uses calibration text (add --awq or "
                             "--q-rounding gptq, or use it with --q-recipe auto)")
-    if (args.q_rounding != "nearest" or args.q_distill) and recipe is None:
+    if (rounding != "nearest" or distill) and recipe is None:
         raise MixquantError("--q-rounding / --q-distill: only when quantizing (-q or --q-recipe)")
     if args.q_rounding_cache is not None:
-        if args.q_rounding == "nearest":
+        if rounding == "nearest":
             raise MixquantError("--q-rounding-cache: only with --q-rounding gptq or learned")
         if Path(args.q_rounding_cache).exists() and not Path(args.q_rounding_cache).is_dir():
             raise MixquantError(f"{args.q_rounding_cache}: --q-rounding-cache needs a folder, this is a file")
     for flag, given in (("--q-distill-norms", args.q_distill_norms), ("--q-distill-floats", args.q_distill_floats),
                         ("--q-distill-anneal", args.q_distill_anneal),
                         ("--q-distill-lr", args.q_distill_lr is not None)):
-        if given and not args.q_distill:
+        if given and not distill:
             raise MixquantError(f"{flag}: only with --q-distill STEPS")
     if args.q_distill_lr is not None and not 0 < args.q_distill_lr < 1:
         raise MixquantError(f"--q-distill-lr: must be above 0 and below 1 (got {args.q_distill_lr})")
@@ -167,11 +179,12 @@ def _options(args):
         awq=awq,
         target=target,
         sensitivity=Path(args.sensitivity) if args.sensitivity else None,
-        calib=args.calib or "mix",
+        calib=args.calib or DEFAULT_CALIB,
         calib_tokens=args.calib_tokens,
-        rounding=args.q_rounding,
+        rounding=rounding,
         learn_steps=args.q_learn_steps or 0,
-        distill_steps=args.q_distill,
+        distill_steps=distill,
+        preset=chosen.name if chosen else None,
         distill_norms=args.q_distill_norms,
         distill_floats=args.q_distill_floats,
         distill_anneal=args.q_distill_anneal,
@@ -179,6 +192,20 @@ def _options(args):
         rounding_cache=Path(args.q_rounding_cache) if args.q_rounding_cache else None,
         allow_nonfinite=args.allow_nonfinite,
     )
+
+
+def _preset(args, target):
+    """The --quality preset of this conversion: the one given, or the default where a size is given
+    and no rounding or distillation flag is (None: the flags decide)."""
+    explicit = [f for f, given in (("--q-rounding", args.q_rounding is not None), ("--q-distill", args.q_distill > 0))
+                if given]
+    if args.quality is not None:
+        if target is None:
+            raise MixquantError("--quality: give the size to reach with --target-bpw or --target-size")
+        if explicit:
+            raise MixquantError(f"--quality and {explicit[0]}: the preset sets the rounding and distillation; give one")
+        return preset(args.quality)
+    return preset(DEFAULT_PRESET) if target is not None and not explicit else None
 
 
 def _awq_options(args):
@@ -191,17 +218,21 @@ def _awq_options(args):
     if args.awq_alpha is not None and not 0 <= args.awq_alpha <= 1:
         raise MixquantError(f"--awq-alpha: must be within 0..1, got {args.awq_alpha}")
     return AwqOptions(imatrix_path=Path(args.imatrix_path) if args.imatrix_path else None,
-                      calib=args.calib or "mix", alpha=args.awq_alpha, strict=args.imatrix_strict,
+                      calib=args.calib or DEFAULT_CALIB, alpha=args.awq_alpha, strict=args.imatrix_strict,
                       tokens=args.calib_tokens,
                       judge_windows=args.awq_judge_windows)
 
 
 def cmd_plan(args) -> int:
-    from mixquant.convert import build_plan
+    from mixquant.convert import build_plan, preset_note
 
     options = _options(args)
     _, plan = build_plan(Path(args.input), options)
-    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.format_table())
+    note = preset_note(Path(args.input), options)
+    if args.json:
+        print(json.dumps({**plan.to_json(), "preset": options.preset, "preset_note": note}, indent=2))
+    else:
+        print(plan.format_table() + (f"\n{note}" if note else ""))
     return 0
 
 
@@ -287,7 +318,7 @@ def cmd_compare(args) -> int:
         from mixquant.calib.sensitivity import compute_sensitivity
 
         sensitivity = Path(args.out) / "sensitivity.json"
-        compute_sensitivity(ref_path, "proxy", args.calib or "mix", out=sensitivity)
+        compute_sensitivity(ref_path, "proxy", args.calib or DEFAULT_CALIB, out=sensitivity)
     candidates += [our_candidate(ref_path, r, b, args.q_group_size, sensitivity) for r, b in generated]
     if args.baselines == "mlx-lm":
         candidates += mlx_lm_candidates(ref_path, args.q_group_size)
@@ -361,7 +392,8 @@ def cmd_sensitivity(args) -> int:
     positive(args.ctx, "--ctx", 4)
     check_file_output(Path(args.output), _paths(args.model, _calib_file(args.calib)))
     sens = compute_sensitivity(Path(args.model), args.mode, args.calib, args.windows, args.ctx, args.dtype,
-                               Path(args.output), progress=_progress(f"{args.mode} sensitivity"))
+                               Path(args.output), progress=_progress(f"{args.mode} sensitivity"),
+                               rounding=args.rounding)
     print(f"wrote {args.output}: {args.mode} sensitivity of {len(sens.units)} units on {sens.calib['windows']} "
           f"windows of {sens.calib['ctx']} tokens ({sens.calib['spec']})")
     return 0
@@ -521,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our quants to make and evaluate, e.g. unsloth:2-6,uniform:4,auto:3.5,auto:4.5")
     p.add_argument("--sensitivity", default=None, help="auto recipes: a `mixquant sensitivity` file "
                                                         "(default: a proxy on --calib, saved in --out)")
-    p.add_argument("--calib", default=None, help="auto recipes without --sensitivity: mix (default), self or FILE")
+    p.add_argument("--calib", default=None, help="auto recipes without --sensitivity: auto (default), mix, self or FILE")
     p.add_argument("--baselines", choices=("mlx-lm",), default=None,
                    help="also make mlx_lm.convert's uniform 2/3/4/5/6/8-bit and mixed_* quants")
     p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128))
@@ -552,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("imatrix", help="compute an importance matrix (llama.cpp's GGUF format) on calibration text")
     p.add_argument("-m", "--model", required=True, help="unquantized model: HF folder, GGUF file or MLX folder")
     p.add_argument("-o", "--output", required=True, help="imatrix.gguf (or .dat for the legacy format)")
-    p.add_argument("--calib", default="mix", help="mix (bundled), FILE.jsonl or FILE.txt")
+    p.add_argument("--calib", default=DEFAULT_CALIB, help=CALIB_HELP)
     p.add_argument("--tokens", type=int, default=None, help="at most this many calibration tokens")
     p.add_argument("--ctx", type=int, default=512)
     p.set_defaults(func=cmd_imatrix)
@@ -563,7 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="proxy", choices=("measured", "proxy"),
                    help="measured: one forward per tensor and option; proxy: a Fisher-weighted estimate from one "
                         "backward pass per window (default)")
-    p.add_argument("--calib", default="mix", help="mix (bundled), self (sampled from the model) or FILE")
+    p.add_argument("--calib", default=DEFAULT_CALIB, help=CALIB_HELP)
+    p.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"),
+                   help="proxy: the rounding the conversion will use; gptq prices each linear after GPTQ, from its "
+                        "input Hessian (default nearest)")
     p.add_argument("--windows", type=int, default=4, help="calibration windows (default 4)")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),

@@ -19,10 +19,11 @@ import numpy as np
 
 from mixquant.arch import family_for_config
 from mixquant.arch.tensors import SCOPE_MODEL
-from mixquant.calib.data import BUILTIN_CALIB
+from mixquant.calib.data import BUILTIN_CALIB, DEFAULT_CALIB
 from mixquant.errors import MixquantError
 from mixquant.io.hf import check_tokenizer_files
 from mixquant.io.output import check_not_inputs, check_output, resumable, staged
+from mixquant.loading import NOTE
 from mixquant.modelcard import model_card
 from mixquant.quant.auto import Target
 from mixquant.quant.encode import encode, encode_floats, mx_dtype
@@ -42,7 +43,7 @@ CALIB_CTX = 512
 @dataclass
 class AwqOptions:
     imatrix_path: Path | None = None  # importance from this file; else from calibration
-    calib: str = "mix"  # calibration text for the importance (without a file) and the alpha search
+    calib: str = DEFAULT_CALIB  # calibration text for the importance (without a file) and the alpha search
     alpha: float | None = None  # fixed exponent; None: searched per group
     strict: bool = False  # a group the imatrix does not cover is an error, not a warning
     tokens: int | None = None
@@ -64,8 +65,8 @@ class ConvertOptions:
     awq: AwqOptions | None = None
     target: Target | None = None  # auto recipes: the size to reach
     sensitivity: Path | None = None  # auto recipes: a `mixquant sensitivity` file (else a proxy is estimated)
-    calib: str = "mix"  # calibration text of auto's proxy, GPTQ and distillation (AWQ has its own)
-    calib_tokens: int | None = None  # how much of it (None: all of a file or the mix; 8 windows of `self`)
+    calib: str = DEFAULT_CALIB  # calibration text of auto's proxy, GPTQ and distillation (AWQ has its own)
+    calib_tokens: int | None = None  # how much of it (None: AUTO_TOKENS of auto, all of a file or the mix, 8 windows of self)
     rounding: str = "nearest"  # nearest | gptq | learned
     learn_steps: int = 0  # learned rounding: steps per decoder layer (0: mixquant.quant.learned.STEPS)
     distill_steps: int = 0  # > 0: tune scales and biases on the KL to the unquantized model (DWQ)
@@ -76,6 +77,7 @@ class ConvertOptions:
     allow_nonfinite: bool = False  # tensors with inf/NaN kept unquantized, as they are (else an error)
     resume: bool = False  # stage in a folder a failure leaves behind; continue an earlier run of the same plan
     rounding_cache: Path | None = None  # a folder: GPTQ / learned rounding kept there and reused by a later run
+    preset: str | None = None  # the --quality preset that chose rounding and distillation (for the model card)
 
 
 def build_plan(src: Path, options: ConvertOptions):
@@ -159,6 +161,9 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     out = Path(out)
     if not Path(src).exists():
         raise MixquantError(f"{src}: no such file or folder")
+    note = preset_note(src, options)
+    if note:
+        log.log(NOTE, note)
     # the cache folder is guarded like an input but is not one of input_paths: the keys hash those
     cache = [Path(options.rounding_cache)] if options.rounding_cache is not None else []
     check_not_inputs([("--q-rounding-cache folder", c) for c in cache], input_paths(src, options))
@@ -194,6 +199,22 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
         where = f" ({e.filename})" if e.filename else ""
         raise MixquantError(f"{out}: cannot write the output: {e.strerror or e}{where}") from None
     return plan
+
+
+def preset_note(src: Path, options: ConvertOptions) -> str | None:
+    """The --quality preset in one line, with its projected time on this model (None: no preset)."""
+    from mixquant.calib.data import AUTO_TOKENS, needs_model
+    from mixquant.quant.presets import PRESETS, expected_seconds
+
+    if options.preset is None:
+        return None
+    p = PRESETS[options.preset]
+    _, arch_plan = arch_plan_of(Path(src), options.config_dir, False, False)
+    params = make_plan(arch_plan, None, options.dtype).summary()["model_params"]
+    tokens = options.calib_tokens or AUTO_TOKENS
+    minutes = expected_seconds(p, params, tokens, needs_model(options.calib)) / 60
+    return (f"preset {p.name}: {p.summary}, on {tokens} calibration tokens ({options.calib}); about {minutes:.0f} "
+            f"min on a 2-core x86_64 CPU (projected from measured rates; a GPU takes less)")
 
 
 def fingerprint(src: Path, plan: Plan, options: ConvertOptions, steps: dict | None = None) -> str:
@@ -257,9 +278,9 @@ def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> 
     from mixquant.calib.streamed import float_model
     from mixquant.progress import callback
 
-    model, tokenizer, config, streamed = float_model(src, options.calib, options.config_dir)
-    windows = calibration_set(options.calib, model, tokenizer, options.calib_tokens, CALIB_CTX,
-                              embedding_rows(config, src))
+    model, tokenizer, config, streamed = float_model(src, options.config_dir)
+    windows = calibration_set(options.calib, None if streamed else model, tokenizer, options.calib_tokens, CALIB_CTX,
+                              embedding_rows(config, src), source=src, config_dir=options.config_dir)
     steps = learn_steps(options)
     label = "learned rounding" if steps else "GPTQ"
     return run_gptq(model, windows, plan, mx_dtype(plan.entries[0].dtype), awq_result,
@@ -319,7 +340,7 @@ def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_resu
 
     loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
     windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX,
-                              embedding_rows(loaded.config, src))
+                              embedding_rows(loaded.config, src), source=src, config_dir=options.config_dir)
     encodings = {**nearest_encodings(source, plan, awq_result, rounded), **rounded}
     result = distill(loaded.model, windows, plan, encodings, mx_dtype(plan.entries[0].dtype), options.distill_steps,
                      awq_result, progress=callback("distilling") if options.progress is not False else None,
@@ -333,6 +354,8 @@ def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_resu
 
 def methods_summary(options: ConvertOptions, distilled) -> dict:
     out = {"rounding": options.rounding}
+    if options.preset is not None:
+        out["preset"] = options.preset
     if options.rounding == LEARNED:
         out["learn_steps"] = learn_steps(options)
     if options.rounding != NEAREST or distilled is not None:
@@ -392,7 +415,7 @@ def run_awq(src: Path, source, plan: Plan, opts: AwqOptions):
                     "no end-to-end judge: each group's alpha is checked on held-out calibration rows",
                     float_bytes(plan) / 1e9)
         judged = False
-    if judged or not streamable(src, opts.calib):
+    if judged or not streamable(src):
         got, _, _, judge = calibrate(src, opts.calib, opts.tokens, opts.ctx, opts.judge_windows if judged else 0,
                                      config_dir=config_dir)
         stats.update(got)
@@ -419,7 +442,7 @@ def _awq_streamed(src, config_dir, source, plan, structure, opts, stats, importa
 
     streamed = StreamedModel(src, config_dir)
     windows = calibration_set(opts.calib, None, streamed.tokenizer, opts.tokens, opts.ctx,
-                              embedding_rows(streamed.config, src))
+                              embedding_rows(streamed.config, src), source=src, config_dir=config_dir)
     collect_streamed(streamed, windows, samples=opts.alpha is None, after_layer=after_layer)
     if by_layer:
         raise MixquantError(f"{src}: the model has no decoder layer {min(by_layer)}, which the plan has")

@@ -34,7 +34,16 @@ def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: d
     if "allocation" in s:
         a = s["allocation"]
         lines.append(f"| allocation | target {a['target']} ({a['target_bytes']:,} bytes); predicted mean KL divergence "
-                     f"{a['predicted_kld']:.5f} from {a['sensitivity']} sensitivity on {a['calib']['spec']} |")
+                     f"{a['predicted_kld']:.5f} from {a['sensitivity']} sensitivity on {a['calib']['spec']}"
+                     f"{', priced after GPTQ' if a['calib'].get('priced_after') == 'gptq' else ''} |")
+    if methods and methods.get("preset"):
+        from mixquant.quant.presets import PRESETS
+
+        lines.append(f"| preset | `--quality {methods['preset']}`: {PRESETS[methods['preset']].summary} |")
+    if methods and methods.get("calibration"):
+        from mixquant.calib.data import describe
+
+        lines.append(f"| calibration | {describe(methods['calibration'])} |")
     if plan.arch.dropped:
         lines.append(f"| dropped | {len(plan.arch.dropped)} source tensors |")
 

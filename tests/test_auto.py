@@ -127,3 +127,56 @@ def test_an_interrupted_measured_run_resumes(tiny_moe, tmp_path, monkeypatch):
     assert saves == list(range(4, len(second) + 1)) + [len(second)]  # one new unit per save, then the last
     for name, entry in first.items():
         assert second[name]["options"] == entry["options"]
+
+
+def test_one_flag_picks_auto_and_the_default_preset_and_plan_shows_it(tiny_moe, proxy_file, capsys):
+    plan = _plan(capsys, "-i", tiny_moe, "--target-bpw", 4.25, "--sensitivity", proxy_file)
+    assert plan["summary"]["recipe"] == "auto-4.25bpw" and plan["preset"] == "balanced"
+    assert plan["preset_note"].startswith("preset balanced: allocation by the proxy sensitivity, GPTQ, on 16384 "
+                                          "calibration tokens (auto); about ")
+    capsys.readouterr()
+    assert run_cli("plan", "-i", tiny_moe, "--target-bpw", 4.25, "--quality", "best", "--sensitivity",
+                   proxy_file) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(
+        "preset best: allocation by the proxy sensitivity, GPTQ, then 256 steps of distillation, on 16384 ")
+    assert _plan(capsys, "-i", tiny_moe, "--q-recipe", "auto", "--target-bpw", 4.25, "--q-rounding", "nearest",
+                 "--sensitivity", proxy_file)["preset"] is None  # explicit steps: no preset
+
+
+def test_the_chosen_preset_is_in_the_model_card(tiny_moe, proxy_file, tmp_path):
+    from mixquant.convert import ConvertOptions, convert
+    from mixquant.quant.auto import Target
+    from mixquant.quant.recipe import auto_base
+
+    out = tmp_path / "fast"
+    assert run_cli("convert", "-i", tiny_moe, "-o", out, "--target-bpw", 4.5, "--quality", "fast",
+                   "--sensitivity", proxy_file) == 0
+    card = (out / "README.md").read_text()
+    assert "| preset | `--quality fast`: allocation by the proxy sensitivity, rounding to nearest |" in card
+    same = tmp_path / "flags"  # the preset is the flags it names: the same files
+    convert(tiny_moe, same, ConvertOptions(recipe=auto_base(), target=Target(bpw=4.5), sensitivity=proxy_file,
+                                           progress=False))
+    for f in ("model.safetensors", "config.json"):
+        assert (out / f).read_bytes() == (same / f).read_bytes()
+
+
+def test_a_proxy_for_gptq_prices_each_linear_after_it(tiny_moe, proxy_file, tmp_path):
+    """Same windows, priced after GPTQ: each linear's quantized options scaled by one factor below 1
+    (its Hessian's), the embedding and expert stacks (rounded otherwise) and `keep` as they were."""
+    out = tmp_path / "gptq.json"
+    assert run_cli("sensitivity", "-m", tiny_moe, "-o", out, "--windows", 2, "--ctx", 64, "--rounding", "gptq") == 0
+    near, after = (json.loads(p.read_text()) for p in (proxy_file, out))
+    assert near["calib"]["tokens_hash"] == after["calib"]["tokens_hash"]
+    assert (near["calib"]["priced_after"], after["calib"]["priced_after"]) == ("nearest", "gptq")
+    scaled = 0
+    for name, unit in near["units"].items():
+        ratios = {k: after["units"][name]["options"][k] / v for k, v in unit["options"].items() if v > 0}
+        assert ratios.get("keep", 1.0) == pytest.approx(1.0, rel=1e-9)
+        quantized = [r for k, r in ratios.items() if k != "keep"]
+        assert max(quantized) == pytest.approx(min(quantized), rel=1e-9)
+        if unit["role"] in ("embed",) or unit["role"].startswith("moe_") and "exps" in unit["role"]:
+            assert quantized[0] == pytest.approx(1.0, rel=1e-9), name
+        else:
+            assert quantized[0] < 1.0, name
+            scaled += 1
+    assert scaled >= 8

@@ -77,14 +77,16 @@ def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, 
     samples itself (`self`) and MLX folders (mlx-lm loads those whole)."""
     from mixquant.calib.streamed import StreamedModel, collect_streamed, streamable
 
-    if not streamable(model_path, calib):
+    if not streamable(model_path):
         stats, config, windows, _ = calibrate(model_path, calib, tokens, ctx, progress=progress)
     else:
         streamed = StreamedModel(Path(model_path))
         config = streamed.config
-        windows = calibration_set(calib, None, streamed.tokenizer, tokens, ctx, embedding_rows(config, model_path))
+        windows = calibration_set(calib, None, streamed.tokenizer, tokens, ctx, embedding_rows(config, model_path),
+                                  source=Path(model_path))
         stats = collect_streamed(streamed, windows, progress, samples=False)
-    dataset = {"mix": "mixquant calibration mix", "self": "sampled from the model"}.get(calib, Path(calib).name)
+    dataset = {"mix": "mixquant calibration mix", "self": "sampled from the model",
+               "auto": "mixquant calibration mix and samples of the model"}.get(calib, Path(calib).name)
     return stats_to_imatrix(stats, config, dataset, len(windows), windows.shape[1]), stats, config
 
 
@@ -97,7 +99,8 @@ def calibrate(model_path: Path, calib: str, tokens: int | None, ctx: int, judge_
 
     loaded = load(Path(model_path), dtype="float32", dequantize=True, config_dir=config_dir)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
-    windows = calibration_set(calib, model, tokenizer, tokens, ctx, embedding_rows(config, model_path))
+    windows = calibration_set(calib, model, tokenizer, tokens, ctx, embedding_rows(config, model_path),
+                              source=Path(model_path), config_dir=config_dir)
     stats = collect(model, windows, progress)
     judge = None
     if judge_windows > 0:

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mixquant.calib.data import AUTO, DEFAULT_CALIB
 from mixquant.errors import MixquantError
-from mixquant.quant.sensitivity import MEASURED, PROXY, Sensitivity, measure, proxy, units_of
+from mixquant.quant.sensitivity import MEASURED, PROXY, Sensitivity, hessian_bytes, measure, proxy, units_of
+
+HESSIAN_SHARE = 0.25  # a proxy priced after GPTQ holds every linear's input Hessian: at most this share of memory
 
 DEFAULT_WINDOWS = 4
 DEFAULT_CTX = 512
@@ -23,13 +26,16 @@ def windows_hash(windows: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int32).tobytes()).hexdigest()[:16]
 
 
-def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = "mix", n_windows: int = DEFAULT_WINDOWS,
+def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB, n_windows: int = DEFAULT_WINDOWS,
                         ctx: int = DEFAULT_CTX, dtype: str = "bfloat16", out: Path | None = None,
-                        config_dir: Path | None = None, progress=None) -> Sensitivity:
+                        config_dir: Path | None = None, progress=None, rounding: str = "nearest") -> Sensitivity:
+    """Every unit's sensitivity on `calib`. With `rounding` other than nearest a proxy is priced after
+    GPTQ (mixquant.quant.sensitivity.gptq_ratio), which holds every linear's input Hessian: an error
+    where those would take more than HESSIAN_SHARE of memory."""
     import mlx.core as mx
 
     from mixquant.calib.data import calibration_set
-    from mixquant.loading import load
+    from mixquant.loading import load, memory_bytes
     from mixquant.quant.plan import make_plan
     from mixquant.sources import arch_plan_of
     from mixquant.vocab import embedding_rows
@@ -39,16 +45,22 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = "mix", n_wind
     _, arch = arch_plan_of(Path(src), config_dir, keep_vision=False, keep_mtp=False)
     units = units_of(make_plan(arch, None, dtype))
     loaded = load(Path(src), dtype="float32", dequantize=True, config_dir=config_dir)
-    windows = calibration_set(calib, loaded.model, loaded.tokenizer, n_windows * ctx, ctx,
-                              embedding_rows(loaded.config, src))[:n_windows]
+    shared = calib == AUTO and ctx == DEFAULT_CTX  # the default set whole (GPTQ and distillation take it too)
+    windows = calibration_set(calib, loaded.model, loaded.tokenizer, None if shared else n_windows * ctx, ctx,
+                              embedding_rows(loaded.config, src), source=Path(src), config_dir=config_dir)
+    windows = windows[np.unique(np.linspace(0, len(windows) - 1, min(n_windows, len(windows))).round().astype(int))]
+    after_gptq = mode == PROXY and rounding != "nearest"
+    if after_gptq and hessian_bytes(units) > HESSIAN_SHARE * memory_bytes():
+        raise MixquantError(f"--rounding {rounding}: the linears' input Hessians would take "
+                            f"{hessian_bytes(units) / 1e9:.1f} GB, more than a quarter of this machine's memory")
     info = {"spec": str(calib), "windows": int(len(windows)), "ctx": int(windows.shape[1]),
-            "tokens_hash": windows_hash(windows)}
+            "tokens_hash": windows_hash(windows), "priced_after": "gptq" if after_gptq else "nearest"}
     sens = Sensitivity(mode, str(src), info, dtype, {})
     if out is not None and Path(out).exists() and mode == MEASURED:
         sens = _resumable(Path(out), sens)
     mx_dtype = getattr(mx, dtype)
     if mode == PROXY:
-        estimates = proxy(loaded.model, windows, units, mx_dtype, progress=progress)
+        estimates = proxy(loaded.model, windows, units, mx_dtype, progress=progress, after_gptq=after_gptq)
     else:
         estimates = {name: v["options"] for name, v in sens.units.items()}
         roles = {u.name: u for u in units}

@@ -40,22 +40,21 @@ def _embedding_stand_in():
     return Embedding
 
 
-def streamable(path: Path, calib: str | None = None) -> bool:
+def streamable(path: Path) -> bool:
     """Whether the float model at `path` can run a layer at a time: HF folders and GGUF files can,
-    MLX folders (mlx-lm loads those whole) cannot, nor can any model that samples its own
-    calibration text (`self`), which needs the whole model."""
-    from mixquant.calib.data import SELF
+    MLX folders (mlx-lm loads those whole) cannot. Calibration text the model samples itself is
+    sampled first, by a whole model loaded for it and let go before the layers run."""
     from mixquant.loading import MLX, source_kind
 
-    return calib != SELF and source_kind(Path(path)) != MLX
+    return source_kind(Path(path)) != MLX
 
 
-def float_model(path: Path, calib: str | None = None, config_dir: Path | None = None):
+def float_model(path: Path, config_dir: Path | None = None):
     """(model, tokenizer, config, streamed) for the float32 model at `path`: a StreamedModel's
     (weights read a layer at a time) where `streamable`, else mlx-lm's whole model and None."""
     from mixquant.loading import load
 
-    if not streamable(path, calib):
+    if not streamable(path):
         loaded = load(Path(path), dtype="float32", dequantize=True, config_dir=config_dir)
         return loaded.model, loaded.tokenizer, loaded.config, None
     streamed = StreamedModel(Path(path), config_dir)

@@ -221,7 +221,8 @@ class Plan:
             a = s["allocation"]
             out.append(f"allocation: target {a['target']} = {a['target_bytes'] / 1e9:.4f} GB for the text model, "
                        f"{s['model_bytes'] / 1e9:.4f} GB used; predicted mean KLD {a['predicted_kld']:.5f} "
-                       f"({a['sensitivity']} sensitivity on {a['calib']['spec']})")
+                       f"({a['sensitivity']} sensitivity on {a['calib']['spec']}"
+                       f"{', priced after GPTQ' if a['calib'].get('priced_after') == 'gptq' else ''})")
         out += [f"warning: {w}" for w in self.warnings]
         return "\n".join(out)
 

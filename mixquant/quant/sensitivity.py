@@ -219,8 +219,10 @@ def _probe_classes():
 
 
 def proxy(model, windows: np.ndarray, units: list[Unit], dtype, options_of=None, seed: int = 0,
-          progress=None) -> dict:
-    """unit name -> {option key: estimated dKL}, from one forward and backward pass per window."""
+          progress=None, after_gptq: bool = False) -> dict:
+    """unit name -> {option key: estimated dKL}, from one forward and backward pass per window.
+    With `after_gptq` the linears GPTQ rounds are priced after it: each one's quantized options
+    scaled by gptq_ratio of its input Hessian, accumulated here (hessian_bytes of memory)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
@@ -237,6 +239,7 @@ def proxy(model, windows: np.ndarray, units: list[Unit], dtype, options_of=None,
     count: dict = {}
     modes: dict = {}  # (module, call kind) -> LINEAR | EXPERTS | LOOKUP
     n_tokens = 0
+    hessians = {} if after_gptq else None
     key = mx.random.key(seed)
     training = model.training
     model.train()  # mlx-lm's fused Gated DeltaNet kernel has no vjp; its ops path does
@@ -268,25 +271,57 @@ def proxy(model, windows: np.ndarray, units: list[Unit], dtype, options_of=None,
                 mode = (EXPERTS if isinstance(inner, SwitchLinear) else
                         LOOKUP if isinstance(inner, nn.Embedding) and kind == "call" else LINEAR)
                 modes[(m, kind)] = mode
-                _accumulate(g_sum, x_sum, count, (m, kind), mode, np.array(g, dtype=np.float64),
-                            np.array(x.astype(mx.float32), dtype=np.float64),
+                xs = np.array(x.astype(mx.float32), dtype=np.float64)
+                _accumulate(g_sum, x_sum, count, (m, kind), mode, np.array(g, dtype=np.float64), xs,
                             None if extra is None else np.array(extra), inner.weight.shape[0])
+                if hessians is not None and mode == LINEAR and kind == "call":
+                    flat = xs.reshape(-1, xs.shape[-1])
+                    _add(hessians, m, flat.T @ flat)
             if progress:
                 progress(k + 1, len(windows) + 1)
     finally:
         model.update_modules(tree_unflatten([(m, p.inner) for m, p in probes.items()]))
         model.train(training)
+    ratios = {m: gptq_ratio(h) for m, h in (hessians or {}).items()}
     results = {}
     for u in units:
         w = np.array(modules[u.module].weight.astype(mx.float32)).astype(np.float64)
+        r = ratios.get(u.module, 1.0)
         results[u.name] = {o.key: _estimate(w, fake_quantized(w.astype(np.float32), o, dtype), u.module, modes,
-                                            g_sum, x_sum, count, n_tokens) for o in options_of(u)}
+                                            g_sum, x_sum, count, n_tokens) * (1.0 if o.bits is None else r)
+                           for o in options_of(u)}
     if progress:
         progress(len(windows) + 1, len(windows) + 1)
     return results
 
 
 LINEAR, EXPERTS, LOOKUP = "linear", "experts", "lookup"
+
+
+def gptq_ratio(hessian: np.ndarray) -> float:
+    """What GPTQ leaves of round-to-nearest's output error on a linear with input Hessian H, by
+    GPTQ's own error analysis: compensating each column on the ones after it leaves only the part of
+    its input not predicted by the inputs rounded before it, so a column's error weight falls from
+    H_jj to the conditional variance L_jj^2 (H = L L^T, columns in GPTQ's act-order, H damped as GPTQ
+    damps it). The ratio of the sums, for rounding errors of like size across columns."""
+    from mixquant.quant.gptq import DAMP
+
+    h = np.array(hessian, dtype=np.float64)
+    d = np.diag(h).copy()
+    live = d > 0
+    if not live.any():
+        return 1.0
+    h = h[np.ix_(live, live)]
+    d = d[live]
+    h[np.diag_indices(len(d))] += DAMP * float(d.mean())
+    order = np.argsort(-np.diag(h), kind="stable")
+    chol = np.linalg.cholesky(h[np.ix_(order, order)])
+    return float((np.diag(chol) ** 2).sum() / np.diag(h).sum())
+
+
+def hessian_bytes(units: list[Unit]) -> int:
+    """What the proxy's input Hessians of the linears take (float64)."""
+    return sum(8 * u.shape[-1] ** 2 for u in units if u.role.kind == Kind.LINEAR)
 
 
 def _accumulate(g_sum, x_sum, count, key, mode, g, x, indices, n_rows):

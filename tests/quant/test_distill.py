@@ -167,7 +167,7 @@ def test_distilled_floats_are_written_as_distilled(tmp_path, case):
     from mlx.utils import tree_flatten
     from mlx_lm import load as mlx_load
 
-    from mixquant.calib.data import calibration_set
+    from mixquant.calib.data import DEFAULT_CALIB, calibration_set
     from mixquant.loading import load
     from mixquant.quant.distill import held_out_count
     from mixquant.vocab import embedding_rows
@@ -192,7 +192,7 @@ def test_distilled_floats_are_written_as_distilled(tmp_path, case):
 
     source = load(FIXTURE, dtype="float32", dequantize=True)
     quant = load(out, dtype="float32", dequantize=True).model
-    windows = calibration_set("mix", source.model, source.tokenizer, 2048, 512,  # as convert took them
+    windows = calibration_set(DEFAULT_CALIB, source.model, source.tokenizer, 2048, 512,  # as convert took them
                               embedding_rows(source.config, FIXTURE))
     held = windows[np.random.default_rng(0).permutation(len(windows))[: held_out_count(len(windows))]]
 
