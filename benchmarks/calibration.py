@@ -72,7 +72,14 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=None, help="default: the default calibration's budget")
     ap.add_argument("--work", default=None)
     ap.add_argument("--rows", nargs="+", default=None, metavar="NAME", help="measure only these rows")
+    ap.add_argument("--note", default=None, help="a sentence for the docs section (how the machine was shared)")
+    ap.add_argument("--rewrite-doc", action="store_true", help="only regenerate the docs section from the JSON")
     args = ap.parse_args()
+    results = RESULTS / f"calibration-{args.model}.json"
+    if args.rewrite_doc:
+        result = json.loads(results.read_text())
+        write_doc({**result, **({"note": args.note} if args.note else {})})
+        return
 
     import mixquant
 
@@ -99,7 +106,6 @@ def main() -> None:
         reference.save(ref_path)
     if len(reference.windows) < CHUNKS:
         raise SystemExit(f"{eval_text}: fewer than {CHUNKS} windows of 512 tokens")
-    results = RESULTS / f"calibration-{args.model}.json"
     earlier = json.loads(results.read_text()) if results.exists() and args.rows else {"rows": []}
     rows = {r["name"]: r for r in earlier["rows"] if r["name"] not in args.rows} if args.rows else {}
     folder = hf_folder(src, work)
@@ -155,7 +161,9 @@ def main() -> None:
         print(f"{name:<28} {report['bpw']:6.3f} bpw  KLD {k['mean']:.5f} ± {k['stderr']:.5f}  p99.9 {k['p999']:.4f}"
               f"  ({seconds:.0f} s)", flush=True)
         order = [n for n, _, _ in plan]
+        note = args.note or earlier.get("note")
         result = {"model": args.model, "calib_tokens": tokens, "chunks": CHUNKS, "block": BLOCK,
+                  **({"note": note} if note else {}),
                   "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
                   "rows": sorted(rows.values(), key=lambda r: order.index(r["name"]))}
         result["checks"] = checks(rows)
@@ -238,7 +246,8 @@ def write_doc(result: dict) -> None:
              "seed prompt or sample has seen (every other block of the held-out file past the bundled evaluation "
              f"text); in-domain calibration: the blocks in between. Calibration budget {result['calib_tokens']} "
              "tokens for every calibration but the bundled mix (used whole). `auto` is the default: the mix and the "
-             "model's own continuations of seed prompts from it.", "",
+             "model's own continuations of seed prompts from it." + (f" {result['note']}" if result.get("note") else ""),
+             "",
              "| quant | calibration | bpw | mean KLD ± se | p99.9 | same top | convert s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
