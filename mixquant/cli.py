@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our quants to make and evaluate, e.g. unsloth:2-6,uniform:4,auto:3.5,auto:4.5")
     p.add_argument("--sensitivity", default=None, help="auto recipes: a `mixquant sensitivity` file "
                                                         "(default: a proxy on --calib, saved in --out)")
-    p.add_argument("--calib", default=None, help="auto recipes without --sensitivity: auto (default), mix, self or FILE")
+    p.add_argument("--calib", default=None,
+                   help="auto recipes without --sensitivity: auto (default), mix, self or FILE")
     p.add_argument("--baselines", choices=("mlx-lm",), default=None,
                    help="also make mlx_lm.convert's uniform 2/3/4/5/6/8-bit and mixed_* quants")
     p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128))

@@ -66,7 +66,7 @@ class ConvertOptions:
     target: Target | None = None  # auto recipes: the size to reach
     sensitivity: Path | None = None  # auto recipes: a `mixquant sensitivity` file (else a proxy is estimated)
     calib: str = DEFAULT_CALIB  # calibration text of auto's proxy, GPTQ and distillation (AWQ has its own)
-    calib_tokens: int | None = None  # how much of it (None: AUTO_TOKENS of auto, all of a file or the mix, 8 windows of self)
+    calib_tokens: int | None = None  # how much (None: AUTO_TOKENS of auto, all of a file or the mix, 8 windows of self)
     rounding: str = "nearest"  # nearest | gptq | learned
     learn_steps: int = 0  # learned rounding: steps per decoder layer (0: mixquant.quant.learned.STEPS)
     distill_steps: int = 0  # > 0: tune scales and biases on the KL to the unquantized model (DWQ)
@@ -271,8 +271,8 @@ def _encoder(awq_result, rounded: dict, floats: dict):
 def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> dict:
     """GPTQ (or with LEARNED, learned rounding of the decoder layers and GPTQ for the head) for every
     quantized linear and expert stack: tensor name -> per part (codes, scales, biases). The float
-    model runs one decoder layer at a time (read from the source as its turn comes), except on text
-    it samples itself (`self`) and MLX folders, which mlx-lm loads whole."""
+    model runs one decoder layer at a time (read from the source as its turn comes), except MLX
+    folders, which mlx-lm loads whole; calibration text the model samples is sampled before."""
     from mixquant.calib.data import calibration_set
     from mixquant.calib.rounding import run_gptq
     from mixquant.calib.streamed import float_model

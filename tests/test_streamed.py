@@ -34,6 +34,7 @@ def test_streamed_awq_decides_as_the_in_memory_search(which, fixture_dir, tmp_pa
     """AWQ without the judge, layer-streamed (each layer's groups decided as soon as its inputs are
     recorded), chooses the alphas and scales of the search over the whole model's statistics."""
     from mixquant.arch import family_for_config
+    from mixquant.calib.data import DEFAULT_CALIB
     from mixquant.calib.imatrix import calibrate
     from mixquant.convert import AwqOptions, ConvertOptions, build_plan, run_awq
     from mixquant.quant import awq
@@ -45,7 +46,7 @@ def test_streamed_awq_decides_as_the_in_memory_search(which, fixture_dir, tmp_pa
     opts = AwqOptions(tokens=1024, ctx=128, judge_windows=0)
     streamed = run_awq(path, source, plan, opts)
 
-    stats, _, _, _ = calibrate(path, "mix", 1024, 128)
+    stats, _, _, _ = calibrate(path, DEFAULT_CALIB, 1024, 128)  # the default calibration, as run_awq took it
     structure = family_for_config(source.config, source.config_path).structure
     whole = awq.compute(source, plan, structure,
                         lambda m, i: stats[m].sum2[i] / stats[m].counts[i] if stats[m].counts[i] else None,
@@ -63,7 +64,7 @@ def test_streamed_awq_decides_as_the_in_memory_search(which, fixture_dir, tmp_pa
 def test_streamed_gptq_equals_the_in_memory_gptq(which, fixture_dir, tmp_path):
     """GPTQ reading one decoder layer at a time from the source rounds every tensor as GPTQ over the
     whole float model does."""
-    from mixquant.calib.data import calibration_set
+    from mixquant.calib.data import DEFAULT_CALIB, calibration_set
     from mixquant.calib.rounding import run_gptq
     from mixquant.convert import ConvertOptions, build_plan, run_rounding
     from mixquant.loading import load
@@ -79,7 +80,8 @@ def test_streamed_gptq_equals_the_in_memory_gptq(which, fixture_dir, tmp_path):
     streamed = run_rounding(path, plan, options, None)
 
     loaded = load(path, dtype="float32", dequantize=True)
-    windows = calibration_set("mix", loaded.model, loaded.tokenizer, 1024, 512, embedding_rows(loaded.config, path))
+    windows = calibration_set(DEFAULT_CALIB, loaded.model, loaded.tokenizer, 1024, 512,  # as run_rounding took them
+                              embedding_rows(loaded.config, path), source=path)
     whole = run_gptq(loaded.model, windows, plan, mx_dtype(plan.entries[0].dtype))
     assert streamed.keys() == whole.keys() and len(whole) > 10
     for name, parts in whole.items():

@@ -73,8 +73,9 @@ def stats_to_imatrix(stats: dict[str, ModuleStats], config: dict, dataset: str, 
 
 def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, progress=None):
     """(Imatrix, per-module stats) for an unquantized model (HF, GGUF or MLX). The model runs one
-    decoder layer at a time (its memory: one layer and the calibration states), except with text it
-    samples itself (`self`) and MLX folders (mlx-lm loads those whole)."""
+    decoder layer at a time (its memory: one layer and the calibration states), except MLX folders
+    (mlx-lm loads those whole); calibration text the model samples is sampled first, by the whole
+    model."""
     from mixquant.calib.streamed import StreamedModel, collect_streamed, streamable
 
     if not streamable(model_path):
