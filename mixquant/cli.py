@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mixquant.calib.data import DEFAULT_CALIB
+from mixquant.calib.data import BUILTIN_CALIB, DEFAULT_CALIB
 from mixquant.errors import MixquantError
 from mixquant.io.output import check_file_output, check_not_inputs
 from mixquant.quant.presets import DEFAULT_PRESET, PRESETS, preset
@@ -25,9 +25,7 @@ def _paths(*given) -> list[Path]:
 
 
 def _calib_file(spec: str | None) -> str | None:
-    """The file a --calib names (None for the bundled mix and `self`)."""
-    from mixquant.calib.data import BUILTIN_CALIB
-
+    """The file a --calib names (None for the built-in specs: auto, mix, self)."""
     return None if spec is None or spec in BUILTIN_CALIB else spec
 
 

@@ -22,7 +22,7 @@ from mixquant.arch.tensors import SCOPE_MODEL
 from mixquant.calib.data import BUILTIN_CALIB, DEFAULT_CALIB
 from mixquant.errors import MixquantError
 from mixquant.io.hf import check_tokenizer_files
-from mixquant.io.output import check_not_inputs, check_output, resumable, staged
+from mixquant.io.output import check_not_inputs, check_output, file_stats, resumable, staged
 from mixquant.loading import NOTE
 from mixquant.modelcard import model_card
 from mixquant.quant.auto import Target
@@ -223,13 +223,7 @@ def fingerprint(src: Path, plan: Plan, options: ConvertOptions, steps: dict | No
     (or only `steps`)."""
     import hashlib
 
-    files = []
-    for path in input_paths(src, options):
-        path = Path(path)
-        for f in sorted(path.iterdir()) if path.is_dir() else [path]:
-            if f.is_file():
-                st = f.stat()
-                files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    files = file_stats(input_paths(src, options))
     if steps is None:
         steps = {**rounding_steps(options), "distill_steps": options.distill_steps,
                  "distill_norms": options.distill_norms, "distill_floats": options.distill_floats,

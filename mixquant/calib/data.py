@@ -16,6 +16,7 @@ import numpy as np
 
 from mixquant.bundled import CALIBRATION_MIX
 from mixquant.errors import MixquantError
+from mixquant.io.output import file_stats
 from mixquant.io.textfile import parse_json, read_text
 from mixquant.vocab import check_token_ids
 
@@ -27,28 +28,33 @@ def calibration_documents(spec: str, tokenizer) -> list[str]:
     path = CALIBRATION_MIX if spec == MIX else Path(spec)
     if not path.exists():
         raise MixquantError(f"{path}: calibration file not found")
-    text = read_text(path)
     if path.suffix != ".jsonl":
-        return [text]
-    docs = []
-    for i, line in enumerate(text.splitlines()):
+        return [read_text(path)]
+    return [_render_chat(tokenizer, item, where) if "messages" in item else item["text"]
+            for where, item in jsonl_items(path)]
+
+
+def jsonl_items(path: Path) -> list[tuple[str, dict]]:
+    """(where, item) for each line of a calibration .jsonl file, each checked to be an object with
+    'messages' (a list of objects) or 'text' (a string)."""
+    items = []
+    for i, line in enumerate(read_text(path).splitlines()):
         if not line.strip():
             continue
-        item = parse_json(line, f"{path}: line {i + 1}")
+        where = f"{path}: line {i + 1}"
+        item = parse_json(line, where)
         if not isinstance(item, dict):
             raise MixquantError(f"{path}: line {i + 1} is not a JSON object")
         if "messages" in item:
             if not isinstance(item["messages"], list) or not all(isinstance(m, dict) for m in item["messages"]):
-                raise MixquantError(f"{path}: line {i + 1}: 'messages' must be a list of objects")
-            docs.append(_render_chat(tokenizer, item, f"{path}: line {i + 1}"))
+                raise MixquantError(f"{where}: 'messages' must be a list of objects")
         elif "text" in item:
             if not isinstance(item["text"], str):
-                raise MixquantError(f"{path}: line {i + 1}: 'text' must be a string, got "
-                                    f"{type(item['text']).__name__}")
-            docs.append(item["text"])
+                raise MixquantError(f"{where}: 'text' must be a string, got {type(item['text']).__name__}")
         else:
             raise MixquantError(f"{path}: line {i + 1} has neither 'messages' nor 'text'")
-    return docs
+        items.append((where, item))
+    return items
 
 
 def _render_chat(tokenizer, item: dict, where: str, generation_prompt: bool = False) -> str:
@@ -89,8 +95,13 @@ def calibration_windows(docs: list[str], tokenizer, tokens: int | None, ctx: int
         ids = ids[:tokens] if tokens is not None else ids
         return np.asarray(ids, dtype=np.int32)[None]  # shorter than one window: use it whole
     n = available if tokens is None else min(available, max(1, tokens // ctx))
-    picks = np.unique(np.linspace(0, available - 1, n).round().astype(int))
+    picks = spread(available, n)
     return np.stack([np.asarray(ids[i * ctx : (i + 1) * ctx], dtype=np.int32) for i in picks])
+
+
+def spread(available: int, n: int) -> np.ndarray:
+    """At most n indices of 0..available-1 taken evenly across them, first and last included."""
+    return np.unique(np.linspace(0, available - 1, min(n, available)).round().astype(int))
 
 
 SELF = "self"
@@ -113,26 +124,20 @@ def seed_prompts(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     joined) cut into pieces of SEED_TOKENS tokens."""
     chat, plain = [], []
     template = getattr(tokenizer, "chat_template", None)
-    for i, item in enumerate(_mix_items()):
+    for where, item in jsonl_items(CALIBRATION_MIX):
         if "messages" in item:
             msgs = item["messages"]
             text = "\n\n".join(str(m.get("content", "")) for m in msgs)
             for k, m in enumerate(msgs):
                 if template and m.get("role") == "user":
                     turn = {"messages": msgs[: k + 1], "tools": item.get("tools")}
-                    rendered = _render_chat(tokenizer, turn, f"{CALIBRATION_MIX}: line {i + 1}", True)
+                    rendered = _render_chat(tokenizer, turn, where, True)
                     chat.append(list(tokenizer.encode(rendered, add_special_tokens=False))[-CHAT_SEED_MAX:])
         else:
             text = item["text"]
         ids = list(tokenizer.encode(text))
         plain += [ids[i : i + SEED_TOKENS] for i in range(0, len(ids) - SEED_TOKENS + 1, SEED_TOKENS)]
     return _unique(chat), _unique(plain)
-
-
-def _mix_items() -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in read_text(CALIBRATION_MIX).splitlines() if line.strip()]
 
 
 def _unique(seqs: list[list[int]]) -> list[list[int]]:
@@ -194,8 +199,7 @@ def auto_windows(model, tokenizer, tokens: int, ctx: int, rows: int, seed: int =
     n = max(1, tokens // ctx)
     mix = np.zeros((0, ctx), dtype=np.int32)
     if n >= 2:
-        mix = calibration_windows(calibration_documents(MIX, tokenizer), tokenizer, (n // 2) * ctx, ctx)
-        check_token_ids(mix, rows, str(CALIBRATION_MIX))
+        mix = calibration_set(MIX, None, tokenizer, (n // 2) * ctx, ctx, rows)
         mix = mix[: n // 2] if mix.shape[1] == ctx else mix[:0].reshape(0, ctx)
     seeds = pick_seeds(*seed_prompts(tokenizer), n - len(mix), seed)
     check_token_ids(np.concatenate([np.asarray(s, dtype=np.int32) for s in seeds]), rows, str(CALIBRATION_MIX))
@@ -227,7 +231,8 @@ def calibration_set(spec: str, model, tokenizer, tokens: int | None, ctx: int, r
         windows = calibration_windows(calibration_documents(spec, tokenizer), tokenizer, tokens, ctx)
         check_token_ids(windows, rows, str(CALIBRATION_MIX if spec == MIX else spec))
         return windows
-    key = None if source is None else (_fingerprint(source, config_dir), spec, tokens, ctx, rows, seed)
+    inputs = [source] + ([config_dir] if config_dir else [])
+    key = None if source is None else (tuple(file_stats(inputs)), spec, tokens, ctx, rows, seed)
     if key in _SAMPLED:
         return _SAMPLED[key]
     if model is None:
@@ -252,16 +257,6 @@ def calibration_set(spec: str, model, tokenizer, tokens: int | None, ctx: int, r
 _SAMPLED: dict = {}  # (source fingerprint, request) -> windows: one sampling per model and request
 SAMPLED_KEPT = 8
 SAMPLER_SHARE = 0.8  # the sampler is loaded only when its weights fit in this share of memory
-
-
-def _fingerprint(source: Path, config_dir: Path | None) -> tuple:
-    files = []
-    for root in [Path(source)] + ([Path(config_dir)] if config_dir else []):
-        for f in sorted(root.iterdir()) if root.is_dir() else [root]:
-            if f.is_file():
-                st = f.stat()
-                files.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
-    return tuple(files)
 
 
 def _sampler(source: Path, config_dir: Path | None):

@@ -9,7 +9,7 @@ import numpy as np
 from mixquant.arch import family_for_config
 from mixquant.arch.tensors import SCOPE_MODEL, weight_name
 from mixquant.calib.collect import ModuleStats, collect
-from mixquant.calib.data import calibration_set
+from mixquant.calib.data import calibration_set, spread
 from mixquant.errors import MixquantError
 from mixquant.io.imatrix import Imatrix, ImatrixEntry
 from mixquant.vocab import embedding_rows
@@ -105,6 +105,5 @@ def calibrate(model_path: Path, calib: str, tokens: int | None, ctx: int, judge_
     stats = collect(model, windows, progress)
     judge = None
     if judge_windows > 0:
-        picks = np.unique(np.linspace(0, len(windows) - 1, min(judge_windows, len(windows))).round().astype(int))
-        judge = Judge(model, windows[picks])
+        judge = Judge(model, windows[spread(len(windows), judge_windows)])
     return stats, config, windows, judge

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixquant.calib.data import AUTO, DEFAULT_CALIB
+from mixquant.calib.data import AUTO, DEFAULT_CALIB, spread
 from mixquant.errors import MixquantError
 from mixquant.quant.sensitivity import MEASURED, PROXY, Sensitivity, hessian_bytes, measure, proxy, units_of
 
@@ -48,7 +48,7 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
     shared = calib == AUTO and ctx == DEFAULT_CTX  # the default set whole (GPTQ and distillation take it too)
     windows = calibration_set(calib, loaded.model, loaded.tokenizer, None if shared else n_windows * ctx, ctx,
                               embedding_rows(loaded.config, src), source=Path(src), config_dir=config_dir)
-    windows = windows[np.unique(np.linspace(0, len(windows) - 1, min(n_windows, len(windows))).round().astype(int))]
+    windows = windows[spread(len(windows), n_windows)]
     after_gptq = mode == PROXY and rounding != "nearest"
     if after_gptq and hessian_bytes(units) > HESSIAN_SHARE * memory_bytes():
         raise MixquantError(f"--rounding {rounding}: the linears' input Hessians would take "

@@ -213,6 +213,18 @@ def resume_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.resume.partial"
 
 
+def file_stats(paths: list[Path]) -> list[tuple[str, int, int]]:
+    """Every file at `paths` (a folder: the files in it) as (resolved path, size, modification time in
+    ns): what a key on inputs as they are on disk holds."""
+    out = []
+    for path in map(Path, paths):
+        for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+            if f.is_file():
+                st = f.stat()
+                out.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    return out
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

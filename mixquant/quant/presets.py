@@ -2,10 +2,11 @@
 
 `mixquant convert -i M -o OUT --target-bpw 3.6` allocates bits by measured sensitivity (`auto`) and
 rounds with the default preset; `--quality fast|balanced|best` picks another. Each preset names
-its rounding, distillation and calibration budget; which is best per byte at its cost comes from
-benchmarks/calibration.py and benchmarks/rounding.py (docs/RESULTS.md, "Presets"). The expected
-time is the measured rate of each step on this project's 2-core x86_64 CPU, per billion
-parameters and calibration token, scaled to the model: a projection, printed before starting.
+its rounding and distillation; their quality and time are measured by benchmarks/calibration.py
+(docs/RESULTS.md, "Default calibration off the lab path"). The expected time is the measured rate
+of each step on this project's 2-core x86_64 CPU, per billion parameters (and thousand
+calibration tokens, or distillation step), scaled to the model: a projection, printed before
+starting.
 """
 
 from __future__ import annotations
