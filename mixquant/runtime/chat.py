@@ -106,7 +106,8 @@ class Model:
         self.eos_ids.add(self.tokenizer.eos_token_id)
         self.mtp = loaded.mtp  # the MTP head's parts, when loaded with mtp=True
         self._mtp_choosers: dict = {}  # draft depth -> mixquant.runtime.mtp.Adaptive
-        check_tokenizer(self.tokenizer, embedding_rows(loaded.config, self.path), str(self.path))
+        self.vocab_rows = embedding_rows(loaded.config, self.path)  # the token ids the model takes and gives
+        check_tokenizer(self.tokenizer, self.vocab_rows, str(self.path))
 
     # -- prompt -------------------------------------------------------------------------------------
     def _template(self) -> str:
@@ -144,6 +145,13 @@ class Model:
         """The longest token's length in characters: a text of N characters is at least
         N / max_token_chars tokens, which bounds a prompt before it is rendered."""
         return max(1, max((len(t) for t in self.tokenizer.get_vocab()), default=1))
+
+    @functools.cached_property
+    def token_table(self):
+        """The tokenizer as the grammar engine sees it (mixquant.runtime.grammar), built on first use."""
+        from mixquant.runtime.grammar import TokenTable
+
+        return TokenTable(self.tokenizer, self.eos_ids)
 
     # -- generation ---------------------------------------------------------------------------------
     def sampling(self, temperature=None, top_p=None, top_k=None, min_p=None) -> Sampling:

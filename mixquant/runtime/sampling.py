@@ -37,25 +37,57 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def sampler(self):
-        """mlx-lm's sampler for these settings (it takes log-probabilities)."""
+    def sampler(self, seed: int | None = None):
+        """mlx-lm's sampler for these settings (it takes log-probabilities); with `seed`, one that
+        draws from its own random key, split at every step, so that a seeded request gives the same
+        tokens run to run and whatever else is sampled meanwhile."""
+        import mlx.core as mx
         from mlx_lm.sample_utils import make_sampler
 
-        return make_sampler(temp=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
+        if seed is None:
+            return make_sampler(temp=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
+        if self.greedy:
+            return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        key = mx.random.key(seed)
 
-    def probs(self, logits):
-        """The distribution the sampler draws from, for logits [..., V]."""
-        import mlx.core as mx
+        def sample(logprobs):
+            nonlocal key
+            key, sub = mx.random.split(key)
+            return mx.random.categorical(self._kept(logprobs) * (1 / self.temperature), key=sub)
+
+        return sample
+
+    def _kept(self, logprobs):
+        """Log-probabilities with what top-p, min-p and top-k drop set to -inf, in mlx-lm's order."""
         from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if 0 < self.top_p < 1.0:
             logprobs = apply_top_p(logprobs, self.top_p)
         if self.min_p != 0.0:
             logprobs = apply_min_p(logprobs, self.min_p)
         if self.top_k > 0:
             logprobs = apply_top_k(logprobs, self.top_k)
-        return mx.softmax(logprobs * (1 / self.temperature), axis=-1)
+        return logprobs
+
+    def probs(self, logits):
+        """The distribution the sampler draws from, for logits [..., V]."""
+        import mlx.core as mx
+
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return mx.softmax(self._kept(logprobs) * (1 / self.temperature), axis=-1)
 
 
 GREEDY = Sampling()
+
+
+def logit_bias(bias: dict[int, float]):
+    """A logits processor (mlx-lm's form) adding `bias` {token id: value} to the logits."""
+    import mlx.core as mx
+
+    ids = mx.array(list(bias), dtype=mx.int32)
+    values = mx.array(list(bias.values()), dtype=mx.float32)
+
+    def apply(tokens, logits):
+        return logits.at[..., ids].add(values.astype(logits.dtype))
+
+    return apply

@@ -69,6 +69,12 @@ class Thinking(_Open):
     budget_tokens: int | None = None
 
 
+REFUSED = {  # fields of the API this server does not honour: a 400 names them when given
+    "container": "containers are not supported", "mcp_servers": "MCP servers are not supported",
+    "context_management": "context management is not supported",
+}
+
+
 class CountTokensRequest(_Open):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -80,7 +86,9 @@ class CountTokensRequest(_Open):
 
 class MessagesRequest(CountTokensRequest):
     max_tokens: int
-    stream: bool = False
+    stream: bool | None = False
+    metadata: dict[str, Any] | None = None  # accepted; it changes nothing here
+    service_tier: str | None = None  # accepted; there is one tier
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)

@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixquant.server import anthropic_api as anth
 from mixquant.server import openai_api as oai
-from mixquant.server.generation import APIError, Limits, Usage, check_prompt_length, prepare, run
+from mixquant.server.generation import (APIError, Limits, Prepared, Turn, Usage, check_engine_supports,
+                                        check_fields, check_logit_bias, check_prompt_length, prepare, run)
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 8 << 20
@@ -112,6 +113,39 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+async def merged(streams: list):
+    """The items of several async generators as they come (one: as is); leaving early closes them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    finished = object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await queue.put(item)
+            await queue.put(finished)
+        except Exception as e:  # noqa: BLE001 - raised again in the consumer
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is finished:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 def create_app(engine, config: ServerConfig) -> FastAPI:
     model = engine.model
 
@@ -138,8 +172,10 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         message = "the body is not valid JSON" if e.status_code == 400 else str(e.detail)
-        return error_response(request.url.path, e.status_code, message,
-                              "not_found_error" if e.status_code == 404 else "invalid_request_error")
+        response = error_response(request.url.path, e.status_code, message,
+                                  "not_found_error" if e.status_code == 404 else "invalid_request_error")
+        response.headers.update(e.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
@@ -166,12 +202,12 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": 0,
                                             "owned_by": "mixquant"}]}
 
-    async def collect(request: Request, turn, prepared, usage):
+    async def collect(request: Request, turn, prepared, usage, steps=None, seed=None):
         """The events of a non-streamed reply; a client that leaves stops it."""
         events = []
 
         async def consume():
-            async for event in run(engine, turn, prepared, usage):
+            async for event in run(engine, turn, prepared, usage, steps, seed):
                 events.append(event)
 
         task = asyncio.ensure_future(consume())
@@ -182,40 +218,69 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         await task
         return events
 
+    async def choices(request: Request, turn, prepared, n: int):
+        """n replies to one prompt, decoded together: (result, Steps or None, Usage) each."""
+        seeds = oai.choice_seeds(turn.seed, n)
+        usages = [Usage() for _ in range(n)]
+        steps = [[] if turn.top_logprobs is not None else None for _ in range(n)]
+        done = await asyncio.gather(*(collect(request, turn, prepared, usages[i], steps[i], seeds[i])
+                                      for i in range(n)))
+        return [(events[-1].result, steps[i], usages[i]) for i, events in enumerate(done)]
+
     def sse_stream(gen):
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def data(chunk) -> str:
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
     # -- OpenAI: chat completions ---------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
+        check_fields(body, oai.REFUSED)
         turn = oai.chat_turn(body, min(config.limits.max_tokens, 4096))
+        check_engine_supports(engine, turn)
         prepared = await asyncio.to_thread(prepare, model, turn, config.limits)
-        usage, cid = Usage(), oai.new_id("chatcmpl-")
+        table = await asyncio.to_thread(lambda: model.token_table) if turn.top_logprobs is not None else None
+        n, cid = body.n or 1, oai.new_id("chatcmpl-")
         if not body.stream:
-            events = await collect(request, turn, prepared, usage)
-            return oai.chat_completion(cid, config.model_id, events[-1].result, usage)
+            done = await choices(request, turn, prepared, n)
+            return oai.chat_completion(cid, config.model_id,
+                                       [(result, oai.chat_logprobs(table, steps)) for result, steps, _ in done],
+                                       oai.total_usage([u for _, _, u in done]))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        usages = [Usage() for _ in range(n)]
 
-        async def stream():
-            def data(chunk):
-                return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        async def one(index: int, seed):
+            steps = [] if table is not None else None
+            sent = 0
 
-            yield data(oai.chat_chunk(cid, config.model_id, {"role": "assistant", "content": ""}))
+            def chunk(delta, finish=None):
+                nonlocal sent
+                logprobs = None
+                if steps is not None and (len(steps) > sent or finish is None):
+                    logprobs, sent = oai.chat_logprobs(table, steps[sent:]), len(steps)
+                return data(oai.chat_chunk(cid, config.model_id, delta, finish, index=index, logprobs=logprobs))
+
+            yield data(oai.chat_chunk(cid, config.model_id, {"role": "assistant", "content": ""}, index=index))
             calls = 0
-            async for event in run(engine, turn, prepared, usage):
+            async for event in run(engine, turn, prepared, usages[index], steps, seed):
                 if event.type == "text" and event.text:
-                    yield data(oai.chat_chunk(cid, config.model_id, {"content": event.text}))
+                    yield chunk({"content": event.text})
                 elif event.type == "thinking" and event.text:
-                    yield data(oai.chat_chunk(cid, config.model_id, {"reasoning_content": event.text}))
+                    yield chunk({"reasoning_content": event.text})
                 elif event.type == "tool_call":
                     call = event.tool_call.to_openai()
-                    yield data(oai.chat_chunk(cid, config.model_id, {"tool_calls": [{"index": calls, **call}]}))
+                    yield chunk({"tool_calls": [{"index": calls, **call}]})
                     calls += 1
                 elif event.type == "done":
-                    yield data(oai.chat_chunk(cid, config.model_id, {}, event.result.finish_reason))
+                    yield chunk({}, event.result.finish_reason)
+
+        async def stream():
+            async for line in merged([one(i, seed) for i, seed in enumerate(oai.choice_seeds(turn.seed, n))]):
+                yield line
             if include_usage:
-                yield data(oai.chat_chunk(cid, config.model_id, {}, usage=usage))
+                yield data(oai.chat_chunk(cid, config.model_id, {}, usage=oai.total_usage(usages)))
             yield "data: [DONE]\n\n"
 
         return sse_stream(stream())
@@ -223,46 +288,129 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     # -- OpenAI: completions --------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: oai.CompletionRequest, request: Request):
-        text = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-        if not text:
-            raise APIError(400, "prompt is empty", "prompt")
-        max_tokens = body.max_tokens or 16
+        check_fields(body, oai.REFUSED)
         limits = config.limits
-        if not 1 <= max_tokens <= limits.max_tokens:
-            raise APIError(400, f"max_tokens must be 1..{limits.max_tokens}, got {max_tokens}", "max_tokens")
-        check_prompt_length(len(text) // model.max_token_chars, limits.max_prompt_tokens, "prompt", at_least=True)
-        ids = await asyncio.to_thread(model.encode, text)
-        check_prompt_length(len(ids), limits.max_prompt_tokens, "prompt")
-        from mixquant.server.generation import Prepared, Turn
+        prompts = oai.completion_prompts(body.prompt, model.vocab_rows)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        scoring = max_tokens == 0
+        if scoring and not (body.echo and body.logprobs is not None):
+            raise APIError(400, "max_tokens 0 scores the prompt: it needs echo and logprobs", "max_tokens")
+        if max_tokens > limits.max_tokens:
+            raise APIError(400, f"max_tokens must be 0..{limits.max_tokens}, got {max_tokens}", "max_tokens")
+        if body.suffix:
+            raise APIError(400, "suffix: not supported (no fill-in-the-middle prompt for this model)", "suffix")
+        n = body.n or 1
+        best_of = body.best_of or n
+        if best_of < n:
+            raise APIError(400, f"best_of ({best_of}) must be at least n ({n})", "best_of")
+        if body.stream and best_of > n:
+            raise APIError(400, "best_of: cannot be streamed", "best_of")
+        turn = Turn(messages=[], max_tokens=max_tokens, stop=oai._stops(body.stop),
+                    top_logprobs=body.logprobs if body.logprobs is not None else (0 if best_of > n else None),
+                    **oai._sampling(body))
+        turn.logit_bias = check_logit_bias(model, turn.logit_bias)
+        check_engine_supports(engine, turn)
+        table = await asyncio.to_thread(lambda: model.token_table) if turn.top_logprobs is not None else None
 
-        turn = Turn(messages=[], max_tokens=max_tokens, stop=oai._stops(body.stop), **oai._sampling(body))
-        prepared = Prepared(text, ids, None, None, "")
-        usage, cid = Usage(), oai.new_id("cmpl-")
+        def tokenized(prompt):
+            if isinstance(prompt, str):
+                check_prompt_length(len(prompt) // model.max_token_chars, limits.max_prompt_tokens, "prompt",
+                                    at_least=True)
+                ids = model.encode(prompt)
+                text = prompt
+            else:
+                ids, text = list(prompt), model.tokenizer.decode(list(prompt))
+            check_prompt_length(len(ids), limits.max_prompt_tokens, "prompt")
+            if not ids:
+                raise APIError(400, "prompt is empty", "prompt")
+            return Prepared(text, ids, None, None, "")
 
-        def obj(text_out, finish):
-            out = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": config.model_id,
-                   "choices": [{"index": 0, "text": text_out, "finish_reason": finish, "logprobs": None}]}
+        prepared = [await asyncio.to_thread(tokenized, p) for p in prompts]
+        echo_steps = [await score(p.prompt, turn.top_logprobs) if body.echo and table is not None else None
+                      for p in prepared]
+        cid, created = oai.new_id("cmpl-"), int(time.time())
+
+        def choice(index, text, finish, logprobs=None):
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+        def obj(choice_list, usage=None):
+            out = {"id": cid, "object": "text_completion", "created": created, "model": config.model_id,
+                   "choices": choice_list}
+            if usage is not None:
+                out["usage"] = oai.usage_dict(usage)
             return out
+
+        def logprobs_of(p, k, steps):
+            if body.logprobs is None:
+                return None
+            if body.echo:
+                echoed = oai.completion_logprobs(table, echo_steps[k], p.prompt)
+                tail = oai.completion_logprobs(table, steps, offset=len(p.prompt_text))
+                return {key: echoed[key] + tail[key] for key in echoed}
+            return oai.completion_logprobs(table, steps)
 
         if not body.stream:
-            events = await collect(request, turn, prepared, usage)
-            result = events[-1].result
-            out = obj((text if body.echo else "") + result.text, result.finish_reason)
-            out["usage"] = oai.usage_dict(usage)
-            return out
+            out, cached, generated = [], 0, 0
+            for k, p in enumerate(prepared):
+                done = await choices(request, turn, p, best_of)
+                cached += done[0][2].cached_tokens
+                generated += sum(u.completion_tokens for _, _, u in done)
+                if best_of > n:  # the n with the highest log-probability per token
+                    done = sorted(done, key=lambda d: -sum(s.logprob for s in d[1]) / max(len(d[1]), 1))[:n]
+                for j, (result, steps, _) in enumerate(done):
+                    text = (p.prompt_text if body.echo else "") + result.text
+                    out.append(choice(k * n + j, text, result.finish_reason,
+                                      logprobs_of(p, k, steps if steps is not None else [])))
+            usage = Usage(prompt_tokens=sum(len(p.prompt) for p in prepared), cached_tokens=cached,
+                          completion_tokens=generated)
+            return obj(out, usage)
+
+        usages = [[Usage() for _ in range(n)] for _ in prepared]
+
+        async def one(k, j, seed):
+            p, index = prepared[k], k * n + j
+            steps = [] if table is not None else None
+            sent = 0
+
+            def part(text, finish=None):
+                nonlocal sent
+                logprobs = None
+                if steps is not None:
+                    logprobs = oai.completion_logprobs(table, steps[sent:])
+                    sent = len(steps)
+                return data(obj([choice(index, text, finish, logprobs)]))
+
+            if body.echo:
+                yield data(obj([choice(index, p.prompt_text, None, logprobs_of(p, k, []))]))
+            async for event in run(engine, turn, p, usages[k][j], steps, seed):
+                if event.type == "text" and event.text:
+                    yield part(event.text)
+                elif event.type == "done":
+                    yield part("", event.result.finish_reason)
 
         async def stream():
-            async for event in run(engine, turn, prepared, usage):
-                if event.type == "text" and event.text:
-                    yield f"data: {json.dumps(obj(event.text, None))}\n\n"
-                elif event.type == "done":
-                    final = obj("", event.result.finish_reason)
-                    if body.stream_options and body.stream_options.include_usage:
-                        final["usage"] = oai.usage_dict(usage)
-                    yield f"data: {json.dumps(final)}\n\n"
+            streams = [one(k, j, seed) for k in range(len(prepared))
+                       for j, seed in enumerate(oai.choice_seeds(turn.seed, n))]
+            async for line in merged(streams):
+                yield line
+            if body.stream_options and body.stream_options.include_usage:
+                flat = [u for row in usages for u in row]
+                yield data(obj([], Usage(prompt_tokens=sum(len(p.prompt) for p in prepared),
+                                         cached_tokens=sum(u.cached_tokens for u in flat),
+                                         completion_tokens=sum(u.completion_tokens for u in flat))))
             yield "data: [DONE]\n\n"
 
         return sse_stream(stream())
+
+    async def score(tokens: list[int], top: int):
+        """The Steps of tokens[1:] under the model (the engine runs it between decoding steps)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        engine.score(tokens, top, lambda result: loop.call_soon_threadsafe(future.set_result, result))
+        result = await future
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     # -- OpenAI: responses ----------------------------------------------------------------------
     @app.post("/v1/responses")
@@ -384,11 +532,13 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     # -- Anthropic: messages --------------------------------------------------------------------
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: anth.CountTokensRequest):
+        check_fields(body, anth.REFUSED)
         prepared = await asyncio.to_thread(prepare, model, anth.turn(body), config.limits)
         return {"input_tokens": len(prepared.prompt)}
 
     @app.post("/v1/messages")
     async def messages(body: anth.MessagesRequest, request: Request):
+        check_fields(body, anth.REFUSED)
         turn = anth.turn(body, body.max_tokens)
         prepared = await asyncio.to_thread(prepare, model, turn, config.limits)
         usage, mid = Usage(), anth.new_id("msg_")

@@ -22,6 +22,35 @@ from mixquant.runtime.sampling import Sampling
 
 log = logging.getLogger(__name__)
 END = None  # what a job's queue receives after its last token
+PREFILL_CHUNK = 512  # prompt tokens per forward, when prefilling and when scoring a prompt
+
+
+@dataclass(frozen=True)
+class Step:
+    """One token as decoded: its id and, when the job asked for them, its log-probability under the
+    model (after the job's logits processors) and the `top` most likely tokens, best first."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple = ()  # ((token, logprob), ...)
+
+
+def step_of(token: int, logprobs, top: int | None) -> Step:
+    """The Step for `token` from the log-softmax `logprobs` [V] it was drawn from (top None: the
+    token alone)."""
+    import mlx.core as mx
+
+    if top is None:
+        return Step(int(token))
+    lp = logprobs.astype(mx.float32)
+    best = ()
+    if top > 0:
+        k = min(top, lp.shape[-1])
+        idx = mx.argpartition(-lp, k - 1)[:k]
+        vals = lp[idx]
+        order = mx.argsort(-vals)
+        best = tuple(zip(idx[order].tolist(), vals[order].tolist()))
+    return Step(int(token), float(lp[int(token)].item()), best)
 
 
 @dataclass
@@ -31,7 +60,9 @@ class Job:
     max_tokens: int
     sampling: Sampling
     processors: list
-    deliver: object  # called from the worker with each token, then END (or an exception)
+    deliver: object  # called from the worker with each Step, then END (or an exception)
+    seed: int | None = None  # its own random key, whatever else is decoded meanwhile
+    top_logprobs: int | None = None  # None: no log-probabilities; else how many alternatives per token
     uid: int | None = None
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cancelled: bool = False
@@ -94,6 +125,12 @@ class Engine:
     def submit(self, job: Job) -> None:
         self.inbox.put(("job", job))
 
+    def score(self, tokens: list[int], top: int, deliver) -> None:
+        """The log-probability of every token of `tokens` after the ones before it (with the `top`
+        alternatives), computed between decoding steps: `deliver` gets the list of Steps for
+        tokens[1:], or an exception."""
+        self.inbox.put(("score", (tokens, top, deliver)))
+
     def cancel(self, job: Job) -> None:
         job.cancelled = True
         self.inbox.put(("cancel", job))
@@ -115,12 +152,17 @@ class Engine:
         self.active.pop(job.uid, None)
         job.deliver(error if error is not None else END)
 
-    def _run_batched(self) -> None:
+    def _generator(self):
+        """mlx-lm's BatchGenerator: each step decodes one token of every running request, then feeds
+        up to PREFILL_CHUNK tokens of each prompt waiting, so a long prompt does not hold others up."""
         from mlx_lm.generate import BatchGenerator
 
-        gen = BatchGenerator(self.model.model, completion_batch_size=self.max_concurrency,
-                             prefill_batch_size=min(8, self.max_concurrency), prefill_step_size=512,
-                             stop_tokens=[[t] for t in sorted(self.model.eos_ids)])
+        return BatchGenerator(self.model.model, completion_batch_size=self.max_concurrency,
+                              prefill_batch_size=min(8, self.max_concurrency), prefill_step_size=PREFILL_CHUNK,
+                              stop_tokens=[[t] for t in sorted(self.model.eos_ids)])
+
+    def _run_batched(self) -> None:
+        gen = self._generator()
         jobs: dict[int, Job] = {}
         while True:
             for kind, job in self._take(block=not jobs):
@@ -129,6 +171,9 @@ class Engine:
                         self._end(j)
                     gen.close()
                     return
+                if kind == "score":
+                    self._score(*job)
+                    continue
                 if kind == "cancel":
                     if job.uid in jobs:
                         gen.remove([job.uid])
@@ -155,9 +200,7 @@ class Engine:
                     self._end(j, e)
                 jobs.clear()
                 gen.close()
-                gen = BatchGenerator(self.model.model, completion_batch_size=self.max_concurrency,
-                                     prefill_batch_size=min(8, self.max_concurrency), prefill_step_size=512,
-                                     stop_tokens=[[t] for t in sorted(self.model.eos_ids)])
+                gen = self._generator()
                 continue
             for r in prompt_responses:
                 job = jobs.get(r.uid)
@@ -169,7 +212,7 @@ class Engine:
                 job = jobs.get(r.uid)
                 if job is None:
                     continue
-                job.deliver(r.token)
+                job.deliver(step_of(r.token, r.logprobs, job.top_logprobs))
                 if r.finish_reason is not None:
                     if r.prompt_cache is not None and r.all_tokens:
                         self.prefix.store(list(r.all_tokens), r.prompt_cache)
@@ -185,12 +228,16 @@ class Engine:
         segments = [rest[:cut], rest[cut:]] if cut else [rest]
         job.snapshot_at_segment_end = bool(cut)
         (uid,) = gen.insert_segments([segments], max_tokens=[job.max_tokens], caches=[cache],
-                                     all_tokens=[list(job.prompt[:cached])], samplers=[job.sampling.sampler()],
+                                     all_tokens=[list(job.prompt[:cached])],
+                                     samplers=[job.sampling.sampler(job.seed)],
                                      logits_processors=[job.processors])
         return uid
 
     def _run_sequential(self) -> None:
-        """MTP: one job at a time on one session (the session's own kept state is the prefix cache)."""
+        """MTP: one job at a time on one session (the session's own kept state is the prefix cache);
+        a seeded job seeds MLX's generator, which nothing else draws from meanwhile."""
+        import mlx.core as mx
+
         from mixquant.runtime.chat import ChatSession
 
         session = ChatSession(self.model)
@@ -199,6 +246,9 @@ class Engine:
             for kind, job in self._take(block=True):
                 if kind == "close":
                     return
+                if kind == "score":
+                    self._score(*job)
+                    continue
                 if kind == "cancel" or job.cancelled:
                     if kind == "job":
                         job.deliver(END)
@@ -207,6 +257,8 @@ class Engine:
                 job.uid = count
                 self.active[job.uid] = job
                 try:
+                    if job.seed is not None:
+                        mx.random.seed(job.seed)
                     steps = self.model.stream(job.prompt, session, max_new_tokens=job.max_tokens,
                                               sampling=job.sampling, processors=job.processors,
                                               boundary=job.boundary, mtp=self.mtp)
@@ -214,7 +266,7 @@ class Engine:
                     for token in steps:
                         if job.cached_tokens == -1:
                             job.cached_tokens = len(job.prompt) - session.last_prefill
-                        job.deliver(token)
+                        job.deliver(Step(token))
                         if job.cancelled or self.closing or token in self.model.eos_ids:
                             break
                     steps.close()
@@ -223,6 +275,23 @@ class Engine:
                     log.exception("decoding failed")
                     session.reset()
                     self._end(job, e)
+
+    def _score(self, tokens: list[int], top: int, deliver) -> None:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        try:
+            cache = make_prompt_cache(self.model.model)
+            steps = []
+            for start in range(0, len(tokens) - 1, PREFILL_CHUNK):
+                chunk = tokens[start: start + PREFILL_CHUNK + 1]
+                logits = self.model.model(mx.array(chunk[:-1])[None], cache=cache)[0].astype(mx.float32)
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                steps += [step_of(t, logprobs[i], top) for i, t in enumerate(chunk[1:])]
+            deliver(steps)
+        except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
+            log.exception("scoring failed")
+            deliver(e)
 
     def _take(self, block: bool) -> list:
         """Messages waiting in the inbox (waiting for one when `block`)."""

@@ -19,6 +19,17 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+def check_fields(req, refused: dict[str, str]) -> None:
+    """Every field of a request (a pydantic model that keeps extra fields) is one this server
+    honours or accepts as having no effect here: one in `refused` (name -> why) that is given, or one
+    no schema names, is a 400 naming it."""
+    for name, value in (req.model_extra or {}).items():
+        if name not in refused:
+            raise APIError(400, f"{name}: unknown field", name)
+        if value is not None:
+            raise APIError(400, f"{name}: {refused[name]}", name)
+
+
 def content_text(content) -> str:
     """A message's content as text: a string, or the concatenated text of its text parts / blocks."""
     if content is None:
@@ -44,6 +55,11 @@ class Turn:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    top_logprobs: int | None = None  # None: no log-probabilities; else alternatives per token (0-20)
+    logit_bias: dict[int, float] | None = None
+    structured: bool = False  # the reply is JSON: following `schema`, or (None) any JSON object
+    schema: dict | None = None
 
 
 @dataclass
@@ -68,6 +84,7 @@ class Prepared:
     boundary: int | None
     tools: list[dict] | None
     forced: str
+    grammar: str | None = None  # the llguidance grammar the reply follows
 
 
 def _chars(value) -> int:
@@ -95,10 +112,40 @@ def check_prompt_bound(model, turn: Turn, limits: Limits) -> None:
     check_prompt_length(bound, limits.max_prompt_tokens, "messages", at_least=True)
 
 
+def check_logit_bias(model, bias: dict | None) -> dict[int, float] | None:
+    """logit_bias as {token id: bias}: keys that are token ids of this model, values in -100..100."""
+    if not bias:
+        return None
+    rows = model.vocab_rows
+    out = {}
+    for key, value in bias.items():
+        if not str(key).isdigit() or int(key) >= rows:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0..{rows - 1})", "logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: the bias of {key} must be within -100..100, got {value}", "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+def compile_grammar(turn: Turn) -> str | None:
+    """The grammar of a structured reply (None for free text); a schema the engine cannot compile is
+    a 400 naming the construct."""
+    if not turn.structured:
+        return None
+    from mixquant.errors import MixquantError
+    from mixquant.runtime.grammar import json_grammar
+
+    try:
+        return json_grammar(turn.schema)
+    except MixquantError as e:
+        raise APIError(400, f"response_format: {e}", "response_format") from None
+
+
 def prepare(model, turn: Turn, limits: Limits) -> Prepared:
     check_prompt_bound(model, turn, limits)
-    if turn.max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {turn.max_tokens}", "max_tokens")
+    turn.logit_bias = check_logit_bias(model, turn.logit_bias)
+    if turn.max_tokens < 0:
+        raise APIError(400, f"max_tokens must be at least 0, got {turn.max_tokens}", "max_tokens")
     if turn.max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens {turn.max_tokens} is over this server's limit of {limits.max_tokens}",
                        "max_tokens")
@@ -108,8 +155,12 @@ def prepare(model, turn: Turn, limits: Limits) -> Prepared:
     if turn.tool_choice == "function" and turn.tool_name not in names:
         raise APIError(400, f"tool_choice names {turn.tool_name!r}, which is not among the tools", "tool_choice")
     tools = None if turn.tool_choice == "none" else turn.tools or None
+    if turn.structured and tools:
+        raise APIError(400, "response_format: a JSON reply cannot also call tools (set tool_choice to none)",
+                       "response_format")
+    grammar = compile_grammar(turn)
     forcing = turn.tool_choice in ("required", "function")
-    thinking = False if forcing else turn.enable_thinking
+    thinking = False if forcing or turn.structured else turn.enable_thinking
     try:
         prompt_text, prompt, boundary = model.rendered(turn.messages, tools, thinking)
     except Exception as e:  # noqa: BLE001 - the template refused these messages
@@ -120,32 +171,62 @@ def prepare(model, turn: Turn, limits: Limits) -> Prepared:
         prompt_text += forced
         prompt = prompt + model.encode(forced)
     check_prompt_length(len(prompt), limits.max_prompt_tokens, "messages")
-    return Prepared(prompt_text, prompt, boundary, tools, forced)
+    return Prepared(prompt_text, prompt, boundary, tools, forced, grammar)
 
 
-async def run(engine, turn: Turn, prepared: Prepared, usage: Usage):
+def check_engine_supports(engine, turn: Turn) -> None:
+    """The sequential (MTP) engine decodes tokens without their log-probabilities or logits processors
+    beyond the penalties: a request that needs them is a 400 there."""
+    if not engine.mtp:
+        return
+    for name, given in (("logprobs", turn.top_logprobs is not None), ("logit_bias", bool(turn.logit_bias)),
+                        ("response_format", turn.structured)):
+        if given:
+            raise APIError(400, f"{name}: not available on a server started with --mtp", name)
+
+
+def job_processors(model, turn: Turn, prepared: Prepared) -> list:
+    from mixquant.runtime.sampling import logit_bias
+
+    processors = model.processors(turn.repetition_penalty, turn.presence_penalty, turn.frequency_penalty)
+    if turn.logit_bias:
+        processors.append(logit_bias(turn.logit_bias))
+    if prepared.grammar is not None:
+        from mixquant.runtime.grammar import SchemaMask
+
+        processors.append(SchemaMask(model.token_table, prepared.grammar))
+    return processors
+
+
+async def run(engine, turn: Turn, prepared: Prepared, usage: Usage, steps: list | None = None, seed=None):
     """Chat events (mixquant.runtime.chat.Event) as the engine decodes; `usage` is filled in as it
-    goes. Leaving the iteration early (a client gone) cancels the job."""
+    goes, and `steps` (when given) gets the reply's tokens as mixquant.server.engine.Steps (an
+    end-of-sequence token left out). `seed` replaces the turn's (one per choice). Leaving the
+    iteration early (a client gone) cancels the job."""
     model = engine.model
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
     job = Job(prepared.prompt, prepared.boundary, turn.max_tokens,
               model.sampling(turn.temperature, turn.top_p, turn.top_k, turn.min_p),
-              model.processors(turn.repetition_penalty, turn.presence_penalty, turn.frequency_penalty),
-              deliver=lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+              job_processors(model, turn, prepared),
+              deliver=lambda item: loop.call_soon_threadsafe(items.put_nowait, item),
+              seed=turn.seed if seed is None else seed, top_logprobs=turn.top_logprobs)
     decoder = Decoder(model, prepared.prompt_text, prepared.tools, turn.stop, forced=prepared.forced)
     usage.prompt_tokens = len(prepared.prompt)
-    engine.submit(job)
-    done = False
+    if turn.max_tokens > 0:
+        engine.submit(job)
+    done = turn.max_tokens == 0
     try:
-        while True:
+        while not done:
             item = await items.get()
             if item is END:
                 break
             if isinstance(item, Exception):
                 raise item
             usage.cached_tokens = max(job.cached_tokens, 0)
-            for event in decoder.feed(item):
+            if steps is not None and item.token not in model.eos_ids:
+                steps.append(item)
+            for event in decoder.feed(item.token):
                 yield event
             usage.completion_tokens = decoder.num_tokens
             if decoder.finished:

@@ -16,6 +16,17 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+MAX_N = 16  # choices per request (n, best_of): each is a stream in the batch
+MAX_TOP_LOGPROBS = 20  # the spec's bound
+REFUSED = {  # fields of the spec this server does not honour: a 400 names them when given
+    "audio": "audio output is not supported", "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
+    "functions": "use tools (functions is the deprecated form)",
+    "function_call": "use tool_choice (function_call is the deprecated form)",
+    "verbosity": "verbosity is not supported",
+}
+
+
 # -- requests ------------------------------------------------------------------------------------
 class TextPart(_Open):
     type: Literal["text", "input_text", "output_text"]
@@ -62,15 +73,29 @@ class StreamOptions(_Open):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Open):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class Sampling(_Open):
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
     seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted; it changes nothing here
 
 
 class ChatCompletionRequest(Sampling):
@@ -79,25 +104,36 @@ class ChatCompletionRequest(Sampling):
     tools: list[ToolDef] | None = None
     tool_choice: Union[Literal["auto", "none", "required"], NamedChoice, None] = None
     parallel_tool_calls: bool | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
     stop: Union[str, list[str], None] = None
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    store: bool | None = None  # accepted: nothing is stored either way
+    metadata: dict[str, str] | None = None  # accepted; it changes nothing here
+    service_tier: str | None = None  # accepted; there is one tier
+    prompt_cache_key: str | None = None  # accepted: the prefix cache matches prompts by their tokens
+    safety_identifier: str | None = None  # accepted; it changes nothing here
 
 
 class CompletionRequest(Sampling):
     model: str | None = None
-    prompt: Union[str, list[str]]
-    max_tokens: int | None = 16
-    stream: bool = False
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(default=16, ge=0)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    n: int | None = Field(default=None, ge=1, le=1)
-    echo: bool = False
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    suffix: str | None = None
 
 
 class ResponseInputItem(_Open):
@@ -166,9 +202,28 @@ def _choice(choice) -> tuple[str, str | None]:
 
 
 def _sampling(req: Sampling) -> dict:
-    return dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty)
+    """The sampling fields of a request; top_p 0 keeps only the most likely token: greedy."""
+    greedy = req.top_p == 0
+    return dict(temperature=0.0 if greedy else req.temperature, top_p=None if greedy else req.top_p,
+                top_k=req.top_k, min_p=req.min_p, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, seed=req.seed,
+                logit_bias=req.logit_bias)
+
+
+def _response_format(fmt: ResponseFormat | None) -> dict:
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object":
+        return {"structured": True}
+    if fmt.json_schema is None:
+        raise APIError(400, "response_format: json_schema needs its json_schema object", "response_format")
+    return {"structured": True, "schema": fmt.json_schema.schema_ or {}}
+
+
+def _top_logprobs(logprobs: bool | None, top: int | None) -> int | None:
+    if top is not None and not logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
+    return (top or 0) if logprobs else None
 
 
 def _stops(stop) -> list[str]:
@@ -196,6 +251,7 @@ def chat_turn(req: ChatCompletionRequest, default_max: int) -> Turn:
     return Turn(messages=messages, max_tokens=max_tokens,
                 tools=tools or None, tool_choice=choice, tool_name=name,
                 enable_thinking=_thinking(req.chat_template_kwargs, req.reasoning_effort), stop=_stops(req.stop),
+                top_logprobs=_top_logprobs(req.logprobs, req.top_logprobs), **_response_format(req.response_format),
                 **_sampling(req))
 
 
@@ -240,6 +296,31 @@ def responses_turn(req: ResponsesRequest, default_max: int) -> Turn:
                 tool_choice=choice, tool_name=name, enable_thinking=_thinking(None, effort), **_sampling(req))
 
 
+def completion_prompts(prompt, rows: int) -> list[list[int] | str]:
+    """A completions prompt as a list of prompts, each text or token ids (checked to be this model's)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty", "prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    for i, p in enumerate(prompt):
+        if not p:
+            raise APIError(400, f"prompt[{i}] is empty", "prompt")
+        if not isinstance(p, str):
+            bad = next((t for t in p if not 0 <= t < rows), None)
+            if bad is not None:
+                raise APIError(400, f"prompt[{i}]: {bad} is not a token id of this model (0..{rows - 1})", "prompt")
+    return list(prompt)
+
+
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """A seed per choice: the request's for the first, distinct ones derived from it for the rest."""
+    if seed is None:
+        return [None] * n
+    return [(seed + i * 0x9E3779B97F4A7C15) % (1 << 64) for i in range(n)]
+
+
 # -- responses -----------------------------------------------------------------------------------
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
@@ -251,20 +332,65 @@ def usage_dict(usage) -> dict:
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
-def chat_completion(cid: str, model_id: str, result, usage) -> dict:
-    message: dict = {"role": "assistant", "content": result.text or (None if result.tool_calls else "")}
+def total_usage(usages: list):
+    """One request's usage over its choices: the prompt counted once, every choice's tokens."""
+    from mixquant.server.generation import Usage
+
+    return Usage(prompt_tokens=usages[0].prompt_tokens, cached_tokens=usages[0].cached_tokens,
+                 completion_tokens=sum(u.completion_tokens for u in usages))
+
+
+def _token(table, token: int, logprob: float) -> dict:
+    raw = table.token_bytes(token)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def chat_logprobs(table, steps) -> dict | None:
+    """The spec's choice logprobs for these Steps (None when none were asked for)."""
+    if steps is None:
+        return None
+    return {"content": [{**_token(table, s.token, s.logprob), "top_logprobs": [_token(table, t, lp) for t, lp in s.top]}
+                        for s in steps], "refusal": None}
+
+
+def completion_logprobs(table, steps, echoed: list[int] | None = None, offset: int = 0) -> dict:
+    """The completions form: tokens, their logprobs, top alternatives and text offsets; `echoed`
+    prompt tokens first (their Steps are in `steps`, the first token's logprob is null)."""
+    tokens, logprobs, tops, offsets = [], [], [], []
+    entries = ([(echoed[0], None)] if echoed else []) + [(s.token, s) for s in steps]
+    for token, s in entries:
+        text = table.token_bytes(token).decode("utf-8", errors="replace")
+        tokens.append(text)
+        logprobs.append(None if s is None else s.logprob)
+        tops.append(None if s is None else {table.token_bytes(t).decode("utf-8", errors="replace"): lp
+                                            for t, lp in s.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_message(result) -> dict:
+    message: dict = {"role": "assistant", "content": result.text or (None if result.tool_calls else ""),
+                     "refusal": None}
     if result.thinking:
         message["reasoning_content"] = result.thinking
     if result.tool_calls:
         message["tool_calls"] = [c.to_openai() for c in result.tool_calls]
+    return message
+
+
+def chat_completion(cid: str, model_id: str, choices: list[tuple], usage) -> dict:
+    """choices: (result, logprobs dict or None) per choice."""
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}],
+            "choices": [{"index": i, "message": chat_message(result), "finish_reason": result.finish_reason,
+                         "logprobs": logprobs} for i, (result, logprobs) in enumerate(choices)],
             "usage": usage_dict(usage)}
 
 
-def chat_chunk(cid: str, model_id: str, delta: dict, finish_reason=None, usage=None) -> dict:
+def chat_chunk(cid: str, model_id: str, delta: dict, finish_reason=None, usage=None, index: int = 0,
+               logprobs=None) -> dict:
     chunk = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_id,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+             "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
     if usage is not None:
         chunk["choices"] = []
         chunk["usage"] = usage_dict(usage)

@@ -63,18 +63,20 @@ class ScriptedEngine:
     """The Engine's interface; replies come from `reply(prompt_text)` as the model's tokens, then its
     end-of-sequence token."""
 
+    mtp = 0
+
     def __init__(self, model, reply):
         self.model, self.reply, self.active = model, reply, {}
 
     def submit(self, job):
-        from mixquant.server.engine import END
+        from mixquant.server.engine import END, Step
 
         def play():
             text = self.reply(self.model.tokenizer.decode(job.prompt))
             for token in (self.model.encode(text) + [self.model.tokenizer.eos_token_id])[: job.max_tokens]:
                 if job.cancelled:
                     break
-                job.deliver(token)
+                job.deliver(Step(token))
             job.deliver(END)
 
         threading.Thread(target=play, daemon=True).start()
