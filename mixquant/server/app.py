@@ -241,6 +241,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         turn = oai.chat_turn(body, min(config.limits.max_tokens, 4096))
         check_engine_supports(engine, turn)
         prepared = await asyncio.to_thread(prepare, model, turn, config.limits)
+        check_engine_supports(engine, turn, prepared)
         table = await asyncio.to_thread(lambda: model.token_table) if turn.top_logprobs is not None else None
         n, cid = body.n or 1, oai.new_id("chatcmpl-")
         if not body.stream:
@@ -415,8 +416,10 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     # -- OpenAI: responses ----------------------------------------------------------------------
     @app.post("/v1/responses")
     async def responses(body: oai.ResponsesRequest, request: Request):
+        check_fields(body, oai.RESPONSES_REFUSED)
         turn = oai.responses_turn(body, min(config.limits.max_tokens, 4096))
         prepared = await asyncio.to_thread(prepare, model, turn, config.limits)
+        check_engine_supports(engine, turn, prepared)
         usage, rid, created = Usage(), oai.new_id("resp_"), int(time.time())
 
         def final_output(result):
@@ -541,6 +544,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         check_fields(body, anth.REFUSED)
         turn = anth.turn(body, body.max_tokens)
         prepared = await asyncio.to_thread(prepare, model, turn, config.limits)
+        check_engine_supports(engine, turn, prepared)
         usage, mid = Usage(), anth.new_id("msg_")
         if not body.stream:
             events = await collect(request, turn, prepared, usage)

@@ -127,18 +127,27 @@ def check_logit_bias(model, bias: dict | None) -> dict[int, float] | None:
     return out
 
 
-def compile_grammar(turn: Turn) -> str | None:
-    """The grammar of a structured reply (None for free text); a schema the engine cannot compile is
-    a 400 naming the construct."""
-    if not turn.structured:
-        return None
+def compile_grammar(model, turn: Turn, tools: list[dict] | None) -> str | None:
+    """The grammar the reply follows, if any: a JSON schema's (response_format), or a forced tool
+    call's when the tools it may call are all `strict`; None for free text. What the engine cannot
+    compile is a 400 naming the construct."""
     from mixquant.errors import MixquantError
-    from mixquant.runtime.grammar import json_grammar
+    from mixquant.runtime.grammar import json_grammar, tool_call_grammar
+    from mixquant.runtime.toolcalls import CLOSE, FUNCTION_OPEN
 
+    candidates = [t for t in tools or [] if turn.tool_choice == "required" or
+                  (turn.tool_choice == "function" and t["function"]["name"] == turn.tool_name)]
+    strict = bool(candidates) and all(t["function"].get("strict") for t in candidates)
     try:
-        return json_grammar(turn.schema)
+        if turn.structured:
+            return json_grammar(turn.schema)
+        if strict:
+            return tool_call_grammar(candidates, FUNCTION_OPEN in model.template, turn.tool_choice == "function",
+                                     model.token_table.lark_text(CLOSE))
     except MixquantError as e:
-        raise APIError(400, f"response_format: {e}", "response_format") from None
+        param = "response_format" if turn.structured else "tools"
+        raise APIError(400, f"{param}: {e}", param) from None
+    return None
 
 
 def prepare(model, turn: Turn, limits: Limits) -> Prepared:
@@ -158,7 +167,7 @@ def prepare(model, turn: Turn, limits: Limits) -> Prepared:
     if turn.structured and tools:
         raise APIError(400, "response_format: a JSON reply cannot also call tools (set tool_choice to none)",
                        "response_format")
-    grammar = compile_grammar(turn)
+    grammar = compile_grammar(model, turn, tools)
     forcing = turn.tool_choice in ("required", "function")
     thinking = False if forcing or turn.structured else turn.enable_thinking
     try:
@@ -174,13 +183,14 @@ def prepare(model, turn: Turn, limits: Limits) -> Prepared:
     return Prepared(prompt_text, prompt, boundary, tools, forced, grammar)
 
 
-def check_engine_supports(engine, turn: Turn) -> None:
+def check_engine_supports(engine, turn: Turn, prepared: Prepared | None = None) -> None:
     """The sequential (MTP) engine decodes tokens without their log-probabilities or logits processors
     beyond the penalties: a request that needs them is a 400 there."""
     if not engine.mtp:
         return
+    strict_call = prepared is not None and prepared.grammar is not None and not turn.structured
     for name, given in (("logprobs", turn.top_logprobs is not None), ("logit_bias", bool(turn.logit_bias)),
-                        ("response_format", turn.structured)):
+                        ("response_format", turn.structured), ("tools", strict_call)):
         if given:
             raise APIError(400, f"{name}: not available on a server started with --mtp", name)
 

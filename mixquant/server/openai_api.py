@@ -56,6 +56,7 @@ class ChatMessage(_Open):
 class FunctionDef(_Open):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
+    strict: bool | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
@@ -150,6 +151,7 @@ class ResponseTool(_Open):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
+    strict: bool | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
@@ -168,9 +170,27 @@ class ResponsesRequest(Sampling):
     instructions: str | None = None
     tools: list[ResponseTool] | None = None
     tool_choice: Union[Literal["auto", "none", "required"], ResponseNamedChoice, None] = None
-    stream: bool = False
+    stream: bool | None = False
     max_output_tokens: int | None = None
     reasoning: Reasoning | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None  # accepted: nothing is stored either way
+    metadata: dict[str, str] | None = None  # accepted; it changes nothing here
+    service_tier: str | None = None  # accepted; there is one tier
+    prompt_cache_key: str | None = None  # accepted: the prefix cache matches prompts by their tokens
+    safety_identifier: str | None = None  # accepted; it changes nothing here
+    include: list[str] | None = None  # accepted: reasoning text is always in the output
+    truncation: Literal["disabled"] | None = None  # "auto" would drop input; a prompt over the limit is a 400
+
+
+RESPONSES_REFUSED = {
+    "previous_response_id": "this server keeps no responses: send the whole input",
+    "conversation": "this server keeps no conversations: send the whole input",
+    "background": "background responses are not supported", "prompt": "stored prompts are not supported",
+    "text": "text formats are not supported here (chat completions' response_format is)",
+    "top_logprobs": "logprobs are not supported here (chat completions' are)",
+    "max_tool_calls": "max_tool_calls is not supported",
+}
 
 
 # -- conversion to a Turn ------------------------------------------------------------------------
@@ -289,7 +309,8 @@ def responses_turn(req: ResponsesRequest, default_max: int) -> Turn:
     else:
         choice, name = req.tool_choice or "auto", None
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                               "parameters": t.parameters}} for t in req.tools or []]
+                                               "parameters": t.parameters, "strict": bool(t.strict)}}
+             for t in req.tools or []]
     effort = req.reasoning.effort if req.reasoning else None
     max_tokens = default_max if req.max_output_tokens is None else req.max_output_tokens
     return Turn(messages=messages, max_tokens=max_tokens, tools=tools or None,

@@ -213,6 +213,12 @@ def test_models_health_and_keys(scripted):
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400,
      "suffix: not supported (no fill-in-the-middle prompt for this model)"),
     ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of (1) must be at least n (2)"),
+    ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, 400,
+     "previous_response_id: this server keeps no responses: send the whole input"),
+    ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "mcp_servers": []}, 400,
+     "mcp_servers: MCP servers are not supported"),
+    ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "temprature": 1}, 400,
+     "temprature: unknown field"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
      "tool_choice requires a tool call but no tools were given"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "", "tool_calls": [

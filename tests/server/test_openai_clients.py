@@ -219,3 +219,28 @@ def test_json_schema_outputs_always_validate(live):
     for schema, out in zip(schemas, outputs):
         assert out["finish_reason"] == "stop", out
         jsonschema.validate(json.loads(out["message"]["content"]), schema)
+
+
+STRICT = {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                                     "hourly": {"type": "boolean"}},
+    "required": ["city", "unit", "days", "hourly"], "additionalProperties": False}}}
+ALARM = {"type": "function", "function": {"name": "set_alarm", "strict": True, "parameters": {
+    "type": "object", "properties": {"minutes": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 59}, "maxItems": 3}},
+    "required": ["minutes"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "set_alarm"}}])
+def test_strict_forced_tool_calls_follow_their_schema(live, choice):
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in (STRICT, ALARM)}
+    for seed in range(6):
+        body = {"model": "m", "messages": [{"role": "user", "content": "What's the weather in Lisbon?"}],
+                "tools": [STRICT, ALARM], "tool_choice": choice, "temperature": 1.0, "seed": seed, "max_tokens": 200}
+        out = post(live, "/v1/chat/completions", body)["choices"][0]
+        assert out["finish_reason"] == "tool_calls", out
+        (call,) = out["message"]["tool_calls"]
+        if isinstance(choice, dict):
+            assert call["function"]["name"] == "set_alarm"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), tools[call["function"]["name"]])
