@@ -245,8 +245,10 @@ def write_doc(result: dict) -> None:
              f"{result['chunks']} windows of 512 tokens of held-out text of the fixture's domain that no calibration, "
              "seed prompt or sample has seen (every other block of the held-out file past the bundled evaluation "
              f"text); in-domain calibration: the blocks in between. Calibration budget {result['calib_tokens']} "
-             "tokens for every calibration but the bundled mix (used whole). `auto` is the default: the mix and the "
-             "model's own continuations of seed prompts from it." + (f" {result['note']}" if result.get("note") else ""),
+             "tokens for every calibration but the bundled mix (used whole). `auto` is the default: for the rounding, the "
+             "mix and the model's own continuations of seed prompts from it; for the allocation's proxy, 8 windows of "
+             "text the model samples from its start token (the one-flag rows and `priced after GPTQ`; the other auto "
+             "rows are uniform and have no proxy)." + (f" {result['note']}" if result.get("note") else ""),
              "",
              "| quant | calibration | bpw | mean KLD ± se | p99.9 | same top | convert s |",
              "|---|---|---:|---:|---:|---:|---:|"]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mixquant.calib.data import BUILTIN_CALIB, DEFAULT_CALIB
+from mixquant.calib.sensitivity import DEFAULT_WINDOWS
 from mixquant.errors import MixquantError
 from mixquant.io.output import check_file_output, check_not_inputs
 from mixquant.quant.presets import DEFAULT_PRESET, PRESETS, preset
@@ -598,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"),
                    help="proxy: the rounding the conversion will use; gptq prices each linear after GPTQ, from its "
                         "input Hessian (default nearest)")
-    p.add_argument("--windows", type=int, default=4, help="calibration windows (default 4)")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
+                   help=f"calibration windows (default {DEFAULT_WINDOWS})")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="the float dtype of the quant's scales and biases (default bfloat16)")

@@ -42,6 +42,22 @@ def test_sensitivity_file_covers_every_unit_and_option(tiny_moe, proxy_file, cap
         assert all(v >= 0 for v in opts.values())
 
 
+def test_the_default_proxy_prices_on_the_models_own_text(tiny_moe, proxy_file):
+    """Under the default calibration the proxy's windows are text the model samples from its start
+    token (calibration `self`), the same for the same model and request."""
+    from mixquant.calib import data
+    from mixquant.calib.sensitivity import windows_hash
+    from mixquant.loading import load_tokenizer
+
+    info = json.loads(proxy_file.read_text())["calib"]
+    assert (info["spec"], info["text"], info["windows"], info["ctx"]) == ("auto", "self", 2, 64)
+    data._SAMPLED.clear()
+    own = data.calibration_set(data.SELF, None, load_tokenizer(tiny_moe), 2 * 64, 64, 8192, source=tiny_moe)
+    assert windows_hash(own[data.spread(len(own), 2)]) == info["tokens_hash"]
+    start = load_tokenizer(tiny_moe).bos_token_id or load_tokenizer(tiny_moe).eos_token_id
+    assert (own[:, 0] == start).all()
+
+
 @pytest.mark.parametrize("target", [3.0, 4.25, 6.0])
 def test_size_within_one_percent_of_the_target(tiny_moe, proxy_file, capsys, target):
     plan = _plan(capsys, "-i", tiny_moe, "--q-recipe", "auto", "--target-bpw", target, "--sensitivity", proxy_file)

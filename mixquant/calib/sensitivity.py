@@ -3,6 +3,11 @@
 The model is loaded unquantized in float32; the windows come from the bundled mix, a file, or the
 model itself. A measured run saves its file after every unit and, run again with the same output,
 model and windows, resumes: finished units are not recomputed.
+
+Under the default calibration (`auto`) the windows are the model's own text, sampled from its
+start token: the allocation's proxy ranks units by how much their rounding changes what the model
+says, and measured off the lab path that ranking is best on the model's own text (docs/RESULTS.md,
+"Default calibration off the lab path"), while GPTQ and distillation keep the default mix.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mixquant.calib.data import AUTO, DEFAULT_CALIB, spread
+from mixquant.calib.data import AUTO, DEFAULT_CALIB, SELF, spread
 from mixquant.errors import MixquantError
 from mixquant.quant.sensitivity import MEASURED, PROXY, Sensitivity, hessian_bytes, measure, proxy, units_of
 
 HESSIAN_SHARE = 0.25  # a proxy priced after GPTQ holds every linear's input Hessian: at most this share of memory
 
-DEFAULT_WINDOWS = 4
+DEFAULT_WINDOWS = 8
 DEFAULT_CTX = 512
 
 
@@ -45,15 +50,15 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
     _, arch = arch_plan_of(Path(src), config_dir, keep_vision=False, keep_mtp=False)
     units = units_of(make_plan(arch, None, dtype))
     loaded = load(Path(src), dtype="float32", dequantize=True, config_dir=config_dir)
-    shared = calib == AUTO and ctx == DEFAULT_CTX  # the default set whole (GPTQ and distillation take it too)
-    windows = calibration_set(calib, loaded.model, loaded.tokenizer, None if shared else n_windows * ctx, ctx,
+    spec = SELF if calib == AUTO else calib  # by default, priced on the model's own text (module docstring)
+    windows = calibration_set(spec, loaded.model, loaded.tokenizer, n_windows * ctx, ctx,
                               embedding_rows(loaded.config, src), source=Path(src), config_dir=config_dir)
     windows = windows[spread(len(windows), n_windows)]
     after_gptq = mode == PROXY and rounding != "nearest"
     if after_gptq and hessian_bytes(units) > HESSIAN_SHARE * memory_bytes():
         raise MixquantError(f"--rounding {rounding}: the linears' input Hessians would take "
                             f"{hessian_bytes(units) / 1e9:.1f} GB, more than a quarter of this machine's memory")
-    info = {"spec": str(calib), "windows": int(len(windows)), "ctx": int(windows.shape[1]),
+    info = {"spec": str(calib), "text": spec, "windows": int(len(windows)), "ctx": int(windows.shape[1]),
             "tokens_hash": windows_hash(windows), "priced_after": "gptq" if after_gptq else "nearest"}
     sens = Sensitivity(mode, str(src), info, dtype, {})
     if out is not None and Path(out).exists() and mode == MEASURED:

@@ -40,7 +40,7 @@ GPTQ_S = 118.0
 DISTILL_S_PER_STEP = 66.0
 PROXY_S = 310.0
 SAMPLING_S = 244.0
-PROXY_TOKENS = 4 * 512
+PROXY_TOKENS = 8 * 512  # the proxy's default windows (mixquant.calib.sensitivity.DEFAULT_WINDOWS)
 
 
 def preset(name: str) -> Preset:
@@ -51,11 +51,12 @@ def preset(name: str) -> Preset:
 
 def expected_seconds(p: Preset, params: int, calib_tokens: int, sampled: bool) -> float:
     """The preset's projected seconds for a model of `params` parameters on `calib_tokens` tokens
-    (`sampled`: half of them sampled from the model, as the default calibration does)."""
+    (`sampled`: the default calibration, which samples the proxy's windows from the model and half
+    of the rounding's tokens)."""
     g = params / 1e9
     total = PROXY_S * g * PROXY_TOKENS / 1e3
     if sampled:
-        total += SAMPLING_S * g * calib_tokens / 2e3
+        total += SAMPLING_S * g * PROXY_TOKENS / 1e3
     if p.rounding != "nearest":
-        total += GPTQ_S * g * calib_tokens / 1e3
+        total += GPTQ_S * g * calib_tokens / 1e3 + (SAMPLING_S * g * calib_tokens / 2e3 if sampled else 0.0)
     return total + DISTILL_S_PER_STEP * g * p.distill_steps

@@ -306,6 +306,9 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             raise APIError(400, f"best_of ({best_of}) must be at least n ({n})", "best_of")
         if body.stream and best_of > n:
             raise APIError(400, "best_of: cannot be streamed", "best_of")
+        if len(prompts) * best_of > oai.MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x {best_of} choices: over this server's limit of "
+                           f"{oai.MAX_CHOICES} per request", "prompt")
         turn = Turn(messages=[], max_tokens=max_tokens, stop=oai._stops(body.stop),
                     top_logprobs=body.logprobs if body.logprobs is not None else (0 if best_of > n else None),
                     **oai._sampling(body))

@@ -16,7 +16,8 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-MAX_N = 16  # choices per request (n, best_of): each is a stream in the batch
+MAX_N = 16  # choices per prompt (n, best_of): each is a stream in the batch
+MAX_CHOICES = 64  # choices per request over all its prompts
 MAX_TOP_LOGPROBS = 20  # the spec's bound
 REFUSED = {  # fields of the spec this server does not honour: a 400 names them when given
     "audio": "audio output is not supported", "modalities": "only text output is supported",

@@ -213,6 +213,8 @@ def test_models_health_and_keys(scripted):
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400,
      "suffix: not supported (no fill-in-the-middle prompt for this model)"),
     ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of (1) must be at least n (2)"),
+    ("/v1/completions", {"prompt": ["x"] * 9, "n": 8}, 400, "9 prompts x 8 choices: over this server's limit of 64 "
+     "per request"),
     ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, 400,
      "previous_response_id: this server keeps no responses: send the whole input"),
     ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "mcp_servers": []}, 400,
