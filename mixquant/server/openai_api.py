@@ -100,7 +100,17 @@ class Sampling(_Open):
     user: str | None = None  # accepted; it changes nothing here
 
 
-class ChatCompletionRequest(Sampling):
+class NoEffect(_Open):
+    """Fields both OpenAI request kinds accept that change nothing on this server."""
+
+    store: bool | None = None  # nothing is stored either way
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None  # there is one tier
+    prompt_cache_key: str | None = None  # the prefix cache matches prompts by their tokens
+    safety_identifier: str | None = None
+
+
+class ChatCompletionRequest(Sampling, NoEffect):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ToolDef] | None = None
@@ -117,11 +127,6 @@ class ChatCompletionRequest(Sampling):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
-    store: bool | None = None  # accepted: nothing is stored either way
-    metadata: dict[str, str] | None = None  # accepted; it changes nothing here
-    service_tier: str | None = None  # accepted; there is one tier
-    prompt_cache_key: str | None = None  # accepted: the prefix cache matches prompts by their tokens
-    safety_identifier: str | None = None  # accepted; it changes nothing here
 
 
 class CompletionRequest(Sampling):
@@ -165,7 +170,7 @@ class Reasoning(_Open):
     effort: str | None = None
 
 
-class ResponsesRequest(Sampling):
+class ResponsesRequest(Sampling, NoEffect):
     model: str | None = None
     input: Union[str, list[ResponseInputItem]]
     instructions: str | None = None
@@ -175,11 +180,6 @@ class ResponsesRequest(Sampling):
     max_output_tokens: int | None = None
     reasoning: Reasoning | None = None
     parallel_tool_calls: bool | None = None
-    store: bool | None = None  # accepted: nothing is stored either way
-    metadata: dict[str, str] | None = None  # accepted; it changes nothing here
-    service_tier: str | None = None  # accepted; there is one tier
-    prompt_cache_key: str | None = None  # accepted: the prefix cache matches prompts by their tokens
-    safety_identifier: str | None = None  # accepted; it changes nothing here
     include: list[str] | None = None  # accepted: reasoning text is always in the output
     truncation: Literal["disabled"] | None = None  # "auto" would drop input; a prompt over the limit is a 400
 

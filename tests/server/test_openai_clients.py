@@ -5,6 +5,7 @@ seeded sampling, n choices, structured output by a JSON schema, token prompts an
 import json
 import random
 import threading
+from collections.abc import Iterator, MappingView
 
 import jsonschema
 import numpy as np
@@ -254,10 +255,9 @@ def _jsonable(value):
         return value
     if isinstance(value, bytes):
         return value.decode("latin-1")
-    try:
+    if isinstance(value, (list, tuple, set, frozenset, Iterator, MappingView)):
         return [_jsonable(v) for v in value]
-    except TypeError:  # an `object` field's arbitrary Python value
-        return None
+    return None  # an `object` field's arbitrary Python value (a network address, NotImplemented, ...)
 
 
 def test_fuzz_from_the_spec_gives_no_5xx_and_only_spec_responses(chat_model):
