@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
@@ -80,8 +81,6 @@ class SchemaMask:
         self.steps = 0
 
     def __call__(self, tokens, logits):
-        import time
-
         import mlx.core as mx
 
         t0 = time.perf_counter()

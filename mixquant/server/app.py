@@ -330,8 +330,8 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             return Prepared(text, ids, None, None, "")
 
         prepared = [await asyncio.to_thread(tokenized, p) for p in prompts]
-        echo_steps = [await score(p.prompt, turn.top_logprobs) if body.echo and table is not None else None
-                      for p in prepared]
+        echoed = body.echo and body.logprobs is not None  # best_of alone needs no prompt logprobs
+        echo_steps = [await score(p.prompt, turn.top_logprobs) if echoed else None for p in prepared]
         cid, created = oai.new_id("cmpl-"), int(time.time())
 
         def choice(index, text, finish, logprobs=None):
