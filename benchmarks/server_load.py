@@ -66,14 +66,43 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-def long_prompt_round(url: str, prompt_tokens: int, tokens: int) -> dict:
+def chunk_seconds(quant: Path, prompt_tokens: int) -> list[float]:
+    """Each PREFILL_CHUNK-token chunk's prefill time for the long prompt, alone, in the server's
+    compute path (later chunks attend to more positions, so they cost more): the median of 3 passes."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mixquant.loading import load_for_running
+    from mixquant.runtime.chat import Model
+
+    chat = Model(load_for_running(quant))
+    model = chat.model
+    prompt = chat.rendered([{"role": "user", "content": long_prompt_text(prompt_tokens)}], enable_thinking=False)[1]
+    passes = []
+    for _ in range(3):
+        cache, times = make_prompt_cache(model), []
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            t0 = time.perf_counter()
+            model(mx.array(prompt[start: start + PREFILL_CHUNK])[None], cache=cache)
+            mx.eval([c.state for c in cache])  # as the server prefills: the cache, not the prompt's logits
+            times.append(time.perf_counter() - t0)
+        passes.append(times)
+    return [statistics.median(p[i] for p in passes) for i in range(len(passes[0]))]
+
+
+def long_prompt_text(prompt_tokens: int) -> str:
+    return (ROOT / "tests" / "fixtures" / "qwen35-tiny" / "heldout.txt").read_text()[: 4 * prompt_tokens]
+
+
+def long_prompt_round(url: str, prompt_tokens: int, tokens: int, chunks_alone: list[float]) -> dict:
     """Four streaming clients alone, then again while a fifth sends a prompt of about `prompt_tokens`
-    tokens: their p99 inter-token latency, the long prompt's time to first token alone, and its
-    prefill time per chunk of PREFILL_CHUNK tokens."""
-    text = (ROOT / "tests" / "fixtures" / "qwen35-tiny" / "heldout.txt").read_text()
+    tokens: their p99 inter-token latency (between chunks that carry text), the long prompt's time to
+    first token alone, and its prefill time per chunk of PREFILL_CHUNK tokens: on average from that
+    time to first token, and each chunk's alone (`chunks_alone`, the slowest giving the bound)."""
+    text = long_prompt_text(prompt_tokens)
 
     def long_request():
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text[: 4 * prompt_tokens]}],
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}],
                            "max_tokens": 1, "chat_template_kwargs": {"enable_thinking": False}}).encode()
         req = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
                                      headers={"content-type": "application/json"})
@@ -98,6 +127,7 @@ def long_prompt_round(url: str, prompt_tokens: int, tokens: int) -> dict:
     worker.join()
     chunks = -(-n_prompt // PREFILL_CHUNK)
     return {"prompt_tokens": n_prompt, "prefill_s": alone_s, "chunk_s": alone_s / chunks,
+            "chunk_s_first": chunks_alone[0], "chunk_s_slowest": max(chunks_alone),
             "solo_p99": p99([g for r in solo["results"] for g in r["gaps"]]),
             "loaded_p99": p99([g for r in holder["load"]["results"] for g in r["gaps"]]),
             "long_s_loaded": holder["seconds"], "wall": time.perf_counter() - t0,
@@ -148,6 +178,15 @@ def two_turns(url: str) -> dict:
             "turn2_cached": usage2["prompt_tokens_details"]["cached_tokens"]}
 
 
+def wait_ready(url: str) -> None:
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
@@ -178,12 +217,7 @@ def main() -> None:
     server = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_ready(url)
         stream_once(url, "warm up", 8)
         rows = []
         for clients in args.clients:
@@ -200,9 +234,11 @@ def main() -> None:
             print(f"{clients:>3} clients: {rows[-1]['tok_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50']:.2f} s, "
                   f"p95 {rows[-1]['ttft_p95']:.2f} s, errors {rows[-1]['errors']}", flush=True)
         turns = two_turns(url)
-        long = long_prompt_round(url, args.long_prompt, args.tokens)
+        alone = chunk_seconds(quant, args.long_prompt)  # the server idle meanwhile
+        long = long_prompt_round(url, args.long_prompt, args.tokens, alone)
         print(f"long prompt ({long['prompt_tokens']} tokens, {long['chunk_s']:.2f} s per chunk): four streams' p99 "
-              f"inter-token {long['solo_p99']:.3f} s alone, {long['loaded_p99']:.3f} s beside it", flush=True)
+              f"inter-token {long['solo_p99']:.3f} s alone, {long['loaded_p99']:.3f} s beside it; chunks alone "
+              f"{long['chunk_s_first']:.2f} s (first) to {long['chunk_s_slowest']:.2f} s (slowest)", flush=True)
         print(f"two turns: TTFT {turns['turn1_ttft']:.2f} s -> {turns['turn2_ttft']:.2f} s, cached prompt tokens "
               f"{turns['turn1_cached']} -> {turns['turn2_cached']} of {turns['turn2_prompt_tokens']}", flush=True)
     finally:
@@ -237,14 +273,20 @@ def write_doc(out: dict) -> None:
     g = out.get("long_prompt")
     if g:
         bound = 2 * g["solo_p99"] + g["chunk_s"]
+        slowest = 2 * g["solo_p99"] + g.get("chunk_s_slowest", g["chunk_s"])
         lines += ["", f"A long prompt beside streams (prefill interleaved with decoding, {PREFILL_CHUNK} prompt tokens "
                   f"per decoding step): four clients streaming {out['tokens']} tokens, then the same while a fifth "
                   f"sends a {g['prompt_tokens']}-token prompt ({g['prefill_s']:.2f} s to its first token alone, "
-                  f"{g['chunk_s']:.3f} s per chunk; {g['long_s_loaded']:.2f} s beside the streams).", "",
-                  "| streams' p99 inter-token s | alone | beside the long prompt | bound: 2x alone + one chunk | "
-                  "errors |", "|---|---:|---:|---:|---:|",
+                  f"{g['chunk_s']:.3f} s per chunk on average; {g['long_s_loaded']:.2f} s beside the streams). A chunk "
+                  f"costs more the later it comes, since it attends to every position before it: alone, in the "
+                  f"server's compute path, the first takes {g['chunk_s_first']:.3f} s and the slowest "
+                  f"{g['chunk_s_slowest']:.3f} s, so no stream can wait less than the slowest chunk. Inter-token "
+                  f"latency is measured between chunks that carry text.", "",
+                  "| streams' p99 inter-token s | alone | beside the long prompt | bound: 2x alone + the average "
+                  "chunk | bound: 2x alone + the slowest chunk | errors |", "|---|---:|---:|---:|---:|---:|",
                   f"| four streaming clients | {g['solo_p99']:.3f} | {g['loaded_p99']:.3f} | {bound:.3f} "
-                  f"({'met' if g['loaded_p99'] <= bound else 'not met'}) | {g['errors']} |"]
+                  f"({'met' if g['loaded_p99'] <= bound else 'not met'}) | {slowest:.3f} "
+                  f"({'met' if g['loaded_p99'] <= slowest else 'not met'}) | {g['errors']} |"]
     lines += ["<!-- server-load:end -->"]
     replace_section(DOC, "server-load", "\n".join(lines))
 

@@ -114,8 +114,10 @@ def step_states_cache(base):
 @functools.cache
 def _kernel_class(base, chunked: bool):
     """A subclass of mlx-lm's GatedDeltaNet (`base`): prompts through chunked_gated_delta (when
-    `chunked`), recorded passes token by token with every state kept; single tokens, masked batches
-    and sharded layers go to mlx-lm's own code."""
+    `chunked`), recorded passes token by token with every state kept; single tokens and sharded
+    layers go to mlx-lm's own code. A batch's mask (padding, or the all-true mask of a cache merged
+    by mlx-lm's BatchGenerator) is honoured as mlx-lm's recurrence honours it: a masked position's
+    input is zero and it leaves the state as it was (decay 1, beta 0)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models.gated_delta import compute_g, gated_delta_update, normalize_qk
@@ -125,18 +127,27 @@ def _kernel_class(base, chunked: bool):
 
         def __call__(self, inputs, mask=None, cache=None):
             S = inputs.shape[1]
-            own = mask is None and self.sharding_group is None
-            if own and isinstance(cache, StepStates) and cache.record:
+            own = self.sharding_group is None
+            plain = own and mask is None
+            if plain and isinstance(cache, StepStates) and cache.record:
                 return self._recorded(inputs, cache)
-            if own and S == 1 and self.CHUNKED and cache is not None:
+            if plain and S == 1 and self.CHUNKED and cache is not None:
                 return self._recorded(inputs, cache, keep_steps=False)  # decoding: the compiled step
             if not own or S == 1 or not self.CHUNKED:
                 return super().__call__(inputs, mask, cache)
-            q, k, v, a, b, z, conv_input = self._project(inputs, cache)
+            q, k, v, a, b, z, conv_input = self._project(inputs, cache, mask)
+            g, beta = compute_g(self.A_log, a, self.dt_bias), mx.sigmoid(b)
+            if mask is not None:
+                g, beta = mx.where(mask[..., None], g, 1.0), mx.where(mask[..., None], beta, 0.0)
             state = cache[1] if cache is not None else None
-            out, state = chunked_gated_delta(q, k, v, compute_g(self.A_log, a, self.dt_bias), mx.sigmoid(b), state)
+            out, state = chunked_gated_delta(q, k, v, g, beta, state)
             if cache is not None:
-                cache[0] = mx.contiguous(conv_input[:, -(self.conv_kernel_size - 1):, :])
+                keep = self.conv_kernel_size - 1
+                if cache.lengths is not None:  # right-padded: the state of each prompt's own end
+                    ends = mx.clip(cache.lengths, 0, S)
+                    cache[0] = mx.take_along_axis(conv_input, (ends[:, None] + mx.arange(keep))[..., None], axis=1)
+                else:
+                    cache[0] = mx.contiguous(conv_input[:, -keep:, :])
                 cache[1] = state
                 cache.advance(S)
             return self._output(out.astype(inputs.dtype), z)
@@ -170,9 +181,11 @@ def _kernel_class(base, chunked: bool):
             cache.advance(S)
             return self._output(out, z)
 
-        def _project(self, inputs, cache):
+        def _project(self, inputs, cache, mask=None):
             B, S, _ = inputs.shape
             qkv = self.in_proj_qkv(inputs)
+            if mask is not None:
+                qkv = mx.where(mask[..., None], qkv, 0)
             z = self.in_proj_z(inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
             b, a = self.in_proj_b(inputs), self.in_proj_a(inputs)
             conv_state = cache[0] if cache is not None and cache[0] is not None else mx.zeros(

@@ -92,3 +92,29 @@ def test_greedy_output_is_the_plain_paths(which, fixture_dir, tmp_path):
         prompt = mx.array(ids[i * step : i * step + 48])
         decoded = [[t for t, _ in generate_step(prompt, m, max_tokens=24)] for m in (ours, plain)]
         assert decoded[0] == decoded[1], i
+
+
+def test_batched_prefill_with_padding_equals_mlx_lms_own(fixture_dir):
+    """mlx-lm's BatchGenerator prefills prompts of different lengths together (right-padded, with a
+    mask and each prompt's length) and merges empty caches with an all-true mask: the chunked form
+    gives the log-probabilities (1e-4, float32) and greedy tokens of mlx-lm's own modules."""
+    from mlx_lm.generate import BatchGenerator
+
+    from mixquant.loading import load, load_tokenizer
+
+    ids = load_tokenizer(fixture_dir).encode((fixture_dir / "heldout.txt").read_text(encoding="utf-8")[:20_000])
+    prompts = [ids[:40], ids[100:237], ids[300:397]]
+    out = {}
+    for name, model in (("chunked", load(fixture_dir, dtype="float32", dequantize=True).model),
+                        ("loop", _unchunked(load(fixture_dir, dtype="float32", dequantize=True).model))):
+        gen = BatchGenerator(model, prefill_step_size=64, stop_tokens=[])
+        uids = gen.insert(prompts, max_tokens=[12] * len(prompts))
+        got = {u: [] for u in uids}
+        while any(len(v) < 12 for v in got.values()):
+            for r in gen.next()[1]:
+                got[r.uid].append((r.token, np.array(r.logprobs)))
+        gen.close()
+        out[name] = [got[u] for u in uids]
+    for ours, theirs in zip(out["chunked"], out["loop"]):
+        assert [t for t, _ in ours] == [t for t, _ in theirs]
+        assert max(np.abs(a - b).max() for (_, a), (_, b) in zip(ours, theirs)) <= 1e-4

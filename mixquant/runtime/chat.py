@@ -13,6 +13,7 @@ taken at the end of that conversation; anything else (an edited history) starts 
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from dataclasses import dataclass, field
@@ -147,6 +148,19 @@ class Model:
         return max(1, max((len(t) for t in self.tokenizer.get_vocab()), default=1))
 
     @functools.cached_property
+    def _detokenizer(self):
+        from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+        proto = self.tokenizer.detokenizer
+        return _eager_bpe_class()(self.tokenizer) if type(proto) is BPEStreamingDetokenizer else proto
+
+    def detokenizer(self):
+        """A streaming detokenizer of its own for one reply (mlx-lm's, releasing a space at once)."""
+        detok = copy.copy(self._detokenizer)
+        detok.reset()
+        return detok
+
+    @functools.cached_property
     def token_table(self):
         """The tokenizer as the grammar engine sees it (mixquant.runtime.grammar), built on first use."""
         from mixquant.runtime.grammar import TokenTable
@@ -269,7 +283,7 @@ class Decoder:
         for _ in self.splitter.feed(forced):  # a tool call's opening: it emits nothing yet
             pass
         self.stops = _StopFilter(stop or [])
-        self.detok = model.tokenizer.detokenizer
+        self.detok = model.detokenizer()
         self.num_tokens = 0
         self.finished = False
         self.finish = "length"
@@ -295,6 +309,26 @@ class Decoder:
             text=self.splitter.text, thinking=self.splitter.thinking_text.strip("\n"), tool_calls=calls,
             num_tokens=self.num_tokens, finish_reason="tool_calls" if calls else self.finish,
             timings=timings or {}, malformed_tool_calls=self.splitter.malformed, stop_string=self.stops.matched))
+
+
+@functools.cache
+def _eager_bpe_class():
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+    class EagerBPEDetokenizer(BPEStreamingDetokenizer):
+        """mlx-lm's BPE detokenizer holds a lone space token back until the next token, so that it can
+        trim the reply's leading space. Once text has begun there is nothing to trim: the space is
+        released with its own token (the same text, each token's share arriving as it is decoded)."""
+
+        def add_token(self, token):
+            super().add_token(token)
+            if self.text and self._unflushed:
+                text = self._decode_bytes(self._unflushed)
+                if not text.endswith("\ufffd"):
+                    self.text += text
+                    self._unflushed = ""
+
+    return EagerBPEDetokenizer
 
 
 def _with_history(processor, history):
@@ -421,7 +455,7 @@ class _StreamSplitter:
         self.strip_newlines = False  # the template puts blank lines after </think>: not part of the answer
         self.in_call = False
         self.call_buf = ""
-        self.held = ""  # trailing whitespace of the answer: dropped if a tool call follows it
+        self.held = ""  # trailing whitespace of the answer, with tools offered: dropped if a tool call follows it
         self.thinking_held = ""  # trailing newlines of the thinking: dropped if it ends there
         self.before_call = ""
 
@@ -482,7 +516,7 @@ class _StreamSplitter:
                 if not out:
                     return
                 self.strip_newlines = False
-            body = out.rstrip()
+            body = out.rstrip() if self.tools else out
             out, self.held = (self.held + body, out[len(body):]) if body else ("", self.held + out)
             if out:
                 self.text += out

@@ -165,3 +165,33 @@ def test_cache_holds_exactly_the_session_tokens(fixture_f32):
     assert kv and all(c.offset == len(session.tokens) for c in kv)
     prompt = fixture_f32.encode(fixture_f32.prompt([{"role": "user", "content": "import os"}], enable_thinking=False))
     assert len(session.tokens) == len(prompt) + r.num_tokens
+
+
+def test_each_token_of_an_answer_streams_its_text_at_once(fixture_f32):
+    """Spaces and newlines are not held back without tools or stop strings: after each token the
+    streamed text is the decoded text of the tokens so far (mlx-lm's detokenizer alone holds a lone
+    space until the next token)."""
+    from mixquant.runtime.chat import Decoder
+
+    model = fixture_f32
+    text = "Hello  world.\n\nNext line   then\n a b  c \n\n\nend ."
+    ids = model.encode(text)
+    assert any(model.tokenizer.decode([t]) == " " for t in ids)
+    decoder = Decoder(model, "prompt")
+    streamed = ""
+    for i, token in enumerate(ids):
+        streamed += "".join(e.text for e in decoder.feed(token) if e.type == "text")
+        assert streamed == model.tokenizer.decode(ids[: i + 1]), (i, streamed)
+    streamed += "".join(e.text for e in decoder.close() if e.type == "text")
+    assert streamed == text
+
+
+def test_whitespace_before_a_tool_call_is_still_dropped(fixture_f32):
+    from mixquant.runtime.chat import Decoder
+
+    model = fixture_f32
+    ids = model.encode("Checking.\n\n" + SCRIPTS["tool call"].split("\n", 1)[1])
+    decoder = Decoder(model, "prompt", tools=TOOLS)
+    events = [e for t in ids for e in decoder.feed(t)] + list(decoder.close())
+    assert "".join(e.text for e in events if e.type == "text") == "Checking."
+    assert [e.tool_call.arguments for e in events if e.type == "tool_call"] == [{"city": "Oslo"}]
