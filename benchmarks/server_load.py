@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.report import replace_section  # noqa: E402
-from mixquant.server.engine import PREFILL_CHUNK  # noqa: E402
+from mixquant.server.engine import PREFILL_CHUNK, prefill_cost, prefill_pieces  # noqa: E402
 FIXTURE = ROOT / "tests" / "fixtures" / "qwen35-tiny"
 RESULTS = ROOT / "benchmarks" / "results" / "server_load.json"
 DOC = ROOT / "docs" / "RESULTS.md"
@@ -67,8 +67,8 @@ def p99(values: list[float]) -> float:
 
 
 def chunk_seconds(quant: Path, prompt_tokens: int) -> list[float]:
-    """Each PREFILL_CHUNK-token chunk's prefill time for the long prompt, alone, in the server's
-    compute path (later chunks attend to more positions, so they cost more): the median of 3 passes."""
+    """The prefill time of each piece the server cuts the long prompt into (prefill_pieces), alone, in
+    the server's compute path: the median of 3 passes."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -78,12 +78,14 @@ def chunk_seconds(quant: Path, prompt_tokens: int) -> list[float]:
     chat = Model(load_for_running(quant))
     model = chat.model
     prompt = chat.rendered([{"role": "user", "content": long_prompt_text(prompt_tokens)}], enable_thinking=False)[1]
+    pieces = prefill_pieces(len(prompt), 0, prefill_cost(chat))
     passes = []
     for _ in range(3):
-        cache, times = make_prompt_cache(model), []
-        for start in range(0, len(prompt), PREFILL_CHUNK):
+        cache, times, start = make_prompt_cache(model), [], 0
+        for n in pieces:
             t0 = time.perf_counter()
-            model(mx.array(prompt[start: start + PREFILL_CHUNK])[None], cache=cache)
+            model(mx.array(prompt[start: start + n])[None], cache=cache)
+            start += n
             mx.eval([c.state for c in cache])  # as the server prefills: the cache, not the prompt's logits
             times.append(time.perf_counter() - t0)
         passes.append(times)
@@ -97,8 +99,8 @@ def long_prompt_text(prompt_tokens: int) -> str:
 def long_prompt_round(url: str, prompt_tokens: int, tokens: int, chunks_alone: list[float]) -> dict:
     """Four streaming clients alone, then again while a fifth sends a prompt of about `prompt_tokens`
     tokens: their p99 inter-token latency (between chunks that carry text), the long prompt's time to
-    first token alone, and its prefill time per chunk of PREFILL_CHUNK tokens: on average from that
-    time to first token, and each chunk's alone (`chunks_alone`, the slowest giving the bound)."""
+    first token alone, and its prefill time per piece: on average from that time to first token, and
+    each piece's alone (`chunks_alone`)."""
     text = long_prompt_text(prompt_tokens)
 
     def long_request():
@@ -125,8 +127,8 @@ def long_prompt_round(url: str, prompt_tokens: int, tokens: int, chunks_alone: l
     worker.start()
     clients.join()
     worker.join()
-    chunks = -(-n_prompt // PREFILL_CHUNK)
-    return {"prompt_tokens": n_prompt, "prefill_s": alone_s, "chunk_s": alone_s / chunks,
+    chunks = len(chunks_alone)
+    return {"prompt_tokens": n_prompt, "prefill_s": alone_s, "chunk_s": alone_s / chunks, "chunks": chunks,
             "chunk_s_first": chunks_alone[0], "chunk_s_slowest": max(chunks_alone),
             "solo_p99": p99([g for r in solo["results"] for g in r["gaps"]]),
             "loaded_p99": p99([g for r in holder["load"]["results"] for g in r["gaps"]]),
@@ -274,16 +276,16 @@ def write_doc(out: dict) -> None:
     if g:
         bound = 2 * g["solo_p99"] + g["chunk_s"]
         slowest = 2 * g["solo_p99"] + g.get("chunk_s_slowest", g["chunk_s"])
-        lines += ["", f"A long prompt beside streams (prefill interleaved with decoding, {PREFILL_CHUNK} prompt tokens "
-                  f"per decoding step): four clients streaming {out['tokens']} tokens, then the same while a fifth "
-                  f"sends a {g['prompt_tokens']}-token prompt ({g['prefill_s']:.2f} s to its first token alone, "
-                  f"{g['chunk_s']:.3f} s per chunk on average; {g['long_s_loaded']:.2f} s beside the streams). A chunk "
-                  f"costs more the later it comes, since it attends to every position before it: alone, in the "
-                  f"server's compute path, the first takes {g['chunk_s_first']:.3f} s and the slowest "
-                  f"{g['chunk_s_slowest']:.3f} s, so no stream can wait less than the slowest chunk. Inter-token "
-                  f"latency is measured between chunks that carry text.", "",
+        lines += ["", f"A long prompt beside streams (prefill interleaved with decoding, one piece of the prompt per "
+                  f"decoding step: {PREFILL_CHUNK} tokens, fewer the later they come, cut so that each costs the "
+                  f"FLOPs of the first, since a later piece attends to more positions): four clients streaming "
+                  f"{out['tokens']} tokens, then the same while a fifth sends a {g['prompt_tokens']}-token prompt "
+                  f"in {g.get('chunks', '?')} pieces ({g['prefill_s']:.2f} s to its first token alone, "
+                  f"{g['chunk_s']:.3f} s per piece on average; {g['long_s_loaded']:.2f} s beside the streams). Alone, "
+                  f"in the server's compute path, the first piece takes {g['chunk_s_first']:.3f} s and the slowest "
+                  f"{g['chunk_s_slowest']:.3f} s. Inter-token latency is measured between chunks that carry text.", "",
                   "| streams' p99 inter-token s | alone | beside the long prompt | bound: 2x alone + the average "
-                  "chunk | bound: 2x alone + the slowest chunk | errors |", "|---|---:|---:|---:|---:|---:|",
+                  "piece | bound: 2x alone + the slowest piece | errors |", "|---|---:|---:|---:|---:|---:|",
                   f"| four streaming clients | {g['solo_p99']:.3f} | {g['loaded_p99']:.3f} | {bound:.3f} "
                   f"({'met' if g['loaded_p99'] <= bound else 'not met'}) | {slowest:.3f} "
                   f"({'met' if g['loaded_p99'] <= slowest else 'not met'}) | {g['errors']} |"]

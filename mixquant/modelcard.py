@@ -27,6 +27,13 @@ def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: d
         f"| bits per weight | {s['bits_per_weight']:.3f} (scales and biases included) |",
         f"| files | {', '.join(s['files'])} ({s['file_bytes'] / 1e9:.4f} GB) |",
     ]
+    if "cache" in s:
+        c = s["cache"]
+        per = ", ".join(f"{k} {v / 1024:.2f} KiB" for k, v in c["kv_bytes_per_token"].items())
+        lines.append(f"| KV cache per token | {per}; plus {c['fixed_bytes'] / 1e6:.2f} MB of fixed state per sequence |")
+        for row in c["contexts"]:
+            cells = ", ".join(f"{k} {(s['model_bytes'] + v) / 1e9:.3f} GB" for k, v in row.items() if k != "tokens")
+            lines.append(f"| weights + cache at {row['tokens'] // 1024}k tokens | {cells} |")
     if s["mtp_bytes"]:
         lines.append(f"| MTP head | `{MTP_FILE}` sidecar, {s['mtp_bytes'] / 1e9:.4f} GB |")
     if s["vision_bytes"]:

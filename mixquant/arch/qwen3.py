@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from mixquant.arch.gguf_layout import EXPERTS, GGUFSpec, Layout, field
 from mixquant.arch.roles import Role
-from mixquant.arch.tensors import (SCOPE_MODEL, ArchPlan, Claims, Family, NormGroup, Structure, rows_to_tensors,
+from mixquant.arch.tensors import (SCOPE_MODEL, ArchPlan, Attention, Claims, Family, NormGroup, Structure, rows_to_tensors,
                                    stacked_experts)
 from mixquant.errors import MixquantError
 
@@ -225,4 +225,9 @@ STRUCTURE = Structure(
     mlp=(Role.FFN_GATE, Role.FFN_UP, Role.FFN_DOWN),
 )
 
-FAMILY = Family("qwen3", MODEL_TYPES, build, STRUCTURE, GGUF)
+def attention(config: dict, where: str) -> Attention:
+    g = geometry(config, where)
+    return Attention(g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim)
+
+
+FAMILY = Family("qwen3", MODEL_TYPES, build, STRUCTURE, GGUF, attention=attention)

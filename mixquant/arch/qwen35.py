@@ -21,8 +21,8 @@ import numpy as np
 
 from mixquant.arch.gguf_layout import (EXPERTS, EXPERTS_GATE_UP, GGUFSpec, Layout, field, tile_v, untile_v)
 from mixquant.arch.roles import Role
-from mixquant.arch.tensors import (CONV1D_TO_MLX, NORM_SHIFT, SCOPE_MODEL, SCOPE_MTP, SCOPE_VISION, ArchPlan, Claims,
-                                   Family, LogicalTensor, NormGroup, Part, Structure, rows_to_tensors, stacked_experts)
+from mixquant.arch.tensors import (CONV1D_TO_MLX, NORM_SHIFT, SCOPE_MODEL, SCOPE_MTP, SCOPE_VISION, ArchPlan, Attention,
+                                   Claims, Family, LogicalTensor, NormGroup, Part, Structure, rows_to_tensors, stacked_experts)
 from mixquant.errors import MixquantError
 
 MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
@@ -545,6 +545,17 @@ STRUCTURE = Structure(
     mlp=(Role.FFN_GATE, Role.FFN_UP, Role.FFN_DOWN),
 )
 
+def attention(config: dict, where: str) -> Attention:
+    """One layer in full_attention_interval attends to the whole context; the Gated DeltaNet layers
+    keep a state of fixed size."""
+    g = geometry(config, where)
+    full = g.n_layers // g.full_attention_interval
+    linear = g.n_layers - full
+    conv_dim = 2 * g.lin_k_heads * g.lin_k_dim + g.lin_v_heads * g.lin_v_dim
+    return Attention(full, g.n_heads, g.n_kv_heads, g.head_dim, window_elements=linear * (g.conv_kernel - 1) * conv_dim,
+                     state_elements=linear * g.lin_v_heads * g.lin_v_dim * g.lin_k_dim)
+
+
 FAMILY = Family("qwen35", MODEL_TYPES, build, STRUCTURE, GGUF, imatrix_order, mlx_prefix="language_model.",
                 excluded_prefixes=(VISION_PREFIX, "vision_tower.", MTP_PREFIX), mtp=mtp_parts,
-                text_config=text_config)
+                text_config=text_config, attention=attention)

@@ -98,6 +98,20 @@ class Structure:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """The layers that keep a KV cache growing with the context, and their heads; and the state of
+    fixed size the other layers keep per sequence (Gated DeltaNet: a convolution window in the
+    model's dtype and a recurrent state in float32), whatever the context."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window_elements: int = 0
+    state_elements: int = 0
+
+
+@dataclass(frozen=True)
 class Family:
     """One family of models: `arch/<family>.py` defines one of these and everything it points to."""
 
@@ -119,6 +133,8 @@ class Family:
     mtp: Callable | None = None
     # config -> the language model's own config (a VLM wraps it in text_config); None: it is the config
     text_config: Callable | None = None
+    # (config, where) -> Attention: the full-attention layers, whose KV cache grows with the context
+    attention: Callable | None = None
 
 
 def _norm_shift(a):

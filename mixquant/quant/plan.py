@@ -178,8 +178,29 @@ class Plan:
             "vision_bytes": self.scope_totals(SCOPE_VISION)[1],
             "file_bytes": self.file_bytes,
             "files": list(self.files),
+            **({"cache": cache} if (cache := self.cache_summary()) else {}),
             **({"allocation": self.recipe.allocation} if self.recipe and self.recipe.allocation else {}),
         }
+
+    def attention(self):
+        """The model's attention layers and fixed state (mixquant.arch.tensors.Attention), or None."""
+        from mixquant.arch import family_for_config
+
+        family = family_for_config(self.arch.config, "config.json")
+        return family.attention(self.arch.config, "config.json") if family.attention else None
+
+    def cache_summary(self) -> dict | None:
+        """A sequence's cache at each context of mixquant.kvbytes.CONTEXTS, in the model's dtype and at
+        8 and 4 bits."""
+        from mixquant.kvbytes import DTYPE_BYTES, fixed_bytes, kv_bytes_per_token, kv_table
+
+        a = self.attention()
+        if a is None:
+            return None
+        db = DTYPE_BYTES[self.dtype]
+        return {"kv_bytes_per_token": {self.dtype: kv_bytes_per_token(a, db), "8-bit": kv_bytes_per_token(a, db, 8),
+                                       "4-bit": kv_bytes_per_token(a, db, 4)},
+                "fixed_bytes": fixed_bytes(a, db), "contexts": kv_table(a, self.dtype)}
 
     def to_json(self) -> dict:
         return {"summary": self.summary(), "tensors": self.rows(), "dropped": self.arch.dropped,
@@ -217,6 +238,10 @@ class Plan:
         if s["vision_bytes"]:
             out.append(f"vision tower: {s['vision_bytes'] / 1e9:.4f} GB (unquantized)")
         out.append(f"files: {', '.join(s['files'])}   total {s['file_bytes'] / 1e9:.4f} GB on disk")
+        if "cache" in s:
+            from mixquant.kvbytes import format_kv
+
+            out += format_kv(self.attention(), self.dtype, s["model_bytes"])
         if "allocation" in s:
             a = s["allocation"]
             out.append(f"allocation: target {a['target']} = {a['target_bytes'] / 1e9:.4f} GB for the text model, "

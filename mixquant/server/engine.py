@@ -13,6 +13,7 @@ its prompt and prefills only the rest; Gated DeltaNet state is never trimmed, on
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,67 @@ from mixquant.runtime.sampling import Sampling
 log = logging.getLogger(__name__)
 END = None  # what a job's queue receives after its last token
 PREFILL_CHUNK = 512  # prompt tokens per forward, when prefilling and when scoring a prompt
+MIN_PREFILL_CHUNK = 64  # the fewest a long context's chunk is cut down to
+
+
+@dataclass(frozen=True)
+class PrefillCost:
+    """A forward's FLOPs: `per_token` for each token's projections, `per_key` for each (token,
+    earlier position) pair the attention layers score and mix."""
+
+    per_token: float
+    per_key: float
+
+    def of(self, n: int, offset: int) -> float:
+        """n tokens at positions offset..offset+n-1."""
+        return n * self.per_token + self.per_key * n * (offset + (n + 1) / 2)
+
+
+def prefill_cost(model) -> PrefillCost | None:
+    """The prefill cost of a mixquant.runtime.chat.Model, from its family's attention layers and the
+    sizes of its linear layers (the output head left out: prefill does not run it; an MoE's expert
+    stacks are not linear layers, so its chunks are cut by attention somewhat more than they need);
+    None for a family mixquant does not describe."""
+    import mlx.nn as nn
+
+    from mixquant.arch import family_for_config
+    from mixquant.errors import MixquantError
+
+    try:
+        family = family_for_config(model.loaded.config, model.path)
+    except MixquantError:
+        return None
+    if family.attention is None:
+        return None
+    a = family.attention(model.loaded.config, model.path)
+    linear = 0
+    for _, m in model.model.named_modules():
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+            out_features, packed = m.weight.shape[-2:]
+            in_features = packed * 32 // m.bits if isinstance(m, nn.QuantizedLinear) else packed
+            if out_features != model.vocab_rows:
+                linear += out_features * in_features
+    return PrefillCost(per_token=2.0 * linear, per_key=4.0 * a.layers * a.heads * a.head_dim)
+
+
+def prefill_pieces(n_tokens: int, offset: int, cost: PrefillCost | None, chunk: int = PREFILL_CHUNK) -> list[int]:
+    """The sizes `n_tokens` prompt tokens from position `offset` are prefilled in, one piece per
+    decoding step: `chunk` tokens, fewer where the context is long, so that no piece costs more than
+    `chunk` tokens at the start of a context (down to MIN_PREFILL_CHUNK). A later chunk attends to
+    more positions; equal-cost pieces keep each step, and so every other stream's wait, the same."""
+    budget = cost.of(chunk, 0) if cost is not None else None
+    sizes = []
+    while n_tokens > 0:
+        n = chunk
+        if cost is not None and cost.per_key > 0:
+            b = cost.per_token + cost.per_key * (offset + 0.5)
+            n = int((-b + math.sqrt(b * b + 2 * cost.per_key * budget)) / cost.per_key)
+            n = max(min(n, chunk), MIN_PREFILL_CHUNK)
+        n = min(n, n_tokens)
+        sizes.append(n)
+        n_tokens -= n
+        offset += n
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -66,7 +128,7 @@ class Job:
     uid: int | None = None
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cancelled: bool = False
-    snapshot_at_segment_end: bool = False  # the first prompt segment ends at `boundary`: keep the cache there
+    segments_to_boundary: int = 0  # prompt segments up to `boundary`, where the cache is kept (0: not kept)
 
 
 @dataclass
@@ -115,6 +177,7 @@ class Engine:
         self.max_concurrency = max_concurrency
         self.mtp = mtp
         self.prefix = PrefixCache(cache_bytes)
+        self.cost = prefill_cost(model)
         self.inbox: queue.Queue = queue.Queue()
         self.active: dict[int, Job] = {}
         self.closing = False
@@ -154,7 +217,7 @@ class Engine:
 
     def _generator(self):
         """mlx-lm's BatchGenerator: each step decodes one token of every running request, then feeds
-        up to PREFILL_CHUNK tokens of each prompt waiting, so a long prompt does not hold others up."""
+        one piece (prefill_pieces) of each prompt waiting, so a long prompt does not hold others up."""
         from mlx_lm.generate import BatchGenerator
 
         return BatchGenerator(self.model.model, completion_batch_size=self.max_concurrency,
@@ -204,8 +267,10 @@ class Engine:
                 continue
             for r in prompt_responses:
                 job = jobs.get(r.uid)
-                if job is not None and r.end_of_segment and job.snapshot_at_segment_end:
-                    job.snapshot_at_segment_end = False
+                if job is not None and r.end_of_segment and job.segments_to_boundary:
+                    job.segments_to_boundary -= 1
+                    if job.segments_to_boundary:
+                        continue
                     cache, _ = gen.extract_cache([r.uid])[r.uid]
                     self.prefix.store(job.prompt[: job.boundary], cache)
             for r in responses:
@@ -225,8 +290,14 @@ class Engine:
         job.cached_tokens = cached
         rest = job.prompt[cached:]
         cut = job.boundary - cached if job.boundary and cached < job.boundary < len(job.prompt) else None
-        segments = [rest[:cut], rest[cut:]] if cut else [rest]
-        job.snapshot_at_segment_end = bool(cut)
+        parts = [rest[:cut], rest[cut:]] if cut else [rest]
+        segments, start = [], cached
+        for part in parts:
+            for n in prefill_pieces(len(part), start, self.cost):
+                segments.append(job.prompt[start: start + n])
+                start += n
+            if cut and len(segments) and job.segments_to_boundary == 0:
+                job.segments_to_boundary = len(segments)
         (uid,) = gen.insert_segments([segments], max_tokens=[job.max_tokens], caches=[cache],
                                      all_tokens=[list(job.prompt[:cached])],
                                      samplers=[job.sampling.sampler(job.seed)],

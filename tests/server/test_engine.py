@@ -43,6 +43,25 @@ def test_second_turn_reuses_the_conversation_cache(live, chat_model):
     assert second.choices[0].message.content == reference.text  # restored state is exact
 
 
+def test_a_long_first_turn_is_kept_at_its_boundary(live, chat_model, fixture_dir):
+    """A first turn prefilled in several pieces (prefill_pieces) keeps its cache where the
+    conversation ends, however many pieces lead there."""
+    text = (fixture_dir / "heldout.txt").read_text(encoding="utf-8")[:7000]
+    messages = [{"role": "user", "content": "Summarise:\n" + text}]
+    history = chat_model.encode(chat_model.render_history(messages, enable_thinking=False))
+    assert len(history) > 3 * 512
+    client = live.openai()
+    first = client.chat.completions.create(model="m", messages=messages, max_tokens=4, temperature=0,
+                                           extra_body=NO_THINKING)
+    (kept,) = [e for e in live.engine.prefix.entries if e.tokens == tuple(history)]
+    assert {offset for kind, _, offset in kept.snapshot if kind == "kv"} == {len(history)}  # the whole history
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Shorter."}]
+    second = client.chat.completions.create(model="m", messages=messages, max_tokens=4, temperature=0,
+                                            extra_body=NO_THINKING)
+    assert second.usage.prompt_tokens_details.cached_tokens == len(history)
+
+
 def test_concurrent_clients_are_decoded_together(live):
     results, peak = {}, [0]
     stop = threading.Event()
