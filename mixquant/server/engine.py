@@ -23,7 +23,7 @@ from mixquant.runtime.sampling import Sampling
 
 log = logging.getLogger(__name__)
 END = None  # what a job's queue receives after its last token
-PREFILL_CHUNK = 512  # prompt tokens per forward, when prefilling and when scoring a prompt
+PREFILL_CHUNK = 512  # prompt tokens per forward at most, when prefilling and when scoring a prompt
 MIN_PREFILL_CHUNK = 64  # the fewest a long context's chunk is cut down to
 
 
@@ -292,11 +292,11 @@ class Engine:
         cut = job.boundary - cached if job.boundary and cached < job.boundary < len(job.prompt) else None
         parts = [rest[:cut], rest[cut:]] if cut else [rest]
         segments, start = [], cached
-        for part in parts:
+        for i, part in enumerate(parts):
             for n in prefill_pieces(len(part), start, self.cost):
                 segments.append(job.prompt[start: start + n])
                 start += n
-            if cut and len(segments) and job.segments_to_boundary == 0:
+            if cut and i == 0:
                 job.segments_to_boundary = len(segments)
         (uid,) = gen.insert_segments([segments], max_tokens=[job.max_tokens], caches=[cache],
                                      all_tokens=[list(job.prompt[:cached])],
