@@ -342,6 +342,9 @@ def cmd_bench(args) -> int:
         check_file_output(Path(args.json), _paths(args.model, args.compare), "--json")
     if args.sample and not args.mtp:
         raise MixquantError("--sample: only with --mtp")
+    kv = kv_options(args)
+    if args.mtp and kv:
+        raise MixquantError("--kv-bits with --mtp: MTP decoding keeps its cache unquantized; use one or the other")
     if args.mtp:
         if args.compare:
             raise MixquantError("--mtp and --compare: one at a time (--mtp compares plain and MTP decoding)")
@@ -352,7 +355,9 @@ def cmd_bench(args) -> int:
             write_json(Path(args.json), {"config": vars(cfg), **result})
         return 0
     paths = [Path(args.model)] + ([Path(args.compare)] if args.compare else [])
-    results = bench(paths, cfg, native=args.native)
+    results = bench(paths, cfg, native=args.native, kv=kv)
+    if kv:
+        print(f"KV cache: {kv['kv_bits']}-bit, group {kv['kv_group_size']}, from {kv['kv_start']} tokens")
     print(format_table(results, cfg))
     if args.json:
         out = {"config": vars(cfg), "results": results}
@@ -398,6 +403,14 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
+def kv_options(args) -> dict:
+    """--kv-bits, --kv-group-size, --kv-start as mixquant.load takes them, checked before loading."""
+    from mixquant.runtime.kv import kv_quant
+
+    kv = kv_quant(args.kv_bits, args.kv_group_size, args.kv_start)
+    return {} if kv is None else {"kv_bits": kv.bits, "kv_group_size": kv.group_size, "kv_start": kv.start}
+
+
 def cmd_chat(args) -> int:
     from mixquant.runtime.repl import run
 
@@ -410,7 +423,10 @@ def cmd_chat(args) -> int:
     if args.mtp_depth is not None and not args.mtp:
         raise MixquantError("--mtp-depth: only with --mtp")
     mtp = (DEFAULT_DEPTH if args.mtp_depth is None else check_depth(args.mtp_depth)) if args.mtp else 0
-    return run(Path(args.model), args.max_tokens, args.temperature, mtp=mtp, native=args.native)
+    kv = kv_options(args)
+    if mtp and kv:
+        raise MixquantError("--kv-bits with --mtp: MTP decoding keeps its cache unquantized; use one or the other")
+    return run(Path(args.model), args.max_tokens, args.temperature, mtp=mtp, native=args.native, kv=kv)
 
 
 def cmd_serve(args) -> int:
@@ -444,7 +460,8 @@ def cmd_generate(args) -> int:
     positive(args.max_tokens, "--max-tokens")
     if not args.prompt:
         raise MixquantError("--prompt: empty (give the text to continue)")
-    for piece in generate_text(Path(args.model), args.prompt, args.max_tokens, native=args.native):
+    for piece in generate_text(Path(args.model), args.prompt, args.max_tokens, native=args.native,
+                               kv=kv_options(args)):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -491,6 +508,14 @@ def cmd_demo(args) -> int:
     print(f"user: {question}\nassistant: {result.text}\n[{result.num_tokens} tokens, "
           f"{result.timings['decode_tok_s']:.1f} tok/s decode]")
     return 0
+
+
+def add_kv_args(p) -> None:
+    p.add_argument("--kv-bits", type=int, default=None, help="keep the attention layers' KV cache at 4 or 8 bits "
+                   "(mlx-lm's quantized cache; Gated DeltaNet state stays float)")
+    p.add_argument("--kv-group-size", type=int, default=None, help="with --kv-bits: values per scale (default 64)")
+    p.add_argument("--kv-start", type=int, default=None,
+                   help="with --kv-bits: quantize once the cache holds this many tokens (default 0)")
 
 
 NATIVE_HELP = ("use the quantized kernels even on MLX's CPU backend (default there: the weights dequantized to "
@@ -579,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --mtp: sample with the model's generation_config instead of decoding greedily")
     p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     p.add_argument("--json", default=None)
+    add_kv_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("imatrix", help="compute an importance matrix (llama.cpp's GGUF format) on calibration text")
@@ -614,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp-depth", type=int, default=None,
                    help="the most tokens drafted per step (default 2); fewer, or none, while that decodes faster")
     p.add_argument("--native", action="store_true", help=NATIVE_HELP)
+    add_kv_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server with continuous batching")
@@ -639,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--native", action="store_true", help=NATIVE_HELP)
+    add_kv_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="plan, convert, evaluate and chat with the bundled demo model")

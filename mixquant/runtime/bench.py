@@ -99,18 +99,19 @@ def summarize(path: Path, runs: Runs, cfg: BenchConfig) -> dict:
     }
 
 
-def load_for_bench(path: Path, mtp: bool = False, native: bool = False):
-    """A chat Model as `chat` loads it (`native`: with the quantized kernels on any backend)."""
+def load_for_bench(path: Path, mtp: bool = False, native: bool = False, kv: dict | None = None):
+    """A chat Model as `chat` loads it (`native`: with the quantized kernels on any backend; kv: the
+    KV cache settings mixquant.load takes)."""
     from mixquant.runtime.chat import load
 
-    return load(Path(path), mtp=mtp, native=native)
+    return load(Path(path), mtp=mtp, native=native, **(kv or {}))
 
 
-def bench(paths: list[Path], cfg: BenchConfig, native: bool = False) -> list[dict]:
+def bench(paths: list[Path], cfg: BenchConfig, native: bool = False, kv: dict | None = None) -> list[dict]:
     """Benchmark one model, or several alternating repeat by repeat."""
     if cfg.gen_tokens <= WARMUP_TOKENS + 1:
         raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
-    models = [load_for_bench(p, native=native) for p in paths]
+    models = [load_for_bench(p, native=native, kv=kv) for p in paths]
     runs = [Runs() for _ in paths]
     for model in models:  # one untimed pass each: compile, page in, allocate
         run_once(model, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs())

@@ -58,14 +58,18 @@ def create_tool_definition(name: str, description: str, properties: dict, requir
 
 
 def snapshot_cache(cache) -> list:
-    """Copies of the cache contents: KV up to its offset, the recurrent-state arrays as they are now
-    (mlx-lm writes KV buffers in place, so they are sliced into new arrays)."""
+    """Copies of the cache contents: KV up to its offset (quantized KV as its packed values, scales
+    and biases), the recurrent-state arrays as they are now (mlx-lm writes KV buffers in place, so
+    they are sliced into new arrays)."""
     import mlx.core as mx
-    from mlx_lm.models.cache import ArraysCache, KVCache
+    from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
     snap = []
     for c in cache:
-        if isinstance(c, KVCache):
+        if isinstance(c, QuantizedKVCache):
+            parts = tuple(tuple(mx.contiguous(x[..., : c.offset, :]) for x in kv) for kv in (c.keys, c.values))
+            snap.append(("qkv", parts, (c.offset, c.group_size, c.bits)))
+        elif isinstance(c, KVCache):
             kv = (None, None) if c.keys is None else (mx.contiguous(c.keys[..., : c.offset, :]),
                                                        mx.contiguous(c.values[..., : c.offset, :]))
             snap.append(("kv", kv, c.offset))
@@ -73,18 +77,37 @@ def snapshot_cache(cache) -> list:
             snap.append(("arrays", list(c.cache), None))
         else:
             raise MixquantError(f"chat: cannot keep a {type(c).__name__} between turns")
-    mx.eval([a for _, v, _ in snap for a in v if a is not None])
+    mx.eval([a for _, v, _ in snap for a in _arrays(v)])
     return snap
+
+
+def snapshot_nbytes(snap) -> int:
+    return sum(a.nbytes for _, v, _ in snap for a in _arrays(v))
+
+
+def _arrays(value):
+    for a in value:
+        if isinstance(a, tuple):
+            yield from a
+        elif a is not None:
+            yield a
 
 
 def restore_cache(model, snapshot) -> list:
     """A cache holding what `snapshot` holds (KV buffers exactly as long as their content, so the
     next token appends to a new buffer and the snapshot can be restored again)."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
     from mixquant.kernels import recording_cache
 
     cache = recording_cache(model)
-    for c, (kind, value, offset) in zip(cache, snapshot):
-        if kind == "kv":
+    for i, (kind, value, offset) in enumerate(snapshot):
+        c = cache[i]
+        if kind == "qkv":
+            cache[i] = q = QuantizedKVCache(group_size=offset[1], bits=offset[2])
+            q.keys, q.values = (list(kv) for kv in value)
+            q.offset = offset[0]
+        elif kind == "kv":
             c.keys, c.values = value
             c.offset = offset
         else:
@@ -95,8 +118,10 @@ def restore_cache(model, snapshot) -> list:
 class Model:
     """A loaded model ready to chat: mlx-lm's model and tokenizer with the model's own template."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, kv=None):
+        """kv: a mixquant.runtime.kv.KVQuant to keep the attention layers' cache quantized, or None."""
         self.loaded = loaded
+        self.kv = kv
         self.path = Path(loaded.path)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -201,6 +226,8 @@ class Model:
             raise MixquantError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
         if mtp and self.mtp is None:
             raise MixquantError(f"{self.path}: loaded without its MTP head (load it with mtp=True / --mtp)")
+        if mtp and self.kv is not None:
+            raise MixquantError("--kv-bits with --mtp: MTP decoding keeps its cache unquantized; use one or the other")
         fresh = session.prepare(prompt, boundary)
         history = mx.array(prompt[: len(prompt) - len(fresh)])  # for penalties: they see the whole context
         processors = [_with_history(p, history) for p in processors or []]
@@ -213,7 +240,7 @@ class Model:
             return
         steps = generate_step(mx.array(fresh), self.model, max_tokens=max_new_tokens, sampler=sampling.sampler(),
                               logits_processors=processors or None, prompt_cache=session.cache,
-                              prefill_step_size=PREFILL_STEP)
+                              prefill_step_size=PREFILL_STEP, **(self.kv.args() if self.kv else {}))
         for token, _ in steps:
             if fresh:  # generate_step has fed the rest of the prompt by its first token
                 session.tokens += fresh
@@ -401,6 +428,8 @@ class ChatSession:
 
         for i in range(0, len(tokens), PREFILL_STEP):
             self.model.model(mx.array([tokens[i : i + PREFILL_STEP]]), cache=self.cache)
+            if self.model.kv is not None:  # as mlx-lm's generate_step does after each prefill chunk
+                self.model.kv.apply(self.cache)
             mx.eval([c.state for c in self.cache])
 
     def chat(self, messages, **kwargs) -> ChatResult:
@@ -535,14 +564,18 @@ class _StreamSplitter:
             self.held = ""
 
 
-def load(path, mtp: bool = False, native: bool = False) -> Model:
+def load(path, mtp: bool = False, native: bool = False, kv_bits: int | None = None, kv_group_size: int | None = None,
+         kv_start: int | None = None) -> Model:
     """Our quants, plain mlx-lm quants, an unquantized Hugging Face folder or a GGUF file (built in
     memory in bfloat16), ready to chat, in the compute path that is fastest on this backend
     (mixquant.loading.load_for_running; `native`: mlx-lm's quantized kernels); with `mtp`, its MTP
-    head too."""
+    head too; with `kv_bits` (4 or 8), the attention layers' cache quantized as mlx-lm's
+    QuantizedKVCache stores it, once it holds `kv_start` tokens (mixquant.runtime.kv)."""
     from mixquant.loading import load_for_running, say_compute_path
+    from mixquant.runtime.kv import kv_quant
 
+    kv = kv_quant(kv_bits, kv_group_size, kv_start)
     loaded = load_for_running(Path(path), native=native, mtp=mtp)
-    model = Model(loaded)
+    model = Model(loaded, kv)
     say_compute_path(loaded)
     return model

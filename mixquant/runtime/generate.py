@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def generate_text(path: Path, prompt: str, max_tokens: int = 64, native: bool = False) -> Iterator[str]:
-    """Greedy continuation of `prompt`, yielded piece by piece as it decodes."""
+def generate_text(path: Path, prompt: str, max_tokens: int = 64, native: bool = False,
+                  kv: dict | None = None) -> Iterator[str]:
+    """Greedy continuation of `prompt`, yielded piece by piece as it decodes (kv: the KV cache
+    settings mixquant.load takes)."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -18,5 +20,9 @@ def generate_text(path: Path, prompt: str, max_tokens: int = 64, native: bool = 
     model, tokenizer = loaded.model, loaded.tokenizer
     check_tokenizer(tokenizer, embedding_rows(loaded.config, path), str(path))
     say_compute_path(loaded)
-    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)):
+    from mixquant.runtime.kv import kv_quant
+
+    q = kv_quant(kv.get("kv_bits"), kv.get("kv_group_size"), kv.get("kv_start")) if kv else None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0),
+                                    **(q.args() if q else {})):
         yield response.text

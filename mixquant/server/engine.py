@@ -18,7 +18,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from mixquant.runtime.chat import restore_cache, snapshot_cache
+from mixquant.runtime.chat import restore_cache, snapshot_cache, snapshot_nbytes
 from mixquant.runtime.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class PrefixCache:
             return
         self.entries = [e for e in self.entries if e.tokens != key]
         snap = snapshot_cache(cache)
-        nbytes = sum(a.nbytes for _, v, _ in snap for a in v if a is not None)
+        nbytes = snapshot_nbytes(snap)
         self.entries.append(_Entry(key, snap, nbytes))
         while sum(e.nbytes for e in self.entries) > self.max_bytes and len(self.entries) > 1:
             self.entries.pop(0)
