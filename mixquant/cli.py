@@ -333,7 +333,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from mixquant.runtime.bench import BenchConfig, bench, bench_mtp, format_mtp_table, format_table
+    from mixquant.runtime.bench import BenchConfig, bench, bench_mtp, format_cache, format_mtp_table, format_table
 
     for flag in ("prompt_tokens", "turns", "turn_tokens", "repeats"):
         positive(getattr(args, flag), "--" + flag.replace("_", "-"))
@@ -344,7 +344,7 @@ def cmd_bench(args) -> int:
         raise MixquantError("--sample: only with --mtp")
     kv = kv_options(args)
     if args.mtp and kv:
-        raise MixquantError("--kv-bits with --mtp: MTP decoding keeps its cache unquantized; use one or the other")
+        raise MixquantError("--kv-bits with --mtp: bench --mtp compares plain and MTP decoding on a float cache")
     if args.mtp:
         if args.compare:
             raise MixquantError("--mtp and --compare: one at a time (--mtp compares plain and MTP decoding)")
@@ -356,9 +356,10 @@ def cmd_bench(args) -> int:
         return 0
     paths = [Path(args.model)] + ([Path(args.compare)] if args.compare else [])
     results = bench(paths, cfg, native=args.native, kv=kv)
-    if kv:
-        print(f"KV cache: {kv['kv_bits']}-bit, group {kv['kv_group_size']}, from {kv['kv_start']} tokens")
     print(format_table(results, cfg))
+    for r in results:
+        for line in format_cache(r["cache"]):
+            print(line)
     if args.json:
         out = {"config": vars(cfg), "results": results}
         if len(results) == 2:
@@ -403,12 +404,12 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
-def kv_options(args) -> dict:
-    """--kv-bits, --kv-group-size, --kv-start as mixquant.load takes them, checked before loading."""
-    from mixquant.runtime.kv import kv_quant
+def kv_options(args):
+    """--kv-bits, --kv-group-size, --kv-start as a mixquant.runtime.kv.KVQuant (or None), checked
+    before loading."""
+    from mixquant.runtime.kv import kv_settings
 
-    kv = kv_quant(args.kv_bits, args.kv_group_size, args.kv_start)
-    return {} if kv is None else {"kv_bits": kv.bits, "kv_group_size": kv.group_size, "kv_start": kv.start}
+    return kv_settings(args.kv_bits, args.kv_group_size, args.kv_start, args.model)
 
 
 def cmd_chat(args) -> int:
@@ -424,8 +425,6 @@ def cmd_chat(args) -> int:
         raise MixquantError("--mtp-depth: only with --mtp")
     mtp = (DEFAULT_DEPTH if args.mtp_depth is None else check_depth(args.mtp_depth)) if args.mtp else 0
     kv = kv_options(args)
-    if mtp and kv:
-        raise MixquantError("--kv-bits with --mtp: MTP decoding keeps its cache unquantized; use one or the other")
     return run(Path(args.model), args.max_tokens, args.temperature, mtp=mtp, native=args.native, kv=kv)
 
 
@@ -443,6 +442,7 @@ def cmd_serve(args) -> int:
     if args.mtp_depth is not None and not args.mtp:
         raise MixquantError("--mtp-depth: only with --mtp")
     mtp = (DEFAULT_DEPTH if args.mtp_depth is None else check_depth(args.mtp_depth)) if args.mtp else 0
+    kv = kv_options(args)
     try:
         from mixquant.server.app import serve
     except ImportError as e:
@@ -451,7 +451,7 @@ def cmd_serve(args) -> int:
     return serve(Path(args.model), host=args.host, port=args.port,
                  api_key=api_key, max_concurrency=args.max_concurrency,
                  max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, mtp=mtp,
-                 native=args.native, max_connections=args.max_connections)
+                 native=args.native, max_connections=args.max_connections, kv=kv)
 
 
 def cmd_generate(args) -> int:
@@ -511,8 +511,9 @@ def cmd_demo(args) -> int:
 
 
 def add_kv_args(p) -> None:
-    p.add_argument("--kv-bits", type=int, default=None, help="keep the attention layers' KV cache at 4 or 8 bits "
-                   "(mlx-lm's quantized cache; Gated DeltaNet state stays float)")
+    p.add_argument("--kv-bits", default=None, help="keep the attention layers' KV cache at 4 or 8 bits "
+                   "(mlx-lm's quantized cache), or 'auto': the widths per layer measured by convert --kv-bits auto "
+                   "(Gated DeltaNet state stays float)")
     p.add_argument("--kv-group-size", type=int, default=None, help="with --kv-bits: values per scale (default 64)")
     p.add_argument("--kv-start", type=int, default=None,
                    help="with --kv-bits: quantize once the cache holds this many tokens (default 0)")
@@ -659,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding with the model's MTP head (requests then run one at a time)")
     p.add_argument("--mtp-depth", type=int, default=None)
     p.add_argument("--native", action="store_true", help=NATIVE_HELP)
+    add_kv_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")

@@ -99,15 +99,15 @@ def summarize(path: Path, runs: Runs, cfg: BenchConfig) -> dict:
     }
 
 
-def load_for_bench(path: Path, mtp: bool = False, native: bool = False, kv: dict | None = None):
-    """A chat Model as `chat` loads it (`native`: with the quantized kernels on any backend; kv: the
-    KV cache settings mixquant.load takes)."""
-    from mixquant.runtime.chat import load
+def load_for_bench(path: Path, mtp: bool = False, native: bool = False, kv=None):
+    """A chat Model as `chat` loads it (`native`: with the quantized kernels on any backend; kv: a
+    mixquant.runtime.kv.KVQuant, or None)."""
+    from mixquant.runtime.chat import load_model
 
-    return load(Path(path), mtp=mtp, native=native, **(kv or {}))
+    return load_model(Path(path), mtp=mtp, native=native, kv=kv)
 
 
-def bench(paths: list[Path], cfg: BenchConfig, native: bool = False, kv: dict | None = None) -> list[dict]:
+def bench(paths: list[Path], cfg: BenchConfig, native: bool = False, kv=None) -> list[dict]:
     """Benchmark one model, or several alternating repeat by repeat."""
     if cfg.gen_tokens <= WARMUP_TOKENS + 1:
         raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
@@ -118,7 +118,49 @@ def bench(paths: list[Path], cfg: BenchConfig, native: bool = False, kv: dict | 
     for _ in range(cfg.repeats):
         for model, r in zip(models, runs):
             run_once(model, cfg, r)
-    return [summarize(p, r, cfg) for p, r in zip(paths, runs)]
+    return [{**summarize(p, r, cfg), "cache": cache_of(m)} for p, r, m in zip(paths, runs, models)]
+
+
+CACHE_PROBE = (256, 512)  # prefill lengths whose caches' bytes give the cost per token (whole buffers)
+
+
+def cache_of(model) -> dict:
+    """The cache of one sequence as this model keeps it (its KV settings, quantized from the first
+    token), measured: the nbytes of its caches after prefills of CACHE_PROBE tokens give the bytes
+    per token and the fixed bytes; with the loaded weights' bytes, the totals at kvbytes.CONTEXTS."""
+    import dataclasses
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mixquant.kvbytes import CONTEXTS
+
+    kv = dataclasses.replace(model.kv, start=0) if model.kv is not None else None
+    sizes = []
+    for n in CACHE_PROBE:
+        cache = make_prompt_cache(model.model)
+        if kv is not None:
+            kv.adopt(cache)
+        model.model(mx.array([[0] * (n - 1)]), cache=cache)
+        if kv is not None:
+            kv.apply(cache)
+        model.model(mx.array([[0]]), cache=cache)
+        mx.eval([c.state for c in cache])
+        sizes.append(sum(c.nbytes for c in cache))
+    per_token = (sizes[1] - sizes[0]) / (CACHE_PROBE[1] - CACHE_PROBE[0])
+    fixed = sizes[0] - per_token * CACHE_PROBE[0]
+    weights = sum(v.nbytes for _, v in tree_flatten(model.model.parameters()))
+    return {"kv": "float" if kv is None else kv.describe(), "bytes_per_token": per_token, "fixed_bytes": int(fixed),
+            "weights_bytes": weights, "contexts": {n: int(fixed + per_token * n) for n in CONTEXTS}}
+
+
+def format_cache(c: dict) -> list[str]:
+    lines = [f"cache per sequence ({c['kv']}): {c['bytes_per_token'] / 1024:.2f} KiB per token, "
+             f"{c['fixed_bytes'] / 1e6:.2f} MB fixed; weights as loaded {c['weights_bytes'] / 1e9:.3f} GB"]
+    lines += [f"  at {n // 1024}k tokens: cache {b / 1e9:.3f} GB, with the weights {(b + c['weights_bytes']) / 1e9:.3f} GB"
+              for n, b in c["contexts"].items()]
+    return lines
 
 
 def format_table(results: list[dict], cfg: BenchConfig) -> str:

@@ -64,9 +64,13 @@ def snapshot_cache(cache) -> list:
     import mlx.core as mx
     from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
+    from mixquant.runtime.kvcache import MixedKVCache
+
     snap = []
     for c in cache:
-        if isinstance(c, QuantizedKVCache):
+        if isinstance(c, MixedKVCache):
+            snap.append(("mixed", c.contents(), (c.offset, c.spec, c.start, c.quantized)))
+        elif isinstance(c, QuantizedKVCache):
             parts = tuple(tuple(mx.contiguous(x[..., : c.offset, :]) for x in kv) for kv in (c.keys, c.values))
             snap.append(("qkv", parts, (c.offset, c.group_size, c.bits)))
         elif isinstance(c, KVCache):
@@ -99,11 +103,15 @@ def restore_cache(model, snapshot) -> list:
     from mlx_lm.models.cache import QuantizedKVCache
 
     from mixquant.kernels import recording_cache
+    from mixquant.runtime.kvcache import MixedKVCache
 
     cache = recording_cache(model)
     for i, (kind, value, offset) in enumerate(snapshot):
         c = cache[i]
-        if kind == "qkv":
+        if kind == "mixed":
+            n, spec, start, quantized = offset
+            cache[i] = MixedKVCache.restored(spec, start, quantized, *value, n)
+        elif kind == "qkv":
             cache[i] = q = QuantizedKVCache(group_size=offset[1], bits=offset[2])
             q.keys, q.values = (list(kv) for kv in value)
             q.offset = offset[0]
@@ -226,8 +234,6 @@ class Model:
             raise MixquantError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
         if mtp and self.mtp is None:
             raise MixquantError(f"{self.path}: loaded without its MTP head (load it with mtp=True / --mtp)")
-        if mtp and self.kv is not None:
-            raise MixquantError("--kv-bits with --mtp: MTP decoding keeps its cache unquantized; use one or the other")
         fresh = session.prepare(prompt, boundary)
         history = mx.array(prompt[: len(prompt) - len(fresh)])  # for penalties: they see the whole context
         processors = [_with_history(p, history) for p in processors or []]
@@ -236,7 +242,7 @@ class Model:
 
             yield from speculative_steps(self.mtp, session, fresh, max_new_tokens=max_new_tokens, sampling=sampling,
                                          processors=processors, depth=mtp, stats=stats, prefill_step=PREFILL_STEP,
-                                         chooser=None if mtp_fixed else self.mtp_chooser(mtp))
+                                         chooser=None if mtp_fixed else self.mtp_chooser(mtp), kv=self.kv)
             return
         steps = generate_step(mx.array(fresh), self.model, max_tokens=max_new_tokens, sampler=sampling.sampler(),
                               logits_processors=processors or None, prompt_cache=session.cache,
@@ -411,6 +417,8 @@ class ChatSession:
             start = len(snap_tokens)
         else:
             self.cache = recording_cache(self.model.model)
+            if self.model.kv is not None:
+                self.model.kv.adopt(self.cache)
             start = 0
         if self.drafter is not None and start != len(live or ()):  # the head's cache follows the live one
             self.drafter.reset()
@@ -564,17 +572,23 @@ class _StreamSplitter:
             self.held = ""
 
 
-def load(path, mtp: bool = False, native: bool = False, kv_bits: int | None = None, kv_group_size: int | None = None,
-         kv_start: int | None = None) -> Model:
+def load(path, mtp: bool = False, native: bool = False, kv_bits: int | str | None = None,
+         kv_group_size: int | None = None, kv_start: int | None = None) -> Model:
     """Our quants, plain mlx-lm quants, an unquantized Hugging Face folder or a GGUF file (built in
     memory in bfloat16), ready to chat, in the compute path that is fastest on this backend
     (mixquant.loading.load_for_running; `native`: mlx-lm's quantized kernels); with `mtp`, its MTP
     head too; with `kv_bits` (4 or 8), the attention layers' cache quantized as mlx-lm's
-    QuantizedKVCache stores it, once it holds `kv_start` tokens (mixquant.runtime.kv)."""
-    from mixquant.loading import load_for_running, say_compute_path
-    from mixquant.runtime.kv import kv_quant
+    QuantizedKVCache stores it, once it holds `kv_start` tokens; 'auto': at the widths per layer
+    that the folder's config.json holds, measured when it was converted (mixquant.runtime.kv)."""
+    from mixquant.runtime.kv import kv_settings
 
-    kv = kv_quant(kv_bits, kv_group_size, kv_start)
+    return load_model(path, mtp, native, kv_settings(kv_bits, kv_group_size, kv_start, path))
+
+
+def load_model(path, mtp: bool = False, native: bool = False, kv=None) -> Model:
+    """load, with the KV cache settings as a mixquant.runtime.kv.KVQuant (or None)."""
+    from mixquant.loading import load_for_running, say_compute_path
+
     loaded = load_for_running(Path(path), native=native, mtp=mtp)
     model = Model(loaded, kv)
     say_compute_path(loaded)

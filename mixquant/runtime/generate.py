@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 def generate_text(path: Path, prompt: str, max_tokens: int = 64, native: bool = False,
-                  kv: dict | None = None) -> Iterator[str]:
-    """Greedy continuation of `prompt`, yielded piece by piece as it decodes (kv: the KV cache
-    settings mixquant.load takes)."""
+                  kv=None) -> Iterator[str]:
+    """Greedy continuation of `prompt`, yielded piece by piece as it decodes (kv: a
+    mixquant.runtime.kv.KVQuant, or None)."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -20,9 +20,9 @@ def generate_text(path: Path, prompt: str, max_tokens: int = 64, native: bool = 
     model, tokenizer = loaded.model, loaded.tokenizer
     check_tokenizer(tokenizer, embedding_rows(loaded.config, path), str(path))
     say_compute_path(loaded)
-    from mixquant.runtime.kv import kv_quant
+    from mlx_lm.models.cache import make_prompt_cache
 
-    q = kv_quant(kv.get("kv_bits"), kv.get("kv_group_size"), kv.get("kv_start")) if kv else None
+    extra = {} if kv is None else kv.args() if kv.uniform else {"prompt_cache": kv.adopt(make_prompt_cache(model))}
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0),
-                                    **(q.args() if q else {})):
+                                    **extra):
         yield response.text

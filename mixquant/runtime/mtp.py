@@ -239,14 +239,16 @@ def _record(cache, on: bool) -> None:
 
 def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, sampling, processors=(),
                       depth: int = DEFAULT_DEPTH, stats: Stats | None = None, rollback: str = CAPTURE,
-                      prefill_step: int = 512, chooser: "Adaptive | None" = None):
+                      prefill_step: int = 512, chooser: "Adaptive | None" = None, kv=None):
     """Token ids decoded with drafts from `parts.head`, on `session.cache` (a recording cache) after
     feeding `fresh` (the prompt tokens it does not hold yet). `session.tokens` tracks what the cache
     holds, `session.drafter` the head's state. With a `chooser` (an Adaptive over 0, 1 and `depth`,
     kept with the model: how fast each depth decodes is the machine's and the model's, not one
     conversation's), each round drafts as many tokens as it measures fastest, 0 being a plain step,
     so speculation costs no more than its trial rounds where it does not pay; without one, `depth`
-    tokens every round."""
+    tokens every round. `kv` (a mixquant.runtime.kv.KVQuant): the attention layers' cache quantized
+    after each prefill chunk and each round, as mlx-lm's generate_step quantizes after each call;
+    rejected positions are trimmed from the quantized cache as from a float one."""
     import time
 
     import mlx.core as mx
@@ -261,6 +263,8 @@ def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, 
     hidden = []
     for i in range(0, len(fresh), prefill_step):
         hidden.append(parts.body(mx.array([fresh[i : i + prefill_step]]), cache=cache))
+        if kv is not None:
+            kv.apply(cache)
         mx.eval(hidden[-1])
     hidden = mx.concatenate(hidden, axis=1)
     logits = parts.logits(hidden[:, -1:])[0]
@@ -281,6 +285,8 @@ def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, 
         k = min(chosen, max_new_tokens - produced)
         if k == 0:  # a plain step; the head is still shown the pair, so that drafting can resume
             hidden = parts.body(mx.array([[y]]), cache=cache)
+            if kv is not None:
+                kv.apply(cache)
             logits = parts.logits(hidden)[0]
             if processors:
                 logits = _apply_processors(processors, context + [y], logits)
@@ -328,6 +334,8 @@ def speculative_steps(parts, session, fresh: list[int], *, max_new_tokens: int, 
                 else:
                     c.trim(k + 1)
             hidden = parts.body(fed[None, : a + 1], cache=cache)
+        if kv is not None:
+            kv.apply(cache)
         stats.rounds += 1
         for i in range(k):
             stats.proposed[i] += 1

@@ -9,19 +9,19 @@ from __future__ import annotations
 import sys
 
 from mixquant.errors import MixquantError
-from mixquant.runtime.chat import ChatSession, load
+from mixquant.runtime.chat import ChatSession, load_model
 
 HELP = "commands: /reset, /system TEXT, /think on|off, /exit"
 DIM, RESET = "\033[2m", "\033[0m"
 
 
 def run(model_path, max_tokens: int = 512, temperature: float | None = None, out=sys.stdout, mtp: int = 0,
-        err=None, native: bool = False, kv: dict | None = None) -> int:
+        err=None, native: bool = False, kv=None) -> int:
     """The chat loop; replies go to `out`, errors to `err` (default: standard error). kv: the KV cache
-    settings mixquant.load takes (kv_bits, kv_group_size, kv_start)."""
+    settings (a mixquant.runtime.kv.KVQuant, or None)."""
     if sys.stdin is None or sys.stdin.closed:
         raise MixquantError("chat: standard input is closed (chat reads your messages from it)")
-    model = load(model_path, mtp=bool(mtp), native=native, **(kv or {}))
+    model = load_model(model_path, mtp=bool(mtp), native=native, kv=kv)
     session = ChatSession(model)
     messages: list[dict] = []
     system: str | None = None

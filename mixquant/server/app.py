@@ -644,7 +644,7 @@ def listen(host: str, port: int):
 
 def serve(model_path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_concurrency: int = 16, max_prompt_tokens: int = 32768, max_tokens: int = 4096, mtp: int = 0,
-          native: bool = False, max_connections: int | None = None) -> int:
+          native: bool = False, max_connections: int | None = None, kv=None) -> int:
     import uvicorn
 
     from mixquant.loading import load_for_running, say_compute_path
@@ -654,7 +654,7 @@ def serve(model_path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str
 
     sock = listen(host, port)
     loaded = load_for_running(model_path, native=native, mtp=bool(mtp))
-    model = Model(loaded)
+    model = Model(loaded, kv)
     say_compute_path(loaded)
     engine = Engine(model, max_concurrency=max_concurrency, mtp=mtp)
     config = ServerConfig(model_id=str(model_path).rstrip("/").split("/")[-1], api_key=api_key,

@@ -286,7 +286,7 @@ class Engine:
 
     def _insert(self, gen, job: Job) -> int:
         cached, snapshot = self.prefix.lookup(job.prompt)
-        cache = restore_cache(self.model.model, snapshot) if snapshot is not None else None
+        cache = restore_cache(self.model.model, snapshot) if snapshot is not None else self._fresh_cache()
         job.cached_tokens = cached
         rest = job.prompt[cached:]
         cut = job.boundary - cached if job.boundary and cached < job.boundary < len(job.prompt) else None
@@ -347,12 +347,20 @@ class Engine:
                     session.reset()
                     self._end(job, e)
 
+    def _fresh_cache(self):
+        """None (BatchGenerator makes the model's own), or with --kv-bits the model's cache whose
+        attention layers hold MixedKVCaches, which merge into a batch (mixquant.runtime.kvcache)."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        kv = self.model.kv
+        return None if kv is None else kv.adopt(make_prompt_cache(self.model.model), mixed=True)
+
     def _score(self, tokens: list[int], top: int, deliver) -> None:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
         try:
-            cache = make_prompt_cache(self.model.model)
+            cache = self._fresh_cache() or make_prompt_cache(self.model.model)
             steps = []
             for start in range(0, len(tokens) - 1, PREFILL_CHUNK):
                 chunk = tokens[start: start + PREFILL_CHUNK + 1]

@@ -61,6 +61,27 @@ def test_greedy_mtp_is_plain_greedy_token_for_token(which, fixture_dir, unsloth3
         assert s.acceptance()[0] > 0.5, (depth, s.acceptance())
 
 
+@pytest.mark.parametrize("bits, start", [(8, 0), (4, 40)])
+def test_greedy_mtp_on_a_quantized_cache_is_plain_greedy_on_it(fixture_dir, prompts, bits, start):
+    """With --kv-bits, MTP's verification passes write quantized KV and its rollback trims it; the
+    cache is quantized after the prompt and after each round, as generate_step quantizes after each
+    call (`start` is passed mid-generation)."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    from mixquant.runtime.chat import ChatSession, Model
+    from mixquant.runtime.kv import KVQuant
+
+    base = _load(fixture_dir, dtype="float32", dequantize=True)
+    model = Model(base.loaded, KVQuant(bits, 64, start))
+    for prompt in prompts[:6]:
+        plain = _decode(model, prompt)
+        for depth in (1, 3):
+            session = ChatSession(model)
+            assert list(model.stream(prompt, session, max_new_tokens=NEW_TOKENS, mtp=depth, mtp_fixed=True)) \
+                == plain, (depth, prompt)
+        assert sum(isinstance(c, QuantizedKVCache) and c.bits == bits for c in session.cache) == 2
+
+
 def test_adaptive_depth_keeps_to_the_fastest_and_tries_the_others_again():
     from mixquant.runtime.mtp import Adaptive
 
