@@ -72,6 +72,10 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
                         "distillation, AWQ): " + CALIB_HELP)
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                    help="calibration tokens to use (default: 16384 for auto, all of a file or the mix, 4096 for self)")
+    p.add_argument("--kv-bits", choices=("auto",), default=None,
+                   help="auto: measure which width each attention layer's K and V cache needs, at the bytes of "
+                        "a uniform 4-bit cache, and store it for chat/serve/generate/bench --kv-bits auto "
+                        "(on --calib if a file, else the bundled mix)")
     p.add_argument("--quality", default=None, choices=tuple(PRESETS),
                    help="with --target-bpw / --target-size: the steps to take, as docs/RESULTS.md measures them "
                         "(fast: rounding to nearest; balanced: GPTQ, the default; best: GPTQ and distillation)")
@@ -147,11 +151,11 @@ def _options(args):
     positive(args.q_learn_steps, "--q-learn-steps", 1)
     if args.q_learn_steps is not None and rounding != "learned":
         raise MixquantError("--q-learn-steps: only with --q-rounding learned")
-    uses_calib = awq is not None or rounding != "nearest" or distill > 0 or (
+    uses_calib = awq is not None or rounding != "nearest" or distill > 0 or args.kv_bits is not None or (
         recipe is not None and recipe.auto and not args.sensitivity)
     if args.calib is not None and not uses_calib:
         raise MixquantError("--calib: no step of this conversion uses calibration text (add --awq or "
-                            "--q-rounding gptq, or use it with --q-recipe auto)")
+                            "--q-rounding gptq, or use it with --q-recipe auto or --kv-bits auto)")
     if (rounding != "nearest" or distill) and recipe is None:
         raise MixquantError("--q-rounding / --q-distill: only when quantizing (-q or --q-recipe)")
     if args.q_rounding_cache is not None:
@@ -190,6 +194,7 @@ def _options(args):
         distill_lr=args.q_distill_lr,
         rounding_cache=Path(args.q_rounding_cache) if args.q_rounding_cache else None,
         allow_nonfinite=args.allow_nonfinite,
+        kv_auto=args.kv_bits is not None,
     )
 
 

@@ -78,6 +78,7 @@ class ConvertOptions:
     resume: bool = False  # stage in a folder a failure leaves behind; continue an earlier run of the same plan
     rounding_cache: Path | None = None  # a folder: GPTQ / learned rounding kept there and reused by a later run
     preset: str | None = None  # the --quality preset that chose rounding and distillation (for the model card)
+    kv_auto: bool = False  # measure a per-layer KV cache allocation on the written model (--kv-bits auto)
 
 
 def build_plan(src: Path, options: ConvertOptions):
@@ -185,8 +186,14 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
         write_weights(source, plan, tmp, encoder, options.progress, done, completed, options.allow_nonfinite)
         write_config(plan, tmp)
         source.write_side_files(tmp)
+        kv = None
+        if options.kv_auto:
+            from mixquant import kvplan
+
+            kv = kvplan.measure_folder(tmp, options.calib, plan.dtype, progress=None)
+            kvplan.store(tmp, kv)
         (tmp / "README.md").write_text(model_card(plan, source.name, awq_summary(options.awq, awq_result),
-                                                  methods_summary(options, distilled)))
+                                                  methods_summary(options, distilled), kv))
 
     try:
         if options.resume:

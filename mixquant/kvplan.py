@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 WIDTHS = (Width(3, 64), Width(3, 32), Width(4, 128), Width(4, 64), Width(4, 32), Width(5, 64), Width(6, 64),
           Width(8, 64))  # every option a tensor may take, besides the model's dtype
 BUDGET = Width(4, 64)  # the default budget: this width on every tensor
-CONTEXT, SCORED, WINDOWS = 2048, 256, 4  # the measurement's windows
+CONTEXT, SCORED, WINDOWS = 2048, 128, 2  # the measurement's windows
 TOKENS_PER_UNIT = 128  # bytes are counted per this many tokens, so every width's are whole
 
 
@@ -169,6 +169,46 @@ def allocate_kv(measured: dict, budget_width: Width = BUDGET, budget_bytes: floa
             "predicted_kld": sum(d for _, _, d in picks.values()),
             "measured": {k: measured[k] for k in ("context", "scored", "windows")},
             "costs": {str(i): per for i, per in measured["layers"].items()}}
+
+
+def measure_folder(folder, calib: str, dtype: str, progress=None) -> dict:
+    """The allocation of a converted model (a folder), measured on `calib` (calibration_tokens)
+    and priced in its float dtype: the config.json entry."""
+    from mixquant.kvbytes import DTYPE_BYTES
+    from mixquant.loading import load_for_running
+
+    loaded = load_for_running(folder)
+    measured = measure(loaded.model, calibration_tokens(calib, loaded.tokenizer), DTYPE_BYTES[dtype],
+                       progress=progress)
+    from mixquant.calib.data import BUILTIN_CALIB, MIX
+
+    entry = allocate_kv(measured)
+    entry["calibration"] = MIX if calib in BUILTIN_CALIB else str(calib)
+    return entry
+
+
+def store(folder, entry: dict) -> None:
+    """Put the allocation into the folder's config.json, under its mixquant section."""
+    import json
+    from pathlib import Path
+
+    from mixquant.io.output import CONFIG_MARKER
+    from mixquant.io.textfile import read_json_object
+    from mixquant.runtime.kv import CONFIG_KEY
+
+    path = Path(folder) / "config.json"
+    config = read_json_object(path)
+    config.setdefault(CONFIG_MARKER, {})[CONFIG_KEY] = entry
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def describe(entry: dict) -> str:
+    layers = "; ".join(f"layer {i}: K {k} V {v}" for i, (k, v) in entry["layers"].items())
+    m = entry["measured"]
+    return (f"{layers}; {entry['bytes_per_token'] / 1024:.2f} KiB per token ({entry['budget']}: "
+            f"{entry['budget_bytes_per_token'] / 1024:.2f} KiB); predicted mean KL divergence "
+            f"{entry['predicted_kld']:.5f}, measured on {entry.get('calibration', 'mix')} ({m['windows']} windows of "
+            f"{m['context']} tokens, the last {m['scored']} scored)")
 
 
 def calibration_tokens(spec: str, tokenizer) -> np.ndarray:

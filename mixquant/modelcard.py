@@ -12,7 +12,8 @@ def _bits_label(bits, dtype) -> str:
     return f"{bits}-bit" if bits else dtype.lower()
 
 
-def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: dict | None = None) -> str:
+def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: dict | None = None,
+               kv: dict | None = None) -> str:
     s = plan.summary()
     lines = [
         f"# {source_name} — mixquant {s['recipe']}",
@@ -34,6 +35,10 @@ def model_card(plan: Plan, source_name: str, awq: dict | None = None, methods: d
         for row in c["contexts"]:
             cells = ", ".join(f"{k} {(s['model_bytes'] + v) / 1e9:.3f} GB" for k, v in row.items() if k != "tokens")
             lines.append(f"| weights + cache at {row['tokens'] // 1024}k tokens | {cells} |")
+    if kv is not None:
+        from mixquant.kvplan import describe
+
+        lines.append(f"| KV cache with `--kv-bits auto` | {describe(kv)} |")
     if s["mtp_bytes"]:
         lines.append(f"| MTP head | `{MTP_FILE}` sidecar, {s['mtp_bytes'] / 1e9:.4f} GB |")
     if s["vision_bytes"]:
