@@ -1,11 +1,15 @@
 """A measured per-layer KV cache allocation (`--kv-bits auto`).
 
 For each attention layer and each of its two tensors (K, V), the cost of storing that tensor at
-each width is measured alone: the mean KL divergence of the next-token distributions over `scored`
+a width is measured alone: the mean KL divergence of the next-token distributions over `scored`
 positions at the end of windows of `context` tokens, the cache prefilled in float and then packed,
 against the float cache (the scored tokens decode as generation would, attending to the packed
-cache). The widths are then chosen by the weights' knapsack (mixquant.quant.allocate), costs
-assumed additive, under a budget of KV bytes per token: by default what uniform 4-bit (group 64)
+cache). By default two widths per tensor are measured (REFERENCE) and the others' costs follow
+from their squared errors on the tensor's own cached values (`scaled`: the power law through the
+two measured points, and below them proportional to the squared error, as a small error's KL
+divergence is);
+`every_width` measures each width instead (tests/runtime/test_kv_layers.py compares the two). The widths are
+then chosen by the weights' knapsack (mixquant.quant.allocate), costs assumed additive, under a budget of KV bytes per token: by default what uniform 4-bit (group 64)
 takes. The result is data, stored in config.json's mixquant section and read by --kv-bits auto."""
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ log = logging.getLogger(__name__)
 WIDTHS = (Width(3, 64), Width(3, 32), Width(4, 128), Width(4, 64), Width(4, 32), Width(5, 64), Width(6, 64),
           Width(8, 64))  # every option a tensor may take, besides the model's dtype
 BUDGET = Width(4, 64)  # the default budget: this width on every tensor
+REFERENCE = (Width(3, 64), Width(5, 64))  # the widths measured per tensor, the others scaled from them
 CONTEXT, SCORED, WINDOWS = 2048, 128, 2  # the measurement's windows
 TOKENS_PER_UNIT = 128  # bytes are counted per this many tokens, so every width's are whole
 
@@ -102,22 +107,46 @@ def scored_windows(model, tokens: np.ndarray, context: int, scored: int, count: 
         yield snap, tail, _logprobs(model, tail, packed(model, snap, None))
 
 
-def evaluate(model, tokens: np.ndarray, kv, context: int, scored: int, count: int) -> dict:
-    """The next-token distributions with the cache packed as `kv` against the float cache, over the
-    last `scored` positions of up to `count` windows of `context` tokens (metrics.summarize's report)."""
+def evaluate(model, tokens: np.ndarray, settings: dict, context: int, scored: int, count: int) -> dict:
+    """Per setting (name -> a `kv` as `packed` takes it): the next-token distributions with the cache
+    packed so against the float cache, over the last `scored` positions of up to `count` windows of
+    `context` tokens (metrics.summarize's report), every setting on the same prefilled windows."""
     from mixquant.eval import metrics
 
-    chunks = []
+    chunks = {name: [] for name in settings}
     for snap, tail, ref in scored_windows(model, tokens, context, scored, count):
-        lp = _logprobs(model, tail, packed(model, snap, kv))
-        chunks.append(metrics.token_metrics(ref[:-1], lp[:-1], tail[1:]))
-    return metrics.summarize(metrics.concat(chunks))
+        for name, kv in settings.items():
+            lp = _logprobs(model, tail, packed(model, snap, kv))
+            chunks[name].append(metrics.token_metrics(ref[:-1], lp[:-1], tail[1:]))
+    return {name: metrics.summarize(metrics.concat(c)) for name, c in chunks.items()}
+
+
+def squared_error(x, w: Width) -> float:
+    """Mean squared error of `x` (an MLX array) stored at `w`."""
+    import mlx.core as mx
+
+    q = mx.quantize(x, group_size=w.group_size, bits=w.bits)
+    return float(mx.mean(mx.square(x - mx.dequantize(*q, group_size=w.group_size, bits=w.bits))))
+
+
+def scaled(points: list[tuple[float, float]], error: float) -> float:
+    """The cost at squared error `error` from two measured (error, cost) points: between them (and
+    above), on the power law through both; below the smaller error, proportional to it (a small
+    error's KL divergence is quadratic in the perturbation, linear in its square)."""
+    (e_lo, c_lo), (e_hi, c_hi) = sorted(points)
+    if e_lo <= 0 or c_lo <= 0:
+        return c_lo
+    if error <= e_lo or c_hi <= 0 or e_hi == e_lo:
+        return c_lo * error / e_lo
+    p = float(np.log(c_hi / c_lo) / np.log(e_hi / e_lo))
+    return c_lo * (error / e_lo) ** p
 
 
 def measure(model, tokens: np.ndarray, dtype_bytes: int, context: int = CONTEXT, scored: int = SCORED,
-            count: int = WINDOWS, widths=WIDTHS, progress=None) -> dict:
-    """{"layers": {index: {"k"|"v": {width label: mean KLD}}}, "shapes": ..., ...}: each tensor at
-    each width alone, over up to `count` windows of `context` tokens of `tokens`."""
+            count: int = WINDOWS, widths=WIDTHS, every_width: bool = False, progress=None) -> dict:
+    """{"layers": {index: {"k"|"v": {width label: mean KLD}}}, "shapes": ..., ...}: each tensor alone,
+    at REFERENCE and scaled to the other widths by their squared errors (or, `every_width`, at
+    each), over up to `count` windows of `context` tokens of `tokens`."""
     from mixquant.eval.metrics import kl_per_token
 
     layers = attention_layers(model)
@@ -125,22 +154,34 @@ def measure(model, tokens: np.ndarray, dtype_bytes: int, context: int = CONTEXT,
     costs = {i: {t: {w.label: 0.0 for w in fits[i]} for t in "kv"} for i, _, _ in layers}
     n = len(windows(tokens, context, count))
     t0 = time.perf_counter()
-    total, done = n * 2 * sum(len(f) for f in fits.values()), 0
+    total, done = n * 2 * (sum(len(f) for f in fits.values()) if every_width else len(layers) * len(REFERENCE)), 0
+
+    def cost(snap, tail, ref, i, spec):
+        lp = _logprobs(model, tail, packed(model, snap, {i: spec}))
+        return float(np.mean(np.maximum(kl_per_token(ref[:-1], lp[:-1]), 0.0)))
+
     for snap, tail, ref in scored_windows(model, tokens, context, scored, count):
         for i, _, _ in layers:
-            for t in "kv":
-                for w in fits[i]:
-                    spec = LayerKV(w, FLOAT) if t == "k" else LayerKV(FLOAT, w)
-                    lp = _logprobs(model, tail, packed(model, snap, {i: spec}))
-                    costs[i][t][w.label] += float(np.mean(kl_per_token(ref, lp))) / n
-                    done += 1
-                    if progress:
-                        progress(done, total)
+            _, stored, _ = snap[i]
+            for t, x in zip("kv", stored):
+                def spec(w):
+                    return LayerKV(w, FLOAT) if t == "k" else LayerKV(FLOAT, w)
+
+                if every_width:
+                    measured = {w.label: cost(snap, tail, ref, i, spec(w)) for w in fits[i]}
+                else:
+                    points = [(squared_error(x, w), cost(snap, tail, ref, i, spec(w))) for w in REFERENCE]
+                    measured = {w.label: scaled(points, squared_error(x, w)) for w in fits[i]}
+                for label, c in measured.items():
+                    costs[i][t][label] += c / n
+                done += len(measured) if every_width else len(REFERENCE)
+                if progress:
+                    progress(done, total)
     seconds = time.perf_counter() - t0
-    log.info("KV measurement: %d windows of %d tokens, %d layers x 2 x %d widths, %.1f s", n, context,
-             len(layers), len(widths), seconds)
+    log.info("KV measurement: %d windows of %d tokens, %d layers x 2 tensors, %.1f s", n, context, len(layers), seconds)
     return {"layers": costs, "shapes": {i: [h, d] for i, h, d in layers}, "dtype_bytes": dtype_bytes,
-            "context": context, "scored": scored, "windows": n, "seconds": round(seconds, 1)}
+            "context": context, "scored": scored, "windows": n, "every_width": every_width,
+            "seconds": round(seconds, 1)}
 
 
 def allocate_kv(measured: dict, budget_width: Width = BUDGET, budget_bytes: float | None = None) -> dict:
@@ -167,7 +208,7 @@ def allocate_kv(measured: dict, budget_width: Width = BUDGET, budget_bytes: floa
             "budget_bytes_per_token": budget / TOKENS_PER_UNIT, "budget": f"uniform {budget_width.label}"
             if budget_bytes is None else f"{budget_bytes} bytes per token",
             "predicted_kld": sum(d for _, _, d in picks.values()),
-            "measured": {k: measured[k] for k in ("context", "scored", "windows")},
+            "measured": {k: measured[k] for k in ("context", "scored", "windows", "every_width")},
             "costs": {str(i): per for i, per in measured["layers"].items()}}
 
 

@@ -38,43 +38,68 @@ def _hooks():
 
     import mlx.core as mx
 
+    from mixquant.calib.runner import Stop
     from mixquant.wrap import Wrapper
 
     calls = itertools.count()
 
     class Hessian(Wrapper):
-        """Wraps a Linear or SwitchLinear: sums x x^T of its inputs (per expert for a SwitchLinear)
-        and notes which input object it read, for grouping modules into stages."""
+        """Wraps a Linear or SwitchLinear: sums x x^T of its inputs in MLX, float32 (per expert for a
+        SwitchLinear: the rows routed to each expert gathered into one padded batch, one batched
+        matmul for all experts), and notes which input object it read, for grouping modules into
+        stages."""
 
         def __init__(self, inner, n_mat: int, n_in: int, collect: bool):
             super().__init__(inner)
-            self._h = np.zeros((n_mat, n_in, n_in)) if collect else None
+            self._sum = mx.zeros((n_mat, n_in, n_in), dtype=mx.float32) if collect else None
             self._count = np.zeros(n_mat)
             self._input = None
             self._order = None
+            self.last = False  # the stage's last module: the layer's forward stops once it has its input
+
+        @property
+        def _h(self) -> np.ndarray:
+            return np.array(self._sum, dtype=np.float64)
 
         def __call__(self, x, *args, **kwargs):
             if self._order is None:
                 self._input, self._order = id(x), next(calls)
-            if self._h is not None:
-                xs = np.array(x.astype(mx.float32), dtype=np.float64)
+            if self._sum is not None:
+                xs = x.astype(mx.float32)
                 if args:  # SwitchLinear(x, indices): the rows routed to each expert
-                    idx = np.array(args[0])
+                    idx = args[0]
                     while xs.ndim > idx.ndim + 1 and xs.shape[-2] == 1:
                         xs = xs[..., 0, :]
-                    xs = np.broadcast_to(xs, (*idx.shape, xs.shape[-1])).reshape(-1, xs.shape[-1])
-                    flat = idx.reshape(-1)
-                    for e in np.unique(flat):
-                        rows = xs[flat == e]
-                        self._h[e] += rows.T @ rows
-                        self._count[e] += len(rows)
+                    rows = mx.broadcast_to(xs, (*idx.shape, xs.shape[-1])).reshape(-1, xs.shape[-1])
+                    self._sum = self._sum + _routed_gram(rows, np.array(idx).reshape(-1), self._sum.shape[0], self._count)
                 else:
                     rows = xs.reshape(-1, xs.shape[-1])
-                    self._h[0] += rows.T @ rows
-                    self._count[0] += len(rows)
+                    self._sum = self._sum + (rows.T @ rows)[None]
+                    self._count[0] += rows.shape[0]
+                mx.eval(self._sum)
+                if self.last:
+                    raise Stop
             return self.inner(x, *args, **kwargs)
 
     return Hessian
+
+
+def _routed_gram(rows, experts: np.ndarray, n_experts: int, count: np.ndarray):
+    """sum of x x^T over the rows routed to each expert [n_experts, n, n]: the rows gathered per expert
+    into [n_experts, most rows, n] (padded with a zero row), one batched matmul; `count` gets the rows."""
+    import mlx.core as mx
+
+    order = np.argsort(experts, kind="stable")
+    per = np.bincount(experts, minlength=n_experts)
+    count += per
+    width = max(int(per.max()), 1)
+    slots = np.full((n_experts, width), len(experts))  # the padding row
+    starts = np.concatenate([[0], np.cumsum(per)[:-1]])
+    rank = np.arange(len(experts)) - np.repeat(starts, per)
+    slots[experts[order], rank] = order
+    padded = mx.concatenate([rows, mx.zeros((1, rows.shape[1]), dtype=rows.dtype)])
+    gathered = padded[mx.array(slots)]
+    return mx.swapaxes(gathered, 1, 2) @ gathered
 
 
 def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=None, streamed=None,
@@ -90,7 +115,8 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
     from mixquant.calib.runner import LayerRunner
     from mixquant.quant import learned
     from mixquant.quant.distill import undo_vectors
-    from mixquant.quant.gptq import gptq, pack_codes
+    from mixquant.quant.gptq import pack_codes
+    from mixquant.quant.gptq_mlx import gptq_stack
 
     Hessian = _hooks()
     modules = dict(model.named_modules())
@@ -116,15 +142,16 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
         entry = entries[name]
         t = entry.tensor
         w = np.array(modules[name].weight.astype(mx.float32))
-        parts, deqs = [], []
+        ws, hs, opss = [], [], []
+        sums = hook._h
         for p, wp in enumerate(w if t.stacked else [w]):
-            h = hook._h[p] / max(hook._count[p], 1.0)
             ops = awq_result.for_part(t.name, p) if awq_result else []
-            wp, h = _scaled(ops, wp, h)
-            packed, s, b, deq = gptq(wp, h, entry.bits, entry.group_size, dtype)
-            parts.append((packed, s, b))
-            deqs.append(_unscaled(ops, deq))
-        keep(name, parts, deqs)
+            wp, h = _scaled(ops, wp, sums[p] / max(hook._count[p], 1.0))
+            ws.append(wp)
+            hs.append(h)
+            opss.append(ops)
+        packed, s, b, deq = gptq_stack(np.stack(ws), np.stack(hs), entry.bits, entry.group_size, dtype)
+        keep(name, list(zip(packed, s, b)), [_unscaled(ops, d) for ops, d in zip(opss, deq)])
 
     def keep(name, parts, deqs):
         """The module's encoding (per part), and its dequantized weights as its float stand-in."""
@@ -135,6 +162,7 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
         """GPTQ for the layer's `names`, stage by stage."""
         for stage in _stages(runner, layer, names, wrap, unwrap):
             hooks = wrap(stage, collect=True)
+            hooks[stage[-1]].last = True  # stages are in call order: nothing after it is needed
             for w in range(runner.n_batches):
                 runner.run_to(layer, w)
             unwrap(hooks)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 
-class _Stop(Exception):
-    """Raised by the layer after the last one a partial run needs."""
+class Stop(Exception):
+    """Raised by the layer after the last one a partial run needs (or by a hook inside a layer run
+    by run_to, once it has what it needs)."""
 
 
 def _layer_class():
@@ -34,13 +35,13 @@ def _layer_class():
             mode = self._mode
             if mode == "capture":
                 self._record = (x, args, kwargs)
-                raise _Stop
+                raise Stop
             if mode == "skip":
                 return x
             if mode == "replay":
                 return self._replay
             if mode == "stop":
-                raise _Stop
+                raise Stop
             out = self.inner(x, *args, **kwargs)
             if self._record is not None:
                 self._record.append(out)
@@ -118,7 +119,7 @@ class LayerRunner:
             self.layers[layer]._record = record = []
             try:
                 self.model(mx.array(self.windows[w]))
-            except _Stop:
+            except Stop:
                 pass
             mx.eval(record[0])
             kept.append(record[0])
@@ -149,7 +150,7 @@ class LayerRunner:
         self.layers[layer]._mode = "capture"
         try:
             self.model(mx.array(self.windows[window]))
-        except _Stop:
+        except Stop:
             pass
         captured, self.layers[layer]._record = self.layers[layer]._record, None
         self._set(0, None, 0)
@@ -165,6 +166,6 @@ class LayerRunner:
         try:
             out = self.model(mx.array(self.windows[window]))
             mx.eval(out)
-        except _Stop:
+        except Stop:
             pass
         self._set(0, None, 0)

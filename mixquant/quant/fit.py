@@ -17,7 +17,8 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int, dtype, importance: np.ndarray | None = None):
-    """(packed codes, scales, biases) as MLX arrays, scales and biases in `dtype`."""
+    """(packed codes, scales, biases) as MLX arrays, scales and biases in `dtype`; `importance` per
+    input column [n], or per row and column [rows, n]."""
     import mlx.core as mx
 
     x = mx.array(np.ascontiguousarray(w, dtype=np.float32)).astype(dtype)
@@ -46,7 +47,7 @@ def _quantize_weighted(w: np.ndarray, bits: int, group_size: int, dtype, importa
     rows, n = w.shape
     groups = n // group_size
     wg = w.reshape(rows, groups, group_size)
-    imp = np.broadcast_to(np.maximum(importance.astype(np.float64), 0).reshape(1, groups, group_size), wg.shape)
+    imp = np.broadcast_to(np.maximum(importance.astype(np.float64), 0).reshape(-1, groups, group_size), wg.shape)
     lo, hi = wg.min(-1, keepdims=True), wg.max(-1, keepdims=True)
     centre, half = (lo + hi) / 2, (hi - lo) / 2
     ones = mx.ones((rows, groups), dtype=mx.float32)

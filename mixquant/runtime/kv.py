@@ -100,6 +100,12 @@ class KVQuant:
 
         if self.uniform and not mixed:
             return cache
+        if not self.uniform:
+            attention = {i for i, c in enumerate(cache) if type(c) is KVCache}
+            stray = sorted(i for i, _ in self.layers if i not in attention)
+            if stray:
+                raise MixquantError(f"--kv-bits auto: the stored allocation names layer {stray[0]}, which is not "
+                                    f"one of this model's attention layers ({', '.join(map(str, sorted(attention)))})")
         for i, c in enumerate(cache):
             spec = self.spec(i) if type(c) is KVCache else None
             if spec is not None and spec != LayerKV(FLOAT, FLOAT):

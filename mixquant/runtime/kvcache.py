@@ -4,22 +4,21 @@ BatchMixedKVCache for mlx-lm's BatchGenerator (the server), both composed from m
 A stored tensor is a tuple: (values,) in the model's dtype, or (packed, scales, biases) as
 mx.quantize gives them. Where a layer's K and V share a width the cache exposes `bits` and
 `group_size`, and mlx-lm's attention reads it packed exactly as it reads a QuantizedKVCache;
-otherwise attention is handed K and V dequantized."""
+otherwise attention is handed K and V dequantized. A cache's `spec` is a mixquant.runtime.kv.LayerKV
+(its K and V widths, each a Width)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, _BaseCache, create_attention_mask, dynamic_roll
 
-from mixquant.runtime.kv import LayerKV, Width
-
 # A stored tensor is a tuple: (values,) in the model's dtype, or (packed, scales, biases).
 
-def _quantize(x, w: Width) -> tuple:
+def _quantize(x, w) -> tuple:
     return (x,) if w.bits is None else tuple(mx.quantize(x, group_size=w.group_size, bits=w.bits))
 
 
-def _dequantize(parts: tuple, w: Width):
+def _dequantize(parts: tuple, w):
     return parts[0] if len(parts) == 1 else mx.dequantize(*parts, group_size=w.group_size, bits=w.bits)
 
 
@@ -47,7 +46,7 @@ def _capacity(n: int, step: int) -> int:
 class _Stored:
     """K and V of one layer, in one phase: float (until `start`) or quantized."""
 
-    def __init__(self, spec: LayerKV, start: int):
+    def __init__(self, spec, start: int):
         self.spec, self.start = spec, start
         self.keys = self.values = None  # tuples of arrays, [batch, heads, capacity, ...]
         self.quantized = False
@@ -74,7 +73,7 @@ class _Stored:
         _write(self.keys, k, at)
         _write(self.values, v, at)
 
-    def _encode(self, x, w: Width) -> tuple:
+    def _encode(self, x, w) -> tuple:
         return _quantize(x, w) if self.quantized else (x,)
 
     def _settle(self, held: int) -> None:
@@ -112,7 +111,7 @@ class MixedKVCache(_Stored, _BaseCache):
 
     step = 256
 
-    def __init__(self, spec: LayerKV, start: int = 0):
+    def __init__(self, spec, start: int = 0):
         super().__init__(spec, start)
         self.offset = 0
 
@@ -156,7 +155,7 @@ class MixedKVCache(_Stored, _BaseCache):
         return tuple(_map(lambda p: mx.contiguous(p[..., : self.offset, :]), t) for t in (self.keys, self.values))
 
     @classmethod
-    def restored(cls, spec: LayerKV, start: int, quantized: bool, keys: tuple, values: tuple, offset: int):
+    def restored(cls, spec, start: int, quantized: bool, keys: tuple, values: tuple, offset: int):
         c = cls(spec, start)
         c.quantized = quantized
         c._expose()
@@ -174,7 +173,7 @@ class BatchMixedKVCache(_Stored, BatchKVCache):
     The batch turns packed as MixedKVCache does (its buffers' length counting), or when it meets a
     packed cache (merge, extend)."""
 
-    def __init__(self, spec: LayerKV, start: int, left_padding):
+    def __init__(self, spec, start: int, left_padding):
         BatchKVCache.__init__(self, left_padding)
         _Stored.__init__(self, spec, start)
 

@@ -1,0 +1,57 @@
+"""GPTQ in MLX (mixquant.quant.gptq_mlx) against the NumPy float64 reference (mixquant.quant.gptq),
+matrix by matrix of a stack, and the Hessians of routed inputs gathered per expert in one batch."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mixquant.quant.gptq import gptq
+from mixquant.quant.gptq_mlx import gptq_stack
+
+
+def _problem(seed, stack, rows, n, dead=()):
+    rng = np.random.default_rng(seed)
+    mix = np.eye(n) + 0.4 * rng.standard_normal((n, n)) / np.sqrt(n)
+    x = rng.standard_normal((stack, 1024, n)) @ mix
+    x[..., :4] *= 6  # a few loud inputs: act-order moves them first
+    h = np.einsum("eti,etj->eij", x, x) / x.shape[1]
+    for e, col in dead:
+        h[e, col, :] = h[e, :, col] = 0
+    w = (rng.standard_normal((stack, rows, n)) * 0.05).astype(np.float32)
+    return w, h
+
+
+@pytest.mark.parametrize("bits, group, fit, act_order", [(3, 64, True, True), (4, 32, True, True),
+                                                        (2, 64, False, True), (3, 32, True, False)])
+def test_each_matrix_of_a_stack_is_what_the_reference_gives_it(bits, group, fit, act_order):
+    w, h = _problem(bits * 10 + group, 3, 48, 320, dead=[(1, 7), (2, 300)])
+    packed, scales, biases, deq = gptq_stack(w, h, bits, group, mx.bfloat16, act_order=act_order, fit=fit)
+    assert packed.shape == (3, 48, 320 * bits // 32) and scales.shape == biases.shape == (3, 48, 320 // group)
+    for e in range(3):
+        rp, rs, rb, rd = gptq(w[e], h[e], bits, group, mx.bfloat16, act_order=act_order, fit=fit)
+        step = np.repeat(rs, group, axis=1)
+        same_code = np.abs(deq[e] - rd) <= 1e-3 * np.abs(step)
+        assert same_code.mean() >= 0.99, (e, same_code.mean())
+        assert np.mean(scales[e] == rs) >= 0.99 and np.mean(biases[e] == rb) >= 0.99
+        err_ref = np.einsum("rj,jk,rk->", w[e] - rd, h[e], w[e] - rd)
+        err = np.einsum("rj,jk,rk->", w[e] - deq[e], h[e], w[e] - deq[e])
+        assert err == pytest.approx(err_ref, rel=1e-3)
+        # the packed codes unpack to what the scales and biases dequantize
+        back = mx.dequantize(mx.array(packed[e]), mx.array(scales[e]), mx.array(biases[e]), group_size=group, bits=bits)
+        assert np.allclose(np.array(back), deq[e], atol=1e-6)
+
+
+def test_routed_inputs_are_summed_per_expert_in_one_batch():
+    from mixquant.calib.rounding import _routed_gram
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((50, 16)).astype(np.float32)
+    experts = rng.integers(0, 6, 50)
+    experts[experts == 4] = 5  # an expert no row reaches
+    count = np.zeros(6)
+    got = np.array(_routed_gram(mx.array(rows), experts, 6, count))
+    for e in range(6):
+        sel = rows[experts == e].astype(np.float64)
+        assert np.allclose(got[e], sel.T @ sel, rtol=1e-5, atol=1e-5)
+        assert count[e] == len(sel)
+    assert not got[4].any()
