@@ -13,10 +13,9 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 def kv_bytes_per_token(a: Attention, dtype_bytes: int, bits: int | None = None, group_size: int = 64) -> float:
     """Bytes of K and V per token over all attention layers; `bits`: quantized, each group of
     `group_size` with a scale and a bias in the model's dtype."""
-    elements = 2 * a.layers * a.kv_heads * a.head_dim
-    if bits is None:
-        return elements * dtype_bytes
-    return elements * (bits / 8 + 2 * dtype_bytes / group_size)
+    from mixquant.runtime.kv import Width
+
+    return 2 * a.layers * a.kv_heads * a.head_dim * Width(bits, group_size).element_bytes(dtype_bytes)
 
 
 def fixed_bytes(a: Attention, dtype_bytes: int) -> int:

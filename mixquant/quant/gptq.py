@@ -38,20 +38,27 @@ def _group_params(w: np.ndarray, bits: int, dtype, importance: np.ndarray | None
     return np.array(s.astype(mx.float32))[:, 0], np.array(b.astype(mx.float32))[:, 0]
 
 
+def prepare(hessian: np.ndarray, damp: float = DAMP, act_order: bool = True):
+    """(dead inputs, act-order permutation, upper Cholesky factor of H^-1 in that order, the damped
+    H's diagonal in the inputs' order) of one matrix's Hessian [n, n]."""
+    h = np.array(hessian, dtype=np.float64)
+    n = h.shape[0]
+    dead = np.diag(h) <= 0  # inputs never seen: their weights cannot matter
+    h[dead, dead] = 1.0
+    h[np.diag_indices(n)] += damp * float(np.mean(np.diag(h)))
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
+    return dead, perm, np.linalg.cholesky(np.linalg.inv(h[np.ix_(perm, perm)])).T, np.diag(h).copy()
+
+
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, dtype, act_order: bool = True,
          damp: float = DAMP, fit: bool = True):
     """(packed codes, scales, biases) in MLX's format (scales and biases as float32 values of `dtype`),
     and the dequantized weights [out, in] float32."""
     w = np.array(w, dtype=np.float64)
     rows, n = w.shape
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0  # inputs never seen: their weights cannot matter
-    h[dead, dead] = 1.0
+    dead, perm, hinv, diag = prepare(hessian, damp, act_order)
     w[:, dead] = 0.0
-    h[np.diag_indices(n)] += damp * float(np.mean(np.diag(h)))
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
-    w, h = w[:, perm], h[np.ix_(perm, perm)]
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
+    w = w[:, perm]
     maxq = 2**bits - 1
     groups = n // group_size
     scales, biases = np.zeros((rows, groups)), np.zeros((rows, groups))
@@ -71,7 +78,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, dtype, 
                 current = np.empty((rows, group_size))
                 current[:, ~later] = wb[:, members[~later] - b0]
                 current[:, later] = w[:, members[later]] - err[:, :i] @ hinv[b0 : b0 + i][:, members[later]]
-                importance = np.diag(h)[members] if fit else None
+                importance = diag[perm[members]] if fit else None
                 scales[:, g], biases[:, g] = _group_params(current, bits, dtype, importance)
                 have[g] = True
             s, bias = scales[:, g], biases[:, g]

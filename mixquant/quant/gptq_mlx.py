@@ -2,8 +2,8 @@
 plain linear as a stack of one): the algorithm of mixquant.quant.gptq (its NumPy float64 form is the
 reference the tests compare against), in float32.
 
-Per matrix, the Hessian's preparation (dead inputs, damping, act-order, the upper Cholesky factor of
-its inverse) is n x n work done in NumPy float64. The columns are then rounded in blocks of BLOCK with
+Per matrix, the Hessian's preparation (mixquant.quant.gptq.prepare: dead inputs, damping, act-order,
+the upper Cholesky factor of its inverse) is n x n work done in NumPy float64, shared with the reference. The columns are then rounded in blocks of BLOCK with
 lazy updates, every matrix of the stack in the same step: column c of each matrix's own act-order.
 A group's scale and bias are fitted when the first of its columns comes up in a matrix's order, from
 the group as compensation has left it by then; the matrices whose groups start at the same column
@@ -13,20 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixquant.quant.gptq import BLOCK, DAMP, pack_codes
-
-
-def prepare(hessian: np.ndarray, damp: float = DAMP, act_order: bool = True):
-    """(dead inputs, act-order permutation, upper Cholesky factor of H^-1 in that order, H's diagonal)
-    of one matrix's Hessian [n, n], as mixquant.quant.gptq.gptq prepares it."""
-    h = np.array(hessian, dtype=np.float64)
-    n = h.shape[0]
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices(n)] += damp * float(np.mean(np.diag(h)))
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(n)
-    hp = h[np.ix_(perm, perm)]
-    return dead, perm, np.linalg.cholesky(np.linalg.inv(hp)).T, np.diag(h).copy()
+from mixquant.quant.gptq import BLOCK, DAMP, pack_codes, prepare
 
 
 def gptq_stack(w, hessians: np.ndarray, bits: int, group_size: int, dtype, act_order: bool = True,
