@@ -7,7 +7,8 @@ of the bundled mix (no sampling, so that both runs read the same text): `mixquan
 float forward, layer by layer, collecting the inputs' squares), `convert` uniform 3-bit rounded to
 nearest (the writing that every conversion does), and `convert --q-rounding gptq` (Hessians in MLX,
 the columns rounded by mixquant.quant.gptq_mlx, every expert of a stack at once). Each in a child
-process, one after another, nothing else running. Writes benchmarks/results/rounding_speed.json
+process, one after another, nothing else running, after one untimed short imatrix run (so that every
+timed run finds the model and the package in the page cache). Writes benchmarks/results/rounding_speed.json
 and its section of docs/RESULTS.md.
 """
 
@@ -50,6 +51,8 @@ def timed(argv: list[str]) -> float:
 
 def run_model(model: str, tokens: int, work: Path) -> dict:
     src = str(source(model))
+    # a first run reads the model and the package from disk into the page cache; the timed runs find them there
+    timed(["imatrix", "-m", src, "-o", str(work / f"{model}-warm.gguf"), "--calib", "mix", "--tokens", "512"])
     common = ["--calib", "mix", "--calib-tokens", str(tokens)]
     rows = {"imatrix": timed(["imatrix", "-m", src, "-o", str(work / f"{model}.gguf"), "--calib", "mix",
                               "--tokens", str(tokens)]),
