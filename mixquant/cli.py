@@ -477,6 +477,51 @@ COMPARE_CHUNKS = 32
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "qwen35-tiny"
 
 
+def cmd_tasks(args) -> int:
+    from mixquant.tasks import run as tasks
+
+    positive(args.limit, "--limit")
+    suites = [x.strip() for x in args.suite.split(",") if x.strip()]
+    unknown = [x for x in suites if x not in tasks.SUITES]
+    if unknown or not suites:
+        raise MixquantError(f"--suite: unknown suite(s) {', '.join(unknown) or '(none)'} "
+                            f"(known: {', '.join(tasks.SUITES)})")
+    if (args.model is None) == (args.server is None):
+        raise MixquantError("tasks: give a MODEL folder or --server URL (one of them)")
+    inputs = _paths(args.model, args.reference)
+    for flag in ("json", "markdown"):
+        if getattr(args, flag):
+            check_file_output(Path(getattr(args, flag)), inputs, "--" + flag)
+
+    def responder(spec):
+        if spec is None:
+            return None
+        if spec.startswith(("http://", "https://")):
+            return tasks.ServerResponder(spec, args.server_model)
+        return tasks.LocalResponder(Path(spec))
+
+    candidate = responder(args.server or args.model)
+    reference = responder(args.reference)
+    bar = {}
+
+    def progress(suite, role, i, n):
+        if (suite, role) not in bar:
+            bar[(suite, role)] = _progress(f"{suite} ({role})")
+        if bar[(suite, role)]:
+            bar[(suite, role)](i, n)
+
+    report = tasks.run(candidate, reference, suites, args.limit, progress)
+    print(tasks.markdown(report))
+    if args.json:
+        write_json(Path(args.json), report)
+    if args.markdown:
+        from mixquant.io.atomic import atomic_write
+
+        text = tasks.markdown(report) + "\n"
+        atomic_write(Path(args.markdown), lambda tmp: tmp.write_text(text))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The whole job on the bundled model: plan, convert with the Unsloth-Dynamic recipe, eval, generate, chat."""
     from mixquant.convert import ConvertOptions, build_plan, convert
@@ -675,6 +720,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     add_kv_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tasks", help="task scores (tool calling, BFCL, HumanEval) of a model or server, "
+                       "side by side with a reference, with intervals and paired differences")
+    p.add_argument("model", nargs="?", default=None, help="the model folder (or GGUF file) to score")
+    p.add_argument("--reference", default=None, help="a model folder or server URL scored on the same items")
+    p.add_argument("--server", default=None, metavar="URL", help="score an OpenAI-compatible server instead of MODEL")
+    p.add_argument("--server-model", default=None, help="the model name sent to --server (default: 'default')")
+    p.add_argument("--suite", default="tools,bfcl,humaneval", help="comma-separated: tools, bfcl, humaneval")
+    p.add_argument("--limit", type=int, default=None, help="at most N items per suite (bfcl: N/4 per category)")
+    p.add_argument("--json", default=None, help="write the full report (every item) here")
+    p.add_argument("--markdown", default=None, help="write the table here")
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("demo", help="plan, convert, evaluate and chat with the bundled demo model")
     p.add_argument("--model", default=None, help="model folder (default: the bundled qwen35-tiny)")

@@ -1,0 +1,186 @@
+"""Task suites run against a model (through the chat runtime) or an OpenAI-compatible server, and
+a candidate scored side by side with its reference on the same items.
+
+Every reply is greedy (temperature 0) and capped at its suite's token budget; thinking is off.
+A chat template that does not render tools (SmolLM2's, say) gets them in a system message that
+asks for Qwen3's JSON form inside <tool_call> tags, and sees earlier calls and results written in
+that form, so that every model is asked the same way and parsed by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mixquant.errors import MixquantError
+from mixquant.tasks import bfcl, humaneval, stats, tools
+
+SUITES = ("tools", "bfcl", "humaneval")
+MAX_TOKENS = {"tools": 384, "bfcl": 384, "humaneval": 512}
+TOOL_SYSTEM = ("You can call these tools. To call one, reply with <tool_call>{{\"name\": NAME, \"arguments\": "
+               "{{...}}}}</tool_call>, one block per call; the results come back as <tool_response> blocks. Answer "
+               "normally when no tool is needed.\n\nTools:\n{tools}")
+
+
+def _plain_tool_messages(messages: list[dict], tool_defs: list[dict]) -> list[dict]:
+    """The conversation for a template without tool support: the tools in a system message, calls
+    and results as text."""
+    out = [{"role": "system", "content": TOOL_SYSTEM.format(
+        tools="\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tool_defs))}]
+    for m in messages:
+        if m["role"] == "tool":
+            out.append({"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"})
+        elif m.get("tool_calls"):
+            calls = "\n".join(f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': json.loads(c['function']['arguments'])})}\n</tool_call>"
+                              for c in m["tool_calls"])
+            out.append({"role": "assistant", "content": (m.get("content") or "") + calls})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+class LocalResponder:
+    """Replies of a model folder (or GGUF file) loaded by the chat runtime."""
+
+    def __init__(self, path: Path, kv=None):
+        from mixquant.runtime.chat import load_model
+
+        self.model = load_model(path, kv=kv)
+        self.tools_in_template = "tools" in (self.model.template or "")
+        self.label = str(path)
+
+    def __call__(self, messages, tool_defs, max_tokens) -> tools.Reply:
+        if tool_defs and not self.tools_in_template:
+            messages, tool_defs = _plain_tool_messages(messages, tool_defs), None
+        r = self.model.chat(messages, tools=tool_defs, max_new_tokens=max_tokens, temperature=0.0,
+                            enable_thinking=False)
+        return tools.Reply(r.text, [(c.name, c.arguments) for c in r.tool_calls], r.finish_reason, r.num_tokens,
+                           r.malformed_tool_calls)
+
+
+class ServerResponder:
+    """Replies of an OpenAI-compatible server's /v1/chat/completions."""
+
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0):
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions"
+        self.model, self.timeout, self.label = model or "default", timeout, url
+
+    def __call__(self, messages, tool_defs, max_tokens) -> tools.Reply:
+        body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": max_tokens}
+        if tool_defs:
+            body["tools"] = tool_defs
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                out = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
+            raise MixquantError(f"{self.url}: {e}") from None
+        choice = out["choices"][0]
+        message = choice.get("message") or {}
+        calls, malformed = [], False
+        for c in message.get("tool_calls") or []:
+            try:
+                args = json.loads(c["function"].get("arguments") or "{}")
+            except json.JSONDecodeError:
+                args, malformed = {}, True
+            calls.append((c["function"]["name"], args))
+        finish = choice.get("finish_reason") or "stop"
+        return tools.Reply(message.get("content") or "", calls, finish,
+                           int((out.get("usage") or {}).get("completion_tokens", 0)), malformed)
+
+
+def items_of(suite: str, limit: int | None) -> list[dict]:
+    if suite == "tools":
+        items = tools.load()[0]
+    elif suite == "bfcl":
+        per = None if limit is None else max(1, limit // len(bfcl.CATEGORIES))
+        items = [i for c in bfcl.CATEGORIES for i in bfcl.load(c)[:per]]
+        return items
+    elif suite == "humaneval":
+        items = humaneval.load()
+    else:
+        raise MixquantError(f"--suite: unknown suite {suite!r} (known: {', '.join(SUITES)})")
+    return items[:limit] if limit else items
+
+
+def score_item(suite: str, item: dict, respond) -> dict:
+    """{"id", "score" in [0, 1], "detail"} of one item."""
+    budget = MAX_TOKENS[suite]
+    if suite == "tools":
+        transcript = tools.play(item, respond, budget)
+        points = tools.score(item, transcript)
+        return {"id": item["id"], "category": item["category"], "score": points / 2, "points": points,
+                "detail": {"calls": [[n, a] for n, a, _ in transcript["calls"]], "answer": transcript["answer"][:300],
+                           "ended": transcript["ended"]}, "tokens": transcript["tokens"]}
+    if suite == "bfcl":
+        reply = respond(item["messages"], item["tools"], budget)
+        ok = 0.0 if reply.finish == "length" else bfcl.grade(item, reply.calls, reply.malformed)
+        return {"id": item["id"], "category": item["category"], "score": ok,
+                "detail": {"calls": [[n, a] for n, a in reply.calls], "finish": reply.finish}, "tokens": reply.tokens}
+    reply = respond(humaneval.messages(item), None, budget)
+    ok, why = humaneval.grade(item, reply.content)
+    return {"id": item["id"], "score": ok, "detail": {"result": why, "finish": reply.finish}, "tokens": reply.tokens}
+
+
+def score_suite(suite: str, items: list[dict], respond, progress=None) -> list[dict]:
+    out = []
+    for i, item in enumerate(items):
+        out.append(score_item(suite, item, respond))
+        if progress:
+            progress(i + 1, len(items))
+    return out
+
+
+def summary(rows: list[dict]) -> dict:
+    return stats.interval([r["score"] for r in rows])
+
+
+def compare_rows(candidate: list[dict], reference: list[dict]) -> dict:
+    by_id = {r["id"]: r["score"] for r in reference}
+    ids = [r["id"] for r in candidate if r["id"] in by_id]
+    cand = {r["id"]: r["score"] for r in candidate}
+    return stats.paired([cand[i] for i in ids], [by_id[i] for i in ids])
+
+
+def run(candidate, reference=None, suites=SUITES, limit: int | None = None, progress=None) -> dict:
+    """The report: per suite, each model's per-item rows and score interval, and with a reference
+    the paired difference. `candidate` and `reference` are responders."""
+    report = {"candidate": candidate.label, "reference": getattr(reference, "label", None), "suites": {}}
+    for suite in suites:
+        items = items_of(suite, limit)
+        entry = {"items": len(items)}
+        for role, responder in (("candidate", candidate), ("reference", reference)):
+            if responder is None:
+                continue
+            t0 = time.perf_counter()
+            rows = score_suite(suite, items, responder, progress and (lambda i, n, r=role: progress(suite, r, i, n)))
+            entry[role] = {"score": summary(rows), "seconds": time.perf_counter() - t0,
+                           "tokens": sum(r["tokens"] for r in rows), "rows": rows}
+        if reference is not None:
+            entry["difference"] = compare_rows(entry["candidate"]["rows"], entry["reference"]["rows"])
+        report["suites"][suite] = entry
+    return report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(report: dict) -> str:
+    lines = ["| suite | items | candidate % (95% CI) | reference % (95% CI) | difference (95% CI) | p |",
+             "|---|---:|---|---|---|---:|"]
+    for suite, e in report["suites"].items():
+        c = e["candidate"]["score"]
+        row = f"| {suite} | {e['items']} | {_pct(c['mean'])} ({_pct(c['low'])}-{_pct(c['high'])}) |"
+        if "reference" in e:
+            r, d = e["reference"]["score"], e["difference"]
+            row += (f" {_pct(r['mean'])} ({_pct(r['low'])}-{_pct(r['high'])}) | {_pct(d['diff']):>5} "
+                    f"({_pct(d['low'])} to {_pct(d['high'])}) | {d['p']:.3f} ({d['test']}) |")
+        else:
+            row += " - | - | - |"
+        lines.append(row)
+    return "\n".join(lines)
