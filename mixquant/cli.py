@@ -489,7 +489,7 @@ def cmd_tasks(args) -> int:
     if (args.model is None) == (args.server is None):
         raise MixquantError("tasks: give a MODEL folder or --server URL (one of them)")
     inputs = _paths(args.model, args.reference)
-    for flag in ("json", "markdown"):
+    for flag in ("json", "markdown", "plot"):
         if getattr(args, flag):
             check_file_output(Path(getattr(args, flag)), inputs, "--" + flag)
 
@@ -519,6 +519,10 @@ def cmd_tasks(args) -> int:
 
         text = tasks.markdown(report) + "\n"
         atomic_write(Path(args.markdown), lambda tmp: tmp.write_text(text))
+    if args.plot:
+        from mixquant.io.atomic import atomic_write
+
+        atomic_write(Path(args.plot), lambda tmp: tasks.plot(report, tmp))
     return 0
 
 
@@ -726,11 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="the model folder (or GGUF file) to score")
     p.add_argument("--reference", default=None, help="a model folder or server URL scored on the same items")
     p.add_argument("--server", default=None, metavar="URL", help="score an OpenAI-compatible server instead of MODEL")
-    p.add_argument("--server-model", default=None, help="the model name sent to --server (default: 'default')")
+    p.add_argument("--server-model", default=None, help="the model name sent to --server (default: none, the server's own)")
     p.add_argument("--suite", default="tools,bfcl,humaneval", help="comma-separated: tools, bfcl, humaneval")
     p.add_argument("--limit", type=int, default=None, help="at most N items per suite (bfcl: N/4 per category)")
     p.add_argument("--json", default=None, help="write the full report (every item) here")
     p.add_argument("--markdown", default=None, help="write the table here")
+    p.add_argument("--plot", default=None, help="write a bar chart of the scores with their intervals here (.png)")
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("demo", help="plan, convert, evaluate and chat with the bundled demo model")

@@ -199,3 +199,6 @@ def test_wheel_carries_the_bundled_data(tmp_path):
     assert where.startswith(str(target))
     assert [int(s) for s in sizes.split()] == [(PACKAGE / "data" / n).stat().st_size
                                                for n in ("calibration.jsonl", "eval_heldout.txt")]
+    proc = subprocess.run([sys.executable, "-c", "from mixquant.tasks import tools; print(len(tools.load()[0]))"],
+                          capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(target)}, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "15", proc.stderr

@@ -2,12 +2,12 @@
 
 The completion (the reply's first fenced code block, else the whole reply) is appended to the
 problem's prompt, or replaces its function when it defines it again; the problem's tests run on
-it in a child process (`run`): its own session and throwaway working folder, limits on CPU time,
-address space and file size, a wall-clock limit after which the whole process group is killed,
-and an audit hook (limits and hook set by the child itself before the code runs), impossible to remove from Python, that
-refuses sockets, new processes, native libraries, and any write, removal or rename outside the
-working folder. The hook is a guard against accidents of generated code, not a security boundary
-against code written to escape it.
+it in a child process (`run`) with its own session and throwaway working folder, and a wall-clock
+limit after which the whole process group is killed. Before the code runs, the child sets limits
+on its CPU time, address space and file size, and installs an audit hook (which Python code
+cannot remove) that refuses sockets, new processes, native libraries, and any write, removal or
+rename outside the working folder. The hook is a guard against accidents of generated code, not a
+security boundary against code written to escape it.
 """
 
 from __future__ import annotations

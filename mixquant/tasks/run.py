@@ -66,10 +66,13 @@ class ServerResponder:
 
     def __init__(self, url: str, model: str | None = None, timeout: float = 600.0):
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions"
-        self.model, self.timeout, self.label = model or "default", timeout, url
+        self.model, self.timeout, self.label = model, timeout, url
 
     def __call__(self, messages, tool_defs, max_tokens) -> tools.Reply:
-        body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": max_tokens}
+        body = {"messages": messages, "temperature": 0.0, "max_tokens": max_tokens,
+                "chat_template_kwargs": {"enable_thinking": False}}
+        if self.model:  # without one, the server's own model (mlx_lm.server would look a "default" up on the Hub)
+            body["model"] = self.model
         if tool_defs:
             body["tools"] = tool_defs
         req = urllib.request.Request(self.url, data=json.dumps(body).encode(),
@@ -184,3 +187,30 @@ def markdown(report: dict) -> str:
             row += " - | - | - |"
         lines.append(row)
     return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Each suite's score, candidate beside reference, with 95% intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = list(report["suites"])
+    roles = [r for r in ("candidate", "reference") if report.get(r)]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(suites), 4.2))
+    width = 0.8 / len(roles)
+    for k, role in enumerate(roles):
+        scores = [report["suites"][s][role]["score"] for s in suites]
+        xs = [i + (k - (len(roles) - 1) / 2) * width for i in range(len(suites))]
+        means = [100 * s["mean"] for s in scores]
+        errs = [[100 * (s["mean"] - s["low"]) for s in scores], [100 * (s["high"] - s["mean"]) for s in scores]]
+        ax.bar(xs, means, width, yerr=errs, capsize=4, label=f"{role}: {Path(str(report[role])).name}")
+    ax.set_xticks(range(len(suites)), suites)
+    ax.set_ylabel("score % (95% interval)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)

@@ -26,7 +26,7 @@ class Fixed:
         return self.reply
 
 
-def test_side_by_side_report_pairs_the_same_items():
+def test_side_by_side_report_pairs_the_same_items(tmp_path):
     quiet = Fixed(Reply("Paris. Hi Ana, moved to Friday."), "quiet")
     caller = Fixed(Reply("", [("get_weather", {"city": "x"})], "tool_calls"), "caller")
     report = tasks.run(quiet, caller, suites=["tools"])
@@ -40,6 +40,8 @@ def test_side_by_side_report_pairs_the_same_items():
     assert entry["difference"]["diff"] == pytest.approx(entry["candidate"]["score"]["mean"])
     table = tasks.markdown(report)
     assert table.splitlines()[2].startswith("| tools | 15 | ")
+    tasks.plot(report, tmp_path / "tasks.partial")
+    assert (tmp_path / "tasks.partial").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bfcl_limit_takes_each_category():
@@ -80,7 +82,7 @@ def test_server_replies_are_read_as_openai_gives_them():
         row = tasks.score_item("bfcl", item, respond)
         assert row["score"] == 1.0 and row["tokens"] == 17
         sent = _Endpoint.bodies[0]
-        assert sent["temperature"] == 0.0 and sent["max_tokens"] == tasks.MAX_TOKENS["bfcl"]
+        assert "model" not in sent and sent["temperature"] == 0.0 and sent["max_tokens"] == tasks.MAX_TOKENS["bfcl"]
         assert sent["tools"][0]["function"]["name"] == "calculate_triangle_area"
         bad = respond([{"role": "user", "content": "x"}], None, 8)
         assert bad.malformed and bad.calls == [("f", {})]
@@ -105,13 +107,14 @@ def test_a_template_without_tools_gets_them_in_a_system_message():
 def test_the_fixture_plays_the_tools_suite_through_the_chat_runtime(tmp_path):
     out = tmp_path / "tasks.json"
     run = subprocess.run([sys.executable, "-m", "mixquant.cli", "tasks", str(FIXTURE), "--suite", "tools", "--limit", "3",
-                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+                          "--json", str(out), "--plot", str(tmp_path / "tasks.png")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     rows = report["suites"]["tools"]["candidate"]["rows"]
     assert [r["id"] for r in rows] == ["selection-forecast", "selection-currency", "selection-calendar"]
     assert all(r["points"] in (0, 1, 2) and r["tokens"] > 0 for r in rows)
     assert "| tools | 3 |" in run.stdout
+    assert (tmp_path / "tasks.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("argv, message", [
