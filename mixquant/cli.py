@@ -300,6 +300,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _compare_tasks(args, ref_path: Path):
+    """compare --tasks: a function scoring a candidate folder against the reference (scored at the
+    first call, once)."""
+    if not args.tasks:
+        if args.tasks_limit is not None:
+            raise MixquantError("--tasks-limit: only with --tasks")
+        return None
+    suites = _suites(args.tasks, "--tasks")
+    positive(args.tasks_limit, "--tasks-limit")
+    if not (ref_path.is_dir() or ref_path.suffix == ".gguf"):
+        raise MixquantError(f"{ref_path}: --tasks needs the reference model (a folder or GGUF), not a saved reference")
+    from mixquant.tasks import run as tasks
+
+    reference: list[dict] = []
+
+    def score(path: Path) -> dict:
+        if not reference:
+            reference.append(tasks.score_model(tasks.LocalResponder(ref_path), suites, args.tasks_limit))
+        return tasks.versus(tasks.score_model(tasks.LocalResponder(path), suites, args.tasks_limit), reference[0])
+
+    return score
+
+
 def cmd_compare(args) -> int:
     from mixquant.eval.compare import Candidate, FAMILY_GIVEN, mlx_lm_candidates, our_candidate, parse_recipes, run_compare
     from mixquant.loading import HF, source_kind
@@ -330,9 +353,10 @@ def cmd_compare(args) -> int:
         raise MixquantError("compare: nothing to compare (give candidate folders, --recipes or --baselines)")
     if not Path(args.reference).is_file() and args.chunks is None:
         args.chunks = COMPARE_CHUNKS
+    score_tasks = _compare_tasks(args, ref_path)
     reference = load_reference(args)
     result = run_compare(reference, ref_path, candidates, Path(args.out), keep_models=args.keep_models,
-                         log=lambda line: print(line, flush=True))
+                         log=lambda line: print(line, flush=True), tasks=score_tasks)
     print(f"wrote {args.out}/report.json, report.md, pareto.png ({len(result['entries'])} models)")
     return 0
 
@@ -477,15 +501,22 @@ COMPARE_CHUNKS = 32
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "qwen35-tiny"
 
 
+def _suites(spec: str, flag: str) -> list[str]:
+    from mixquant.tasks.run import SUITES
+
+    suites = [x.strip() for x in spec.split(",") if x.strip()]
+    unknown = [x for x in suites if x not in SUITES]
+    if unknown or not suites:
+        raise MixquantError(f"{flag}: unknown suite(s) {', '.join(unknown) or '(none)'} (known: {', '.join(SUITES)})")
+    return suites
+
+
 def cmd_tasks(args) -> int:
     from mixquant.tasks import run as tasks
 
     positive(args.limit, "--limit")
-    suites = [x.strip() for x in args.suite.split(",") if x.strip()]
-    unknown = [x for x in suites if x not in tasks.SUITES]
-    if unknown or not suites:
-        raise MixquantError(f"--suite: unknown suite(s) {', '.join(unknown) or '(none)'} "
-                            f"(known: {', '.join(tasks.SUITES)})")
+    positive(args.parallel, "--parallel")
+    suites = _suites(args.suite, "--suite")
     if (args.model is None) == (args.server is None):
         raise MixquantError("tasks: give a MODEL folder or --server URL (one of them)")
     inputs = _paths(args.model, args.reference)
@@ -497,7 +528,7 @@ def cmd_tasks(args) -> int:
         if spec is None:
             return None
         if spec.startswith(("http://", "https://")):
-            return tasks.ServerResponder(spec, args.server_model)
+            return tasks.ServerResponder(spec, args.server_model, parallel=args.parallel)
         return tasks.LocalResponder(Path(spec))
 
     candidate = responder(args.server or args.model)
@@ -643,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help=f"window length (default {DEFAULT_CTX})")
     p.add_argument("--chunks", type=int, default=None, help="windows (default 32)")
     p.add_argument("--topk", default="auto")
+    p.add_argument("--tasks", default=None, metavar="SUITES",
+                   help="also score each model on these task suites against the reference (tools,bfcl,humaneval)")
+    p.add_argument("--tasks-limit", type=int, default=None, help="--tasks: at most N items per suite")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="prefill/decode speed, multi-turn decode with cache reuse, peak memory")
@@ -733,6 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-model", default=None, help="the model name sent to --server (default: none, the server's own)")
     p.add_argument("--suite", default="tools,bfcl,humaneval", help="comma-separated: tools, bfcl, humaneval")
     p.add_argument("--limit", type=int, default=None, help="at most N items per suite (bfcl: N/4 per category)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="servers: items in flight at once (default 1; a batching server answers several together)")
     p.add_argument("--json", default=None, help="write the full report (every item) here")
     p.add_argument("--markdown", default=None, help="write the table here")
     p.add_argument("--plot", default=None, help="write a bar chart of the scores with their intervals here (.png)")

@@ -105,7 +105,9 @@ def mlx_lm_candidates(ref_path: Path, group_size: int) -> list[Candidate]:
 
 
 def run_compare(reference: Reference, ref_path: Path, candidates: list[Candidate], out_dir: Path,
-                keep_models: bool = False, log=print) -> dict:
+                keep_models: bool = False, log=print, tasks=None) -> dict:
+    """`tasks(path)`, when given, scores each candidate folder on task suites against the reference
+    ({suite: {"score", "reference", "difference", ...}}), while the folder still exists."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "models" if keep_models else Path(tempfile.mkdtemp(prefix="mixquant-compare-"))
@@ -125,6 +127,8 @@ def run_compare(reference: Reference, ref_path: Path, candidates: list[Candidate
             t2 = time.perf_counter()
             report.update(name=c.name, family=c.family, convert_seconds=round(t1 - t0, 2),
                           eval_seconds=round(t2 - t1, 2))
+            if tasks is not None:
+                report["tasks"] = tasks(path)
             if not keep_models and c.path is None:
                 report["model"] = f"(temporary) {c.name}"
                 shutil.rmtree(path, ignore_errors=True)
@@ -167,7 +171,26 @@ def markdown_table(result: dict) -> str:
             f"{k['stderr']:.5f} | {k['median']:.5f} | {k['p99']:.4f} | {k['p999']:.4f} | "
             f"{100 * e['same_top']:.2f}% | {e['ppl']['ratio']:.4f} |"
         )
+    scored = [e for e in result["entries"] if e.get("tasks")]
+    if scored:
+        suites = list(scored[0]["tasks"])
+        first = scored[0]["tasks"]
+        lines += ["", "Task scores in % with 95% intervals; the difference is the model's minus the reference's on the "
+                  "same items, with its paired interval and p-value.", "",
+                  "| model | " + " | ".join(f"{s} % | {s} difference" for s in suites) + " |",
+                  "|---|" + "---|---|" * len(suites),
+                  "| reference | " + " | ".join(f"{_interval(first[s]['reference'])} | -" for s in suites) + " |"]
+        for e in scored:
+            t = e["tasks"]
+            lines.append(f"| {e['name']} | " + " | ".join(
+                f"{_interval(t[s]['score'])} | {100 * t[s]['difference']['diff']:.1f} "
+                f"({100 * t[s]['difference']['low']:.1f} to {100 * t[s]['difference']['high']:.1f}), "
+                f"p {t[s]['difference']['p']:.3f}" for s in suites) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _interval(score: dict) -> str:
+    return f"{100 * score['mean']:.1f} ({100 * score['low']:.1f}-{100 * score['high']:.1f})"
 
 
 FAMILY_STYLE = {

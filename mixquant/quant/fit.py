@@ -41,37 +41,47 @@ def _round_to(a: np.ndarray, dtype) -> np.ndarray:
     return np.array(mx.array(a.astype(np.float32)).astype(dtype).astype(mx.float32)).astype(np.float64)
 
 
+CHUNK = 1 << 22  # weights per candidate evaluated at once (every ratio of a block of rows in one MLX call)
+
+
 def _quantize_weighted(w: np.ndarray, bits: int, group_size: int, dtype, importance: np.ndarray):
     import mlx.core as mx
 
     rows, n = w.shape
-    groups = n // group_size
+    imp = np.broadcast_to(np.maximum(importance.astype(np.float64), 0).reshape(-1, n), (rows, n))
+    step = max(1, CHUNK // (n * len(CLIP_RATIOS)))
+    parts = [_weighted_rows(w[r:r + step], imp[r:r + step], bits, group_size, dtype) for r in range(0, rows, step)]
+    packed, scale, bias = (np.concatenate(x) for x in zip(*parts))
+    return (mx.array(packed), mx.array(scale.astype(np.float32)).astype(dtype),
+            mx.array(bias.astype(np.float32)).astype(dtype))
+
+
+def _weighted_rows(w: np.ndarray, importance: np.ndarray, bits: int, group_size: int, dtype):
+    """(packed codes, scales, biases) NumPy of rows w [rows, n]: every clip ratio's candidate from one
+    mx.quantize call, the least weighted error's kept (the first ratio of those that tie)."""
+    import mlx.core as mx
+
+    rows, n = w.shape
+    groups, k = n // group_size, len(CLIP_RATIOS)
     wg = w.reshape(rows, groups, group_size)
-    imp = np.broadcast_to(np.maximum(importance.astype(np.float64), 0).reshape(-1, groups, group_size), wg.shape)
+    imp = importance.reshape(rows, groups, group_size)
     lo, hi = wg.min(-1, keepdims=True), wg.max(-1, keepdims=True)
     centre, half = (lo + hi) / 2, (hi - lo) / 2
-    ones = mx.ones((rows, groups), dtype=mx.float32)
-    best = None
-    for ratio in CLIP_RATIOS:
-        clipped = np.clip(wg, centre - ratio * half, centre + ratio * half).reshape(rows, n)
-        q, s, b = mx.quantize(mx.array(clipped.astype(np.float32)).astype(dtype), group_size=group_size, bits=bits)
-        codes = np.array(mx.dequantize(q, ones, mx.zeros_like(ones), group_size=group_size, bits=bits))
-        codes = codes.reshape(wg.shape).astype(np.float64)
-        scale, bias = _weighted_fit(wg, codes, imp, np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32)))
-        scale, bias = _round_to(scale, dtype), _round_to(bias, dtype)
-        err = (imp * np.square(wg - scale[..., None] * codes - bias[..., None])).sum(-1)
-        packed = np.array(q).reshape(rows, groups, -1)
-        if best is None:
-            best = [err, packed, scale, bias]
-            continue
-        better = err < best[0]
-        best[0] = np.where(better, err, best[0])
-        best[1] = np.where(better[..., None], packed, best[1])
-        best[2] = np.where(better, scale, best[2])
-        best[3] = np.where(better, bias, best[3])
-    _, packed, scale, bias = best
-    return (mx.array(packed.reshape(rows, -1)), mx.array(scale.astype(np.float32)).astype(dtype),
-            mx.array(bias.astype(np.float32)).astype(dtype))
+    ratio = np.asarray(CLIP_RATIOS).reshape(-1, 1, 1, 1)
+    clipped = np.clip(wg[None], centre - ratio * half, centre + ratio * half).reshape(k * rows, n)
+    q, s, b = mx.quantize(mx.array(clipped.astype(np.float32)).astype(dtype), group_size=group_size, bits=bits)
+    ones = mx.ones((k * rows, groups), dtype=mx.float32)
+    codes = mx.dequantize(q, ones, mx.zeros_like(ones), group_size=group_size, bits=bits)
+    codes = np.array(codes).reshape(k, rows, groups, group_size).astype(np.float64)
+    s0 = np.array(s.astype(mx.float32)).reshape(k, rows, groups)
+    b0 = np.array(b.astype(mx.float32)).reshape(k, rows, groups)
+    scale, bias = _weighted_fit(wg[None], codes, imp[None], s0, b0)
+    scale, bias = _round_to(scale, dtype), _round_to(bias, dtype)
+    err = (imp[None] * np.square(wg[None] - scale[..., None] * codes - bias[..., None])).sum(-1)
+    pick = np.argmin(err, axis=0)[None]  # [1, rows, groups]
+    packed = np.array(q).reshape(k, rows, groups, -1)
+    return (np.take_along_axis(packed, pick[..., None], axis=0)[0].reshape(rows, -1),
+            np.take_along_axis(scale, pick, axis=0)[0], np.take_along_axis(bias, pick, axis=0)[0])
 
 
 def _weighted_fit(w, codes, imp, scale0, bias0):

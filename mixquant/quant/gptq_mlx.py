@@ -3,8 +3,9 @@ plain linear as a stack of one): the algorithm of mixquant.quant.gptq (its NumPy
 reference the tests compare against), in float32.
 
 Per matrix, the Hessian's preparation (mixquant.quant.gptq.prepare: dead inputs, damping, act-order,
-the upper Cholesky factor of its inverse) is n x n work done in NumPy float64, shared with the reference. The columns are then rounded in blocks of BLOCK with
-lazy updates, every matrix of the stack in the same step: column c of each matrix's own act-order.
+the upper Cholesky factor of its inverse) is n x n work done in NumPy float64, shared with the
+reference. The columns are then rounded in blocks of BLOCK with lazy updates, every matrix of the
+stack in the same step: column c of each matrix's own act-order.
 A group's scale and bias are fitted when the first of its columns comes up in a matrix's order, from
 the group as compensation has left it by then; the matrices whose groups start at the same column
 are fitted together (mixquant.quant.fit with one importance row per matrix)."""
@@ -17,19 +18,27 @@ from mixquant.quant.gptq import BLOCK, DAMP, pack_codes, prepare
 
 
 def gptq_stack(w, hessians: np.ndarray, bits: int, group_size: int, dtype, act_order: bool = True,
-               damp: float = DAMP, fit: bool = True):
+               damp: float = DAMP, fit: bool = True, columns: str | None = None):
     """w [E, rows, n] (any array), hessians [E, n, n]: (packed codes [E, rows, n*bits/32] uint32, scales
     and biases [E, rows, n/group_size] as float32 values of `dtype`, dequantized weights [E, rows, n]
-    float32), NumPy arrays, as mixquant.quant.gptq.gptq gives them for each matrix."""
+    float32), NumPy arrays, as mixquant.quant.gptq.gptq gives them for each matrix.
+
+    `columns`: where the column steps inside a block run, "mlx" or "numpy" (default: NumPy on the CPU
+    device, where MLX's cost per small operation outweighs the work of one column, MLX elsewhere).
+    The blocks' lazy updates are MLX matmuls either way."""
     import mlx.core as mx
 
+    if columns is None:
+        columns = "numpy" if mx.default_device() == mx.cpu else "mlx"
+    step = {"numpy": _NumpyColumns, "mlx": _MlxColumns}[columns]
     w = np.array(w, dtype=np.float32)
     stack, rows, n = w.shape
     groups = n // group_size
     prepared = [prepare(h, damp, act_order) for h in hessians]
     dead = np.stack([p[0] for p in prepared])
     perm = np.stack([p[1] for p in prepared])
-    hinv = mx.array(np.stack([p[2] for p in prepared]).astype(np.float32))
+    hinv_np = np.stack([p[2] for p in prepared]).astype(np.float32)
+    hinv = mx.array(hinv_np)
     diag = np.stack([p[3] for p in prepared])
     w = np.where(dead[:, None, :], 0.0, w).astype(np.float32)
     position = np.argsort(perm, axis=1)  # where each original column sits in its matrix's order
@@ -47,49 +56,120 @@ def gptq_stack(w, hessians: np.ndarray, bits: int, group_size: int, dtype, act_o
     codes, deqs = [], []
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
-        wb = W[:, :, b0:b1]
-        hb = hinv[:, b0:b1, b0:b1]
-        errs = []
-        s_cols = b_cols = None
+        block = step(W[:, :, b0:b1], hinv_np[:, b0:b1, b0:b1], maxq)
         for i in range(b1 - b0):
             c = b0 + i
-            if c in events or s_cols is None:
+            if c in events or i == 0:
                 if c in events:
-                    _fit_groups(events[c], W, wb, errs, hinv, member_pos, diag, b0, b1, bits, group_size, dtype, fit,
-                                scales, biases)
+                    _fit_groups(events[c], W, block.current(), block.errors(), hinv, member_pos, diag, b0, b1, bits,
+                                group_size, dtype, fit, scales, biases)
                 gather = col_group[:, b0:b1]  # [E, B]
-                s_cols = mx.array(np.take_along_axis(scales, gather[:, None, :], axis=2))
-                b_cols = mx.array(np.take_along_axis(biases, gather[:, None, :], axis=2))
-            s, bias = s_cols[:, :, i], b_cols[:, :, i]
-            x = wb[:, :, i]
-            q = mx.clip(mx.round((x - bias) / mx.where(s == 0, 1.0, s)), 0, maxq)
-            deq = s * q + bias
-            err = (x - deq) / hb[:, i, i][:, None]
-            wb = mx.concatenate([wb[:, :, :i], deq[:, :, None], wb[:, :, i + 1:] - err[:, :, None] * hb[:, None, i, i + 1:]],
-                                axis=2)
-            errs.append(err)
-            codes.append(q)
-            deqs.append(deq)
-        err_block = mx.stack(errs, axis=2)
-        W = mx.concatenate([W[:, :, :b0], wb, W[:, :, b1:] - err_block @ hinv[:, b0:b1, b1:]], axis=2)
-        mx.eval(W, codes[b0:b1], deqs[b0:b1])
+                block.pairs(np.take_along_axis(scales, gather[:, None, :], axis=2),
+                            np.take_along_axis(biases, gather[:, None, :], axis=2))
+            block.step(i)
+        W = mx.concatenate([W[:, :, :b0], block.current(), W[:, :, b1:] - block.errors() @ hinv[:, b0:b1, b1:]],
+                           axis=2)
+        q, d = block.results()
+        codes.append(q)
+        deqs.append(d)
+        mx.eval(W)
     order = np.argsort(perm, axis=1)
-    q = np.take_along_axis(np.array(mx.stack(codes, axis=2)).astype(np.int64), order[:, None, :], axis=2)
-    d = np.take_along_axis(np.array(mx.stack(deqs, axis=2)), order[:, None, :], axis=2)
+    q = np.take_along_axis(np.concatenate(codes, axis=2).astype(np.int64), order[:, None, :], axis=2)
+    d = np.take_along_axis(np.concatenate(deqs, axis=2), order[:, None, :], axis=2)
     packed = np.stack([pack_codes(q[e], bits) for e in range(stack)])
     return packed, scales, biases, d.astype(np.float32)
 
 
-def _fit_groups(due, W, wb, errs, hinv, member_pos, diag, b0, b1, bits, group_size, dtype, fit, scales, biases):
-    """Fit the (matrix, group) pairs `due` at the current column (i = len(errs) into the block): each
-    group's columns as compensated so far (those in the block from `wb`, later ones from `W` less the
-    block's pending updates), all the pairs' rows in one call."""
+class _NumpyColumns:
+    """One block's column steps in NumPy float32, every matrix of the stack at once, the block held
+    transposed ([E, B, rows]) so that a column and the columns after it are contiguous."""
+
+    def __init__(self, wb, hb: np.ndarray, maxq: int):
+        self.wt = np.ascontiguousarray(np.swapaxes(np.array(wb), 1, 2))  # [E, B, rows]
+        self.hb, self.maxq = hb, maxq
+        self.err = np.zeros_like(self.wt)
+        self.codes = np.zeros_like(self.wt)
+        self.done = 0
+
+    def pairs(self, s, b):  # [E, rows, B] each
+        self.s = np.ascontiguousarray(np.swapaxes(s, 1, 2))
+        self.b = np.ascontiguousarray(np.swapaxes(b, 1, 2))
+
+    def step(self, i: int):
+        s, bias, x = self.s[:, i], self.b[:, i], self.wt[:, i]
+        q = np.clip(np.round((x - bias) / np.where(s == 0, 1.0, s)), 0, self.maxq)
+        deq = s * q + bias
+        err = (x - deq) / self.hb[:, i, i][:, None]
+        self.wt[:, i + 1:] -= self.hb[:, i, i + 1:, None] * err[:, None, :]
+        self.wt[:, i] = deq
+        self.err[:, i] = err
+        self.codes[:, i] = q
+        self.done = i + 1
+
+    def current(self):
+        import mlx.core as mx
+
+        return mx.array(np.swapaxes(self.wt, 1, 2))
+
+    def errors(self):
+        import mlx.core as mx
+
+        return mx.array(np.swapaxes(self.err[:, :self.done], 1, 2)) if self.done else None
+
+    def results(self):
+        return np.swapaxes(self.codes, 1, 2), np.swapaxes(self.wt, 1, 2)
+
+
+class _MlxColumns:
+    """One block's column steps as MLX operations on the default device."""
+
+    def __init__(self, wb, hb: np.ndarray, maxq: int):
+        import mlx.core as mx
+
+        self.wb, self.hb, self.maxq = wb, mx.array(hb), maxq
+        self.errs, self.codes = [], []
+
+    def pairs(self, s, b):
+        import mlx.core as mx
+
+        self.s, self.b = mx.array(s), mx.array(b)
+
+    def step(self, i: int):
+        import mlx.core as mx
+
+        s, bias, x = self.s[:, :, i], self.b[:, :, i], self.wb[:, :, i]
+        q = mx.clip(mx.round((x - bias) / mx.where(s == 0, 1.0, s)), 0, self.maxq)
+        deq = s * q + bias
+        err = (x - deq) / self.hb[:, i, i][:, None]
+        self.wb = mx.concatenate([self.wb[:, :, :i], deq[:, :, None],
+                                  self.wb[:, :, i + 1:] - err[:, :, None] * self.hb[:, None, i, i + 1:]], axis=2)
+        self.errs.append(err)
+        self.codes.append(q)
+
+    def current(self):
+        return self.wb
+
+    def errors(self):
+        import mlx.core as mx
+
+        return mx.stack(self.errs, axis=2) if self.errs else None
+
+    def results(self):
+        import mlx.core as mx
+
+        return np.array(mx.stack(self.codes, axis=2)), np.array(self.wb)
+
+
+def _fit_groups(due, W, wb, err, hinv, member_pos, diag, b0, b1, bits, group_size, dtype, fit, scales, biases):
+    """Fit the (matrix, group) pairs `due` at the current column (i = the columns of `err`, the
+    block's errors so far [E, rows, i] or None): each group's columns as compensated so far (those in
+    the block from `wb`, later ones from `W` less the block's pending updates), all the pairs' rows in
+    one call."""
     import mlx.core as mx
 
     from mixquant.quant.fit import quantize
 
-    i = len(errs)
-    err = mx.stack(errs, axis=2) if errs else None
+    i = 0 if err is None else err.shape[2]
     current, importance = [], []
     for e, g in due:
         members = member_pos[e, g]  # the positions, in the order, of the group's columns

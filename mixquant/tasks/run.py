@@ -64,9 +64,9 @@ class LocalResponder:
 class ServerResponder:
     """Replies of an OpenAI-compatible server's /v1/chat/completions."""
 
-    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0):
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0, parallel: int = 1):
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions"
-        self.model, self.timeout, self.label = model, timeout, url
+        self.model, self.timeout, self.label, self.parallel = model, timeout, url, parallel
 
     def __call__(self, messages, tool_defs, max_tokens) -> tools.Reply:
         body = {"messages": messages, "temperature": 0.0, "max_tokens": max_tokens,
@@ -129,40 +129,70 @@ def score_item(suite: str, item: dict, respond) -> dict:
     return {"id": item["id"], "score": ok, "detail": {"result": why, "finish": reply.finish}, "tokens": reply.tokens}
 
 
-def score_suite(suite: str, items: list[dict], respond, progress=None) -> list[dict]:
-    out = []
-    for i, item in enumerate(items):
-        out.append(score_item(suite, item, respond))
-        if progress:
-            progress(i + 1, len(items))
-    return out
-
-
-def summary(rows: list[dict]) -> dict:
-    return stats.interval([r["score"] for r in rows])
-
-
 def compare_rows(candidate: list[dict], reference: list[dict]) -> dict:
+    """The paired difference over the items both were scored on."""
     by_id = {r["id"]: r["score"] for r in reference}
     ids = [r["id"] for r in candidate if r["id"] in by_id]
     cand = {r["id"]: r["score"] for r in candidate}
     return stats.paired([cand[i] for i in ids], [by_id[i] for i in ids])
 
 
-def run(candidate, reference=None, suites=SUITES, limit: int | None = None, progress=None) -> dict:
-    """The report: per suite, each model's per-item rows and score interval, and with a reference
-    the paired difference. `candidate` and `reference` are responders."""
-    report = {"candidate": candidate.label, "reference": getattr(reference, "label", None), "suites": {}}
+def score_suite(suite: str, items: list[dict], respond, progress=None) -> list[dict]:
+    """Every item's row, in item order; a responder with `parallel` > 1 gets that many items in
+    flight at once (a server that batches requests)."""
+    parallel = getattr(respond, "parallel", 1)
+    if parallel <= 1:
+        out = []
+        for i, item in enumerate(items):
+            out.append(score_item(suite, item, respond))
+            if progress:
+                progress(i + 1, len(items))
+        return out
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    rows: list = [None] * len(items)
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = {pool.submit(score_item, suite, item, respond): k for k, item in enumerate(items)}
+        for done, f in enumerate(as_completed(futures), 1):
+            rows[futures[f]] = f.result()
+            if progress:
+                progress(done, len(items))
+    return rows
+
+
+def score_model(responder, suites=SUITES, limit: int | None = None, progress=None) -> dict:
+    """{suite: {"items", "score" (interval), "seconds", "tokens", "rows"}} of one model;
+    `progress(suite, i, n)`."""
+    out = {}
     for suite in suites:
         items = items_of(suite, limit)
-        entry = {"items": len(items)}
-        for role, responder in (("candidate", candidate), ("reference", reference)):
-            if responder is None:
-                continue
-            t0 = time.perf_counter()
-            rows = score_suite(suite, items, responder, progress and (lambda i, n, r=role: progress(suite, r, i, n)))
-            entry[role] = {"score": summary(rows), "seconds": time.perf_counter() - t0,
-                           "tokens": sum(r["tokens"] for r in rows), "rows": rows}
+        t0 = time.perf_counter()
+        rows = score_suite(suite, items, responder, progress and (lambda i, n, s=suite: progress(s, i, n)))
+        out[suite] = {"items": len(items), "score": stats.interval([r["score"] for r in rows]),
+                      "seconds": time.perf_counter() - t0, "tokens": sum(r["tokens"] for r in rows), "rows": rows}
+    return out
+
+
+def versus(candidate: dict, reference: dict) -> dict:
+    """Per suite of two `score_model` results: each score and the paired difference, without rows."""
+    return {suite: {"items": c["items"], "score": c["score"], "reference": reference[suite]["score"],
+                    "difference": compare_rows(c["rows"], reference[suite]["rows"]), "seconds": c["seconds"]}
+            for suite, c in candidate.items()}
+
+
+def run(candidate, reference=None, suites=SUITES, limit: int | None = None, progress=None) -> dict:
+    """The report: per suite, each model's per-item rows and score interval, and with a reference
+    the paired difference. `candidate` and `reference` are responders; `progress(suite, role, i, n)`."""
+    report = {"candidate": candidate.label, "reference": getattr(reference, "label", None), "suites": {}}
+    scored = {}
+    for role, responder in (("candidate", candidate), ("reference", reference)):
+        if responder is not None:
+            scored[role] = score_model(responder, suites, limit, progress and (
+                lambda s, i, n, r=role: progress(s, r, i, n)))
+    for suite in suites:
+        entry = {"items": scored["candidate"][suite]["items"]}
+        for role, by_suite in scored.items():
+            entry[role] = {k: v for k, v in by_suite[suite].items() if k != "items"}
         if reference is not None:
             entry["difference"] = compare_rows(entry["candidate"]["rows"], entry["reference"]["rows"])
         report["suites"][suite] = entry

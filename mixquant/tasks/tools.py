@@ -100,8 +100,12 @@ def play(scenario: dict, respond, max_tokens: int) -> dict:
     return {"calls": calls, "answer": answer, "ended": ended, "tokens": tokens}
 
 
-def _holds(check: dict, transcript: dict) -> bool:
+def holds(check: dict, transcript: dict) -> bool:
+    """One check of a scenario (a "call" check carries its "args" beside it)."""
     calls = transcript["calls"]
+    if "call" in check:
+        name, wanted = check["call"], check.get("args", {})
+        return any(n == name and _args_match(a, wanted) for n, a, _ in calls)
     names = [c[0] for c in calls]
     (kind, arg), = ((k, v) for k, v in check.items())
     if kind == "only":
@@ -122,14 +126,6 @@ def _holds(check: dict, transcript: dict) -> bool:
     if kind == "answer":
         return any(t.lower() in transcript["answer"].lower() for t in arg)
     raise ValueError(f"unknown check {kind!r}")
-
-
-def holds(check: dict, transcript: dict) -> bool:
-    """One check of a scenario (a "call" check carries its "args" beside it)."""
-    if "call" in check:
-        name, wanted = check["call"], check.get("args", {})
-        return any(n == name and _args_match(a, wanted) for n, a, _ in transcript["calls"])
-    return _holds(check, transcript)
 
 
 def score(scenario: dict, transcript: dict) -> int:

@@ -21,11 +21,13 @@ def _problem(seed, stack, rows, n, dead=()):
     return w, h
 
 
+@pytest.mark.parametrize("columns", ["numpy", "mlx"])
 @pytest.mark.parametrize("bits, group, fit, act_order", [(3, 64, True, True), (4, 32, True, True),
                                                         (2, 64, False, True), (3, 32, True, False)])
-def test_each_matrix_of_a_stack_is_what_the_reference_gives_it(bits, group, fit, act_order):
+def test_each_matrix_of_a_stack_is_what_the_reference_gives_it(bits, group, fit, act_order, columns):
     w, h = _problem(bits * 10 + group, 3, 48, 320, dead=[(1, 7), (2, 300)])
-    packed, scales, biases, deq = gptq_stack(w, h, bits, group, mx.bfloat16, act_order=act_order, fit=fit)
+    packed, scales, biases, deq = gptq_stack(w, h, bits, group, mx.bfloat16, act_order=act_order, fit=fit,
+                                             columns=columns)
     assert packed.shape == (3, 48, 320 * bits // 32) and scales.shape == biases.shape == (3, 48, 320 // group)
     for e in range(3):
         rp, rs, rb, rd = gptq(w[e], h[e], bits, group, mx.bfloat16, act_order=act_order, fit=fit)

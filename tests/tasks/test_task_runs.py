@@ -126,3 +126,75 @@ def test_the_fixture_plays_the_tools_suite_through_the_chat_runtime(tmp_path):
 def test_bad_arguments_are_one_line_errors(argv, message):
     run = subprocess.run([sys.executable, "-m", "mixquant.cli", *argv], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr
+
+
+class ByItem:
+    """A fake server answering each item by its first message, `parallel` items at a time; the
+    first two calls wait for each other, so a sequential run would time out."""
+
+    def __init__(self, parallel):
+        self.parallel, self.label = parallel, "by-item"
+        self.meet = threading.Barrier(2, timeout=10) if parallel > 1 else None
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, messages, tool_defs, max_tokens):
+        with self.lock:
+            self.calls += 1
+            first = self.calls <= 2
+        if first and self.meet:
+            self.meet.wait()
+        text = messages[-1]["content"]
+        if len(text) % 2:
+            return Reply("", [(tool_defs[0]["function"]["name"], {})], "tool_calls") if tool_defs else Reply("x")
+        return Reply("Paris. Hi Ana, moved to Friday.")
+
+
+def test_parallel_items_give_the_sequential_rows_in_item_order():
+    sequential = tasks.score_model(ByItem(1), ["bfcl"], limit=8)
+    parallel = tasks.score_model(ByItem(4), ["bfcl"], limit=8)
+    assert parallel["bfcl"]["rows"] == sequential["bfcl"]["rows"]
+    assert [r["id"] for r in parallel["bfcl"]["rows"]] == [i["id"] for i in tasks.items_of("bfcl", 8)]
+
+
+def test_versus_pairs_two_scored_models_without_their_rows():
+    quiet = tasks.score_model(Fixed(Reply("Paris. Hi Ana, moved to Friday."), "quiet"), ["tools"], limit=6)
+    caller = tasks.score_model(Fixed(Reply("", [("get_weather", {"city": "x"})], "tool_calls"), "c"), ["tools"], limit=6)
+    out = tasks.versus(quiet, caller)
+    assert set(out["tools"]) == {"items", "score", "reference", "difference", "seconds"}
+    assert out["tools"]["items"] == 6
+    assert out["tools"]["difference"]["diff"] == pytest.approx(quiet["tools"]["score"]["mean"]
+                                                               - caller["tools"]["score"]["mean"])
+
+
+def test_compare_scores_tasks_beside_kld(tmp_path):
+    out = tmp_path / "cmp"
+    run = subprocess.run([sys.executable, "-m", "mixquant.cli", "compare", str(FIXTURE), str(FIXTURE), "--out", str(out),
+                          "--chunks", "1", "--ctx", "64", "--tasks", "tools", "--tasks-limit", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    entry, = json.loads((out / "report.json").read_text())["entries"]
+    t = entry["tasks"]["tools"]
+    assert t["items"] == 2 and t["score"] == t["reference"]  # the same weights, greedy: the same replies
+    assert t["difference"]["diff"] == 0.0 and t["difference"]["p"] == 1.0
+    md = (out / "report.md").read_text()
+    assert "| model | tools % | tools difference |" in md and "| qwen35-tiny | " in md.split("tools difference")[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "mmlu"], "--tasks: unknown suite(s) mmlu (known: tools, bfcl, humaneval)"),
+    (["--tasks-limit", "3"], "--tasks-limit: only with --tasks"),
+    (["--tasks", "tools", "--tasks-limit", "0"], "--tasks-limit: must be at least 1, got 0"),
+])
+def test_compare_task_arguments_are_one_line_errors(tmp_path, argv, message):
+    run = subprocess.run([sys.executable, "-m", "mixquant.cli", "compare", str(FIXTURE), str(FIXTURE),
+                          "--out", str(tmp_path / "o"), *argv], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_compare_tasks_need_the_reference_model(tmp_path):
+    saved = tmp_path / "ref.npz"
+    saved.write_bytes(b"")
+    run = subprocess.run([sys.executable, "-m", "mixquant.cli", "compare", str(saved), str(FIXTURE),
+                          "--out", str(tmp_path / "o"), "--tasks", "tools"], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "--tasks needs the reference model (a folder or GGUF)" in run.stderr
