@@ -155,7 +155,9 @@ def main() -> None:
         if args.part in ("models", "both"):
             write_json(RESULTS, {**common, **models(args, gguf, ref, work)})
         if args.part in ("servers", "both"):
-            folder, _ = build("mlx-lm-4bit", gguf, ref, work)
+            folder = work / "mlx-lm-4bit"  # the models part may have made it already
+            if not folder.exists():
+                build("mlx-lm-4bit", gguf, ref, work)
             report = servers(folder, args.suites, args.limit, work, args.parallel)
             print(f"servers: {report['wall_s']:.0f} s", flush=True)
             write_json(SERVERS, {**common, **report})
