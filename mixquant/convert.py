@@ -174,6 +174,8 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
         check_tokenizer_files(source.root)
     for warning in plan.warnings:
         log.warning(warning)
+    if options.distill_steps > 0 and not fits_in_memory(plan):
+        raise MixquantError(distill_too_big(src, plan, options))
     awq_result = run_awq(Path(src), source, plan, options.awq) if options.awq else None
     rounded = cached_rounding(Path(src), plan, options, awq_result) if options.rounding != NEAREST else {}
     distilled = None
@@ -459,6 +461,15 @@ def fits_in_memory(plan: Plan) -> bool:
     from mixquant.loading import memory_bytes
 
     return float_bytes(plan) <= memory_bytes() // 2
+
+
+def distill_too_big(src: Path, plan: Plan, options: ConvertOptions) -> str:
+    from mixquant.loading import memory_bytes
+
+    asked = f"--quality {options.preset}" if options.preset else "--q-distill"
+    return (f"{src}: {asked}: distillation holds the whole unquantized model ({float_bytes(plan) / 1e9:.1f} GB in "
+            f"float32), more than half of this machine's memory ({memory_bytes() / 1e9:.1f} GB); use --q-rounding "
+            f"learned, which rounds a layer at a time in bounded memory")
 
 
 def awq_summary(opts: AwqOptions | None, result) -> dict | None:

@@ -1,13 +1,12 @@
 """GPTQ over a whole model, layer by layer, each layer seeing the inputs the layers before it
-produce once quantized (sequential), and within a layer one stage at a time.
+produce once quantized (sequential across layers; within a layer, every linear's Hessian comes from
+the same run of the unquantized layer, as in the GPTQ paper's own code).
 
 The unquantized model runs in float32 (mlx-lm's own classes). For decoder layer L, the runner
-replays the kept states entering L and runs L alone. The layer's linears are grouped into stages
-by the input they read (q/k/v read the norm's output, o_proj the attention's, ...), in the order
-the layer calls them; for each stage, the Hessians of its linears (per expert for MoE: only the
-tokens routed to it) are collected with the earlier stages already quantized, each linear is
-quantized with GPTQ, and its dequantized weights replace the float ones. Then the states entering
-L + 1 are computed from the quantized layer. Memory holds one stage's Hessians. The embedding is
+replays the kept states entering L and runs L alone, once per batch, collecting the Hessians of
+all its linears (per expert for MoE: only the tokens routed to it); each linear is quantized with
+GPTQ and its dequantized weights replace the float ones. Then the states entering L + 1 are
+computed from the quantized layer. Memory holds one layer's Hessians. The embedding is
 rounded to nearest (a lookup has no input to compensate on); the head is done last, on the final
 states of the quantized model.
 
@@ -34,64 +33,62 @@ log = logging.getLogger(__name__)
 
 
 def _hooks():
-    import itertools
-
     import mlx.core as mx
 
-    from mixquant.calib.runner import Stop
     from mixquant.wrap import Wrapper
-
-    calls = itertools.count()
 
     class Hessian(Wrapper):
         """Wraps a Linear or SwitchLinear: sums x x^T of its inputs in MLX, float32 (per expert for a
         SwitchLinear: the rows routed to each expert gathered into one padded batch, one batched
-        matmul for all experts), and notes which input object it read, for grouping modules into
-        stages."""
+        matmul for all experts). Linears that read the same input in one run (q/k/v, gate/up) share
+        its product: `grams` holds the products of the run in progress, cleared between runs."""
 
-        def __init__(self, inner, n_mat: int, n_in: int, collect: bool):
+        grams: dict = {}
+
+        def __init__(self, inner, n_mat: int, n_in: int):
             super().__init__(inner)
-            self._sum = mx.zeros((n_mat, n_in, n_in), dtype=mx.float32) if collect else None
+            self._sum = mx.zeros((n_mat, n_in, n_in), dtype=mx.float32)
             self._count = np.zeros(n_mat)
-            self._input = None
-            self._order = None
-            self.last = False  # the stage's last module: the layer's forward stops once it has its input
 
         @property
         def _h(self) -> np.ndarray:
             return np.array(self._sum, dtype=np.float64)
 
         def __call__(self, x, *args, **kwargs):
-            if self._order is None:
-                self._input, self._order = id(x), next(calls)
-            if self._sum is not None:
-                xs = x.astype(mx.float32)
-                if args:  # SwitchLinear(x, indices): the rows routed to each expert
-                    idx = args[0]
-                    while xs.ndim > idx.ndim + 1 and xs.shape[-2] == 1:
-                        xs = xs[..., 0, :]
-                    rows = mx.broadcast_to(xs, (*idx.shape, xs.shape[-1])).reshape(-1, xs.shape[-1])
-                    self._sum = self._sum + _routed_gram(rows, np.array(idx).reshape(-1), self._sum.shape[0], self._count)
-                else:
-                    rows = xs.reshape(-1, xs.shape[-1])
-                    self._sum = self._sum + (rows.T @ rows)[None]
-                    self._count[0] += rows.shape[0]
-                mx.eval(self._sum)
-                if self.last:
-                    raise Stop
+            key = (id(x), id(args[0]) if args else None)
+            if key not in Hessian.grams:
+                Hessian.grams[key] = (x, args, *_gram(x, args[0] if args else None, self._sum.shape[0]))
+            _, _, gram, per = Hessian.grams[key]
+            self._sum = self._sum + gram
+            self._count += per
             return self.inner(x, *args, **kwargs)
 
     return Hessian
 
 
-def _routed_gram(rows, experts: np.ndarray, n_experts: int, count: np.ndarray):
+def _gram(x, indices, n_mat: int):
+    """(sum of x x^T over the rows of x [n_mat, n, n], rows per matrix): per expert for a SwitchLinear's
+    `indices`."""
+    import mlx.core as mx
+
+    xs = x.astype(mx.float32)
+    if indices is None:
+        rows = xs.reshape(-1, xs.shape[-1])
+        return (rows.T @ rows)[None], np.array([rows.shape[0]])
+    while xs.ndim > indices.ndim + 1 and xs.shape[-2] == 1:
+        xs = xs[..., 0, :]
+    rows = mx.broadcast_to(xs, (*indices.shape, xs.shape[-1])).reshape(-1, xs.shape[-1])
+    experts = np.array(indices).reshape(-1)
+    return _routed_gram(rows, experts, n_mat), np.bincount(experts, minlength=n_mat)
+
+
+def _routed_gram(rows, experts: np.ndarray, n_experts: int):
     """sum of x x^T over the rows routed to each expert [n_experts, n, n]: the rows gathered per expert
-    into [n_experts, most rows, n] (padded with a zero row), one batched matmul; `count` gets the rows."""
+    into [n_experts, most rows, n] (padded with a zero row), one batched matmul."""
     import mlx.core as mx
 
     order = np.argsort(experts, kind="stable")
     per = np.bincount(experts, minlength=n_experts)
-    count += per
     width = max(int(per.max()), 1)
     slots = np.full((n_experts, width), len(experts))  # the padding row
     starts = np.concatenate([[0], np.cumsum(per)[:-1]])
@@ -129,9 +126,8 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
     def where(obj) -> str:  # the runner wraps the layers: paths move, the module objects stay
         return next(p for p, m in model.named_modules() if m is obj)
 
-    def wrap(names, collect):
-        hooks = {m: Hessian(modules[m], entries[m].tensor.n_matrices, entries[m].tensor.in_features, collect)
-                 for m in names}
+    def wrap(names):
+        hooks = {m: Hessian(modules[m], entries[m].tensor.n_matrices, entries[m].tensor.in_features) for m in names}
         model.update_modules(tree_unflatten([(where(modules[m]), h) for m, h in hooks.items()]))
         return hooks
 
@@ -159,15 +155,15 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
         modules[name].weight = mx.array(np.stack(deqs) if entries[name].tensor.stacked else deqs[0])
 
     def gptq_layer(layer, names):
-        """GPTQ for the layer's `names`, stage by stage."""
-        for stage in _stages(runner, layer, names, wrap, unwrap):
-            hooks = wrap(stage, collect=True)
-            hooks[stage[-1]].last = True  # stages are in call order: nothing after it is needed
-            for w in range(runner.n_batches):
-                runner.run_to(layer, w)
-            unwrap(hooks)
-            for m in stage:
-                quantize(m, hooks[m])
+        """GPTQ for the layer's `names`, every Hessian from the same runs of the unquantized layer."""
+        hooks = wrap(names)
+        for w in range(runner.n_batches):
+            runner.run_to(layer, w)
+            mx.eval([h._sum for h in hooks.values()])
+            Hessian.grams.clear()
+        unwrap(hooks)
+        for m in names:
+            quantize(m, hooks[m])
 
     def learn(layer, names, float_in):
         """Learned rounding of the layer's `names`, trained on the kept states entering it towards the
@@ -239,8 +235,9 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
                         progress(layer + 1, n_layers + 1)
                 heads = [m for m, e in entries.items() if e.tensor.layer is None]
                 if heads:
-                    hooks = wrap(heads, collect=True)
+                    hooks = wrap(heads)
                     runner.logits(n_layers)
+                    Hessian.grams.clear()
                     unwrap(hooks)
                     for m in heads:
                         quantize(m, hooks[m])
@@ -277,17 +274,6 @@ def _rounded_embedding(model, plan, awq_result, dtype):
         yield
     finally:
         module.weight = original
-
-
-def _stages(runner, layer: int, names: list[str], wrap, unwrap) -> list[list[str]]:
-    """The layer's modules grouped by the input object they read, in the order the layer calls them."""
-    hooks = wrap(names, collect=False)
-    runner.run_to(layer, 0)
-    unwrap(hooks)
-    stages: dict[int, list[str]] = {}
-    for _, m in sorted((h._order, m) for m, h in hooks.items() if h._order is not None):
-        stages.setdefault(hooks[m]._input, []).append(m)
-    return list(stages.values())
 
 
 def _scaled(ops, w, h):

@@ -41,7 +41,7 @@ def _round_to(a: np.ndarray, dtype) -> np.ndarray:
     return np.array(mx.array(a.astype(np.float32)).astype(dtype).astype(mx.float32)).astype(np.float64)
 
 
-CHUNK = 1 << 22  # weights per candidate evaluated at once (every ratio of a block of rows in one MLX call)
+CHUNK = 1 << 18  # weights per candidate set evaluated at once (small enough that the float64 temporaries stay in cache)
 
 
 def _quantize_weighted(w: np.ndarray, bits: int, group_size: int, dtype, importance: np.ndarray):

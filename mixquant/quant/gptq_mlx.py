@@ -57,15 +57,22 @@ def gptq_stack(w, hessians: np.ndarray, bits: int, group_size: int, dtype, act_o
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
         block = step(W[:, :, b0:b1], hinv_np[:, b0:b1, b0:b1], maxq)
+        W_np = None  # the stack as the earlier blocks left it, in NumPy, for the groups that reach past this block
         for i in range(b1 - b0):
             c = b0 + i
-            if c in events or i == 0:
-                if c in events:
-                    _fit_groups(events[c], W, block.current(), block.errors(), hinv, member_pos, diag, b0, b1, bits,
-                                group_size, dtype, fit, scales, biases)
-                gather = col_group[:, b0:b1]  # [E, B]
+            gather = col_group[:, b0:b1]  # [E, B]
+            if c in events:
+                if W_np is None and any(member_pos[e, g].max() >= b1 for e, g in events[c]):
+                    W_np = np.array(W)
+                _fit_groups(events[c], W_np, block, hinv_np, member_pos, diag, b0, b1, bits, group_size, dtype, fit,
+                            scales, biases)
+            if i == 0:
                 block.pairs(np.take_along_axis(scales, gather[:, None, :], axis=2),
                             np.take_along_axis(biases, gather[:, None, :], axis=2))
+            elif c in events:  # only the matrices whose groups were just fitted
+                due = np.unique([e for e, _ in events[c]])
+                block.pairs(np.take_along_axis(scales[due], gather[due][:, None, :], axis=2),
+                            np.take_along_axis(biases[due], gather[due][:, None, :], axis=2), due)
             block.step(i)
         W = mx.concatenate([W[:, :, :b0], block.current(), W[:, :, b1:] - block.errors() @ hinv[:, b0:b1, b1:]],
                            axis=2)
@@ -91,9 +98,21 @@ class _NumpyColumns:
         self.codes = np.zeros_like(self.wt)
         self.done = 0
 
-    def pairs(self, s, b):  # [E, rows, B] each
-        self.s = np.ascontiguousarray(np.swapaxes(s, 1, 2))
-        self.b = np.ascontiguousarray(np.swapaxes(b, 1, 2))
+    def pairs(self, s, b, matrices=None):  # [E, rows, B] each (or of `matrices` only)
+        if matrices is None:
+            self.s = np.ascontiguousarray(np.swapaxes(s, 1, 2))
+            self.b = np.ascontiguousarray(np.swapaxes(b, 1, 2))
+        else:
+            self.s[matrices] = np.swapaxes(s, 1, 2)
+            self.b[matrices] = np.swapaxes(b, 1, 2)
+
+    def values(self, e: int, cols: np.ndarray) -> np.ndarray:
+        """Matrix e's block columns `cols` as compensated so far [rows, len(cols)]."""
+        return self.wt[e, cols].T
+
+    def errors_of(self, e: int) -> np.ndarray | None:
+        """Matrix e's scaled errors of the block's columns done so far [rows, done]."""
+        return self.err[e, :self.done].T if self.done else None
 
     def step(self, i: int):
         s, bias, x = self.s[:, i], self.b[:, i], self.wt[:, i]
@@ -129,10 +148,28 @@ class _MlxColumns:
         self.wb, self.hb, self.maxq = wb, mx.array(hb), maxq
         self.errs, self.codes = [], []
 
-    def pairs(self, s, b):
+    def pairs(self, s, b, matrices=None):
         import mlx.core as mx
 
-        self.s, self.b = mx.array(s), mx.array(b)
+        if matrices is None:
+            self.s, self.b = mx.array(s), mx.array(b)
+        else:
+            self.s[mx.array(matrices)] = mx.array(s)
+            self.b[mx.array(matrices)] = mx.array(b)
+
+    @property
+    def done(self) -> int:
+        return len(self.errs)
+
+    def values(self, e: int, cols: np.ndarray) -> np.ndarray:
+        import mlx.core as mx
+
+        return np.array(self.wb[e][:, mx.array(cols)])
+
+    def errors_of(self, e: int) -> np.ndarray | None:
+        import mlx.core as mx
+
+        return np.array(mx.stack([err[e] for err in self.errs], axis=1)) if self.errs else None
 
     def step(self, i: int):
         import mlx.core as mx
@@ -160,39 +197,37 @@ class _MlxColumns:
         return np.array(mx.stack(self.codes, axis=2)), np.array(self.wb)
 
 
-def _fit_groups(due, W, wb, err, hinv, member_pos, diag, b0, b1, bits, group_size, dtype, fit, scales, biases):
-    """Fit the (matrix, group) pairs `due` at the current column (i = the columns of `err`, the
-    block's errors so far [E, rows, i] or None): each group's columns as compensated so far (those in
-    the block from `wb`, later ones from `W` less the block's pending updates), all the pairs' rows in
-    one call."""
+def _fit_groups(due, W, block, hinv, member_pos, diag, b0, b1, bits, group_size, dtype, fit, scales, biases):
+    """Fit the (matrix, group) pairs `due` at the current column (the block's `done`): each group's
+    columns as compensated so far (those in the block from `block`, later ones from `W` [E, rows, n],
+    NumPy, less the block's pending updates through `hinv` [E, n, n]), all the pairs' rows in one
+    call."""
     import mlx.core as mx
 
     from mixquant.quant.fit import quantize
 
-    i = 0 if err is None else err.shape[2]
+    i = block.done
+    rows = scales.shape[1]
     current, importance = [], []
     for e, g in due:
         members = member_pos[e, g]  # the positions, in the order, of the group's columns
         inside = members < b1
-        idx_in, idx_later = np.nonzero(inside)[0], np.nonzero(~inside)[0]
-        parts = {}
-        if len(idx_in):
-            parts.update(zip(idx_in.tolist(), mx.split(wb[e][:, mx.array(members[idx_in] - b0)], len(idx_in), axis=1)))
-        if len(idx_later):
-            later = W[e][:, mx.array(members[idx_later])]
+        values = np.empty((rows, group_size), np.float32)
+        if inside.any():
+            values[:, inside] = block.values(e, members[inside] - b0)
+        if not inside.all():
+            later = members[~inside]
+            values[:, ~inside] = W[e][:, later]
+            err = block.errors_of(e)
             if err is not None:
-                later = later - err[e] @ hinv[e][b0: b0 + i][:, mx.array(members[idx_later])]
-            parts.update(zip(idx_later.tolist(), mx.split(later, len(idx_later), axis=1)))
-        current.append(mx.concatenate([parts[j] for j in range(group_size)], axis=1))
+                values[:, ~inside] -= err @ hinv[e, b0: b0 + i][:, later]
+        current.append(values)
         if fit:
-            importance.append(np.broadcast_to(diag[e, g * group_size: (g + 1) * group_size], (wb.shape[1], group_size)))
-    block = np.concatenate([np.array(c) for c in current], axis=0)
+            importance.append(np.broadcast_to(diag[e, g * group_size: (g + 1) * group_size], (rows, group_size)))
     imp = np.concatenate(importance, axis=0) if fit else None
-    _, s, b = quantize(block, bits, group_size, dtype, imp)
+    _, s, b = quantize(np.concatenate(current, axis=0), bits, group_size, dtype, imp)
     s = np.array(s.astype(mx.float32))[:, 0]
     b = np.array(b.astype(mx.float32))[:, 0]
-    rows = wb.shape[1]
     for k, (e, g) in enumerate(due):
         scales[e, :, g] = s[k * rows: (k + 1) * rows]
         biases[e, :, g] = b[k * rows: (k + 1) * rows]
-

@@ -266,3 +266,20 @@ def test_floats_tune_the_bias_of_a_quantized_attention_projection(tmp_path):
     layer = model.language_model.model.layers[1].self_attn
     assert not np.allclose(result.floats["language_model.model.layers.1.self_attn.q_proj.bias"],
                            np.array(layer.q_proj.bias))
+
+
+@pytest.mark.parametrize("flags, asked", [(["--q-recipe", "uniform", "--q-bits", "3", "--q-distill", "8"], "--q-distill"),
+                                          (["--target-bpw", "3.6", "--quality", "best"], "--quality best")])
+def test_distilling_a_model_that_does_not_fit_is_a_one_line_error(tmp_path, capsys, monkeypatch, flags, asked):
+    from conftest import FIXTURE, run_cli
+
+    import mixquant.loading
+
+    monkeypatch.setattr(mixquant.loading, "memory_bytes", lambda: 40_000_000)  # a machine of 40 MB
+    out = tmp_path / "q"
+    assert run_cli("convert", "-i", FIXTURE, "-o", out, *flags) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("mixquant: note:")]
+    assert len(err) == 1, err
+    assert err[0].startswith(f"mixquant: error: {FIXTURE}: {asked}: distillation holds the whole unquantized model ("), err
+    assert "more than half of this machine's memory (0.0 GB); use --q-rounding learned" in err[0], err
+    assert not out.exists()

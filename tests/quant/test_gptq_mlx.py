@@ -2,6 +2,7 @@
 matrix by matrix of a stack, and the Hessians of routed inputs gathered per expert in one batch."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -44,16 +45,32 @@ def test_each_matrix_of_a_stack_is_what_the_reference_gives_it(bits, group, fit,
 
 
 def test_routed_inputs_are_summed_per_expert_in_one_batch():
-    from mixquant.calib.rounding import _routed_gram
+    from mixquant.calib.rounding import _gram
 
     rng = np.random.default_rng(3)
-    rows = rng.standard_normal((50, 16)).astype(np.float32)
-    experts = rng.integers(0, 6, 50)
-    experts[experts == 4] = 5  # an expert no row reaches
-    count = np.zeros(6)
-    got = np.array(_routed_gram(mx.array(rows), experts, 6, count))
+    x = rng.standard_normal((25, 1, 1, 16)).astype(np.float32)  # as a SwitchLinear gets it: top-2 of 6 experts
+    experts = np.stack([rng.choice([0, 1, 2, 3, 5], 2, replace=False) for _ in range(25)])  # none reaches 4
+    got, count = _gram(mx.array(x), mx.array(experts), 6)
+    got = np.array(got)
+    rows = x.reshape(25, 16).astype(np.float64)
     for e in range(6):
-        sel = rows[experts == e].astype(np.float64)
+        sel = rows[(experts == e).any(axis=1)]
         assert np.allclose(got[e], sel.T @ sel, rtol=1e-5, atol=1e-5)
         assert count[e] == len(sel)
-    assert not got[4].any()
+    assert not got[4].any() and count[4] == 0
+
+
+def test_linears_reading_one_input_share_its_product():
+    from mixquant.calib.rounding import _hooks
+
+    Hessian = _hooks()
+    q, k = Hessian(nn.Linear(8, 4), 1, 8), Hessian(nn.Linear(8, 3), 1, 8)
+    x = mx.array(np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32))
+    q(x), k(x)
+    assert len(Hessian.grams) == 1 and q._sum is not k._sum
+    rows = np.array(x).reshape(10, 8).astype(np.float64)
+    for h in (q, k):
+        assert np.allclose(h._h[0], rows.T @ rows, atol=1e-4) and h._count[0] == 10
+    Hessian.grams.clear()
+    q(x + 1)
+    assert np.allclose(q._h[0], rows.T @ rows + (rows + 1).T @ (rows + 1), atol=1e-3) and q._count[0] == 20
