@@ -248,11 +248,11 @@ def main() -> None:
             new["seconds"].update(kept)
             new["earlier_run"] = sorted(k.removeprefix("convert uniform-3, ") for k in kept)
         earlier[model] = with_ratios(new)
-    cpu_blas.enable()
+    blas = cpu_blas.enable()
     stacks = expert_stacks(args.calib_tokens)
     print(f"expert stacks: per-expert loop {stacks['seconds']['per-expert loop']:.2f} s, batched "
           f"{stacks['seconds']['batched']:.2f} s = {stacks['speedup']:.1f}x", flush=True)
-    out = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {cpu_blas.enable()}",
+    out = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
            "models": [earlier[m] for m in ("fixture", "smollm2") if m in earlier], "expert_stacks": stacks,
            "rates": kernel_rates()}
     out["projection"] = projection(out)

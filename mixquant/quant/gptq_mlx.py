@@ -58,9 +58,9 @@ def gptq_stack(w, hessians: np.ndarray, bits: int, group_size: int, dtype, act_o
         b1 = min(b0 + BLOCK, n)
         block = step(W[:, :, b0:b1], hinv_np[:, b0:b1, b0:b1], maxq)
         W_np = None  # the stack as the earlier blocks left it, in NumPy, for the groups that reach past this block
+        gather = col_group[:, b0:b1]  # [E, B]
         for i in range(b1 - b0):
             c = b0 + i
-            gather = col_group[:, b0:b1]  # [E, B]
             if c in events:
                 if W_np is None and any(member_pos[e, g].max() >= b1 for e, g in events[c]):
                     W_np = np.array(W)
