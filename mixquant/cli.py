@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mixquant.calib.data import BUILTIN_CALIB, DEFAULT_CALIB
 from mixquant.calib.sensitivity import DEFAULT_WINDOWS
+from mixquant.distributed import is_main, launched, shard_for, stop_on_terminate, world
 from mixquant.errors import MixquantError
 from mixquant.io.output import check_file_output, check_not_inputs
 from mixquant.quant.presets import DEFAULT_PRESET, PRESETS, preset
@@ -375,6 +376,8 @@ def cmd_bench(args) -> int:
     if args.mtp and kv:
         raise MixquantError("--kv-bits with --mtp: bench --mtp compares plain and MTP decoding on a float cache")
     if args.mtp:
+        if args.shard:
+            raise MixquantError("--mtp with --shard: the MTP head does not run sharded yet")
         if args.compare:
             raise MixquantError("--mtp and --compare: one at a time (--mtp compares plain and MTP decoding)")
         result = bench_mtp(Path(args.model), cfg, _depths(args.mtp_depths), sampled=args.sample,
@@ -384,12 +387,13 @@ def cmd_bench(args) -> int:
             write_json(Path(args.json), {"config": vars(cfg), **result})
         return 0
     paths = [Path(args.model)] + ([Path(args.compare)] if args.compare else [])
-    results = bench(paths, cfg, native=args.native, kv=kv)
+    shard = _sharded(args, "bench")
+    results = bench(paths, cfg, native=args.native, kv=kv, shard=shard)
     print(format_table(results, cfg))
     for r in results:
         for line in format_cache(r["cache"]):
             print(line)
-    if args.json:
+    if args.json and (shard is None or is_main(shard.group)):
         out = {"config": vars(cfg), "results": results}
         if len(results) == 2:
             out["ratio"] = {k: results[1][k] / results[0][k] for k in results[0] if k.endswith("tok_s")}
@@ -413,9 +417,13 @@ def cmd_imatrix(args) -> int:
     positive(args.ctx, "--ctx", 2)
     out = Path(args.output)
     check_file_output(out, _paths(args.model, _calib_file(args.calib)))
-    imatrix, _, _ = compute_imatrix(Path(args.model), args.calib, args.tokens, args.ctx, _progress("calibrating"))
-    (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(out, imatrix)
-    print(f"wrote {out}: {len(imatrix.entries)} tensors, {imatrix.chunk_count} chunks of {imatrix.chunk_size} tokens")
+    group = world()  # under mlx.launch: the windows are split over the processes, rank 0 writes
+    imatrix, _, _ = compute_imatrix(Path(args.model), args.calib, args.tokens, args.ctx,
+                                    _progress("calibrating") if is_main(group) else None, group=group)
+    if is_main(group):
+        (write_imatrix_dat if out.suffix == ".dat" else write_imatrix_gguf)(out, imatrix)
+        print(f"wrote {out}: {len(imatrix.entries)} tensors, {imatrix.chunk_count} chunks of {imatrix.chunk_size} "
+              f"tokens{f' on {group.size()} processes' if group is not None else ''}")
     return 0
 
 
@@ -425,9 +433,14 @@ def cmd_sensitivity(args) -> int:
     positive(args.windows, "--windows")
     positive(args.ctx, "--ctx", 4)
     check_file_output(Path(args.output), _paths(args.model, _calib_file(args.calib)))
+    group = world()  # under mlx.launch: the proxy's windows are split over the processes, rank 0 writes
+    main = is_main(group)
     sens = compute_sensitivity(Path(args.model), args.mode, args.calib, args.windows, args.ctx, args.dtype,
-                               Path(args.output), progress=_progress(f"{args.mode} sensitivity"),
-                               rounding=args.rounding)
+                               Path(args.output) if main else None,
+                               progress=_progress(f"{args.mode} sensitivity") if main else None,
+                               rounding=args.rounding, group=group)
+    if not main:
+        return 0
     print(f"wrote {args.output}: {args.mode} sensitivity of {len(sens.units)} units on {sens.calib['windows']} "
           f"windows of {sens.calib['ctx']} tokens ({sens.calib['spec']})")
     return 0
@@ -454,7 +467,8 @@ def cmd_chat(args) -> int:
         raise MixquantError("--mtp-depth: only with --mtp")
     mtp = (DEFAULT_DEPTH if args.mtp_depth is None else check_depth(args.mtp_depth)) if args.mtp else 0
     kv = kv_options(args)
-    return run(Path(args.model), args.max_tokens, args.temperature, mtp=mtp, native=args.native, kv=kv)
+    shard = _sharded(args, "chat")
+    return run(Path(args.model), args.max_tokens, args.temperature, mtp=mtp, native=args.native, kv=kv, shard=shard)
 
 
 def cmd_serve(args) -> int:
@@ -480,7 +494,7 @@ def cmd_serve(args) -> int:
     return serve(Path(args.model), host=args.host, port=args.port,
                  api_key=api_key, max_concurrency=args.max_concurrency,
                  max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, mtp=mtp,
-                 native=args.native, max_connections=args.max_connections, kv=kv)
+                 native=args.native, max_connections=args.max_connections, kv=kv, shard=_sharded(args, "serve"))
 
 
 def cmd_generate(args) -> int:
@@ -489,11 +503,25 @@ def cmd_generate(args) -> int:
     positive(args.max_tokens, "--max-tokens")
     if not args.prompt:
         raise MixquantError("--prompt: empty (give the text to continue)")
+    shard = _sharded(args, "generate")
     for piece in generate_text(Path(args.model), args.prompt, args.max_tokens, native=args.native,
-                               kv=kv_options(args)):
+                               kv=kv_options(args), shard=shard):
         print(piece, end="", flush=True)
     print()
     return 0
+
+
+def _sharded(args, command: str):
+    """--shard as a mixquant.distributed.Shard (or None); a rank other than 0 runs the same steps
+    with its standard output discarded, and every rank samples from rank 0's seed."""
+    from mixquant.distributed import same_random_state
+
+    shard = shard_for(args.shard, command)
+    if shard is not None:
+        if not is_main(shard.group):
+            sys.stdout = open(os.devnull, "w")
+        same_random_state(shard.group)
+    return shard
 
 
 DEFAULT_CTX = 512
@@ -595,6 +623,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+SHARD_HELP = ("under mlx.launch: split the model over the processes by layers (pipeline) or within "
+              "layers (tensor); rank 0 prints")
+
+
+def add_shard_arg(p) -> None:
+    p.add_argument("--shard", choices=("pipeline", "tensor"), default=None, help=SHARD_HELP)
+
+
 def add_kv_args(p) -> None:
     p.add_argument("--kv-bits", default=None, help="keep the attention layers' KV cache at 4 or 8 bits "
                    "(mlx-lm's quantized cache), or 'auto': the widths per layer measured by convert --kv-bits auto "
@@ -694,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     p.add_argument("--json", default=None)
     add_kv_args(p)
+    add_shard_arg(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("imatrix", help="compute an importance matrix (llama.cpp's GGUF format) on calibration text")
@@ -730,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most tokens drafted per step (default 2); fewer, or none, while that decodes faster")
     p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     add_kv_args(p)
+    add_shard_arg(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server with continuous batching")
@@ -749,6 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp-depth", type=int, default=None)
     p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     add_kv_args(p)
+    add_shard_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="greedy-decode a continuation of a prompt")
@@ -757,6 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--native", action="store_true", help=NATIVE_HELP)
     add_kv_args(p)
+    add_shard_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tasks", help="task scores (tool calling, BFCL, HumanEval) of a model or server, "
@@ -788,15 +828,52 @@ class _WarningLine(logging.Handler):
     """mixquant's library warnings and notes, one line each on stderr."""
 
     def emit(self, record):
+        if _rank():
+            return  # under mlx.launch every rank would say the same: rank 0 says it
         kind = "warning" if record.levelno >= logging.WARNING else "note"
         print(f"mixquant: {kind}: {record.getMessage()}", file=sys.stderr)
+
+
+def _rank() -> int:
+    """This process's rank under mlx.launch (0 alone, or before MLX is loaded)."""
+    if "mlx.core" not in sys.modules:
+        return 0
+    from mixquant.distributed import rank, world
+
+    try:
+        return rank(world())
+    except RuntimeError:  # the group could not be formed: say it as the launcher numbered us
+        return int(os.environ.get("MLX_RANK", "0"))
+
+
+def _rank_count() -> int:
+    if "mlx.core" not in sys.modules:
+        return 1
+    from mixquant.distributed import world
+
+    try:
+        group = world()
+    except RuntimeError:
+        return 1
+    return 1 if group is None else group.size()
+
+
+def _error(text: str) -> None:
+    r = _rank()
+    print(f"mixquant: error: {f'rank {r}: ' if r else ''}{text}", file=sys.stderr)
 
 
 NOTE_LEVEL = 25  # mixquant.loading.NOTE, without importing MLX before the BLAS is chosen
 
 
 def _terminate(signum, frame):
+    if launched():
+        _stopped()
     raise SystemExit(128 + signum)  # unwinds like an interrupt: staging folders are removed
+
+
+def _stopped() -> None:
+    _error("stopped by SIGTERM (mlx.launch sends it once another process of the group has ended)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -812,19 +889,26 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(NOTE_LEVEL)
     logger.propagate = False
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    if previous is not None and launched():
+        stop_on_terminate(_stopped)
     try:
         return args.func(args)
     except MixquantError as e:
-        print(f"mixquant: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except KeyboardInterrupt:
         print("mixquant: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except RuntimeError as e:
+        if _rank_count() < 2:
+            raise
+        _error(f"the process group failed ({e}); is every rank still running?")
+        return 2
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"mixquant: error: {where}{e.strerror or e}", file=sys.stderr)
+        _error(f"{where}{e.strerror or e}")
         return 2
     finally:
         logger.removeHandler(handler)

@@ -80,20 +80,31 @@ def default_dequantize() -> bool:
 
 
 def load(path: Path, *, dtype: str | None = None, dequantize: bool | None = False, mtp: bool = False,
-         config_dir: Path | None = None) -> Loaded:
+         config_dir: Path | None = None, shard=None) -> Loaded:
     """The model at `path` as mlx-lm runs it.
 
     dtype: for HF and GGUF sources the float dtype the weights are built in (default bfloat16, as a
     conversion writes them); for MLX folders, a dtype the unquantized parameters are cast to.
     dequantize: replace quantized layers by float32 ones holding their dequantized weights (None:
     on CPU only). mtp: also build the MTP head (into `mtp`). config_dir: a GGUF
-    source's config and tokenizer files, as `convert --config-dir` takes them."""
+    source's config and tokenizer files, as `convert --config-dir` takes them. shard: a
+    mixquant.distributed.Shard, the model split over its processes (an MLX folder is read lazily,
+    so a pipeline rank reads only its layers; HF and GGUF sources are built whole first)."""
     from mixquant.kernels import adopt_kernels, uses_token_loop
 
     path = Path(path)
     kind = source_kind(path)
-    loaded, mtp_weights = (_load_mlx(path, mtp) if kind == MLX
+    if shard is not None and mtp:
+        raise MixquantError(f"{path}: --mtp with --shard: the MTP head does not run sharded yet")
+    loaded, mtp_weights = (_load_mlx(path, mtp, lazy=shard is not None) if kind == MLX
                            else _load_source(path, kind, dtype or "bfloat16", mtp, config_dir))
+    if shard is not None:
+        import mlx.core as mx
+
+        from mixquant.distributed import shard_model
+
+        shard_model(loaded.model, shard, str(path))
+        mx.eval(loaded.model.parameters())
     adopt_kernels(loaded.model, chunked=uses_token_loop())
     if mtp:
         loaded.mtp = _mtp_parts(loaded, mtp_weights)
@@ -138,12 +149,12 @@ def check_mlx_folder(path: Path) -> None:
     check_tokenizer_files(path)
 
 
-def _load_mlx(path: Path, mtp: bool) -> tuple[Loaded, dict]:
+def _load_mlx(path: Path, mtp: bool, lazy: bool = False) -> tuple[Loaded, dict]:
     from mlx_lm import load as mlx_load
 
     check_mlx_folder(path)
     try:
-        model, tokenizer, config = mlx_load(str(path), return_config=True)
+        model, tokenizer, config = mlx_load(str(path), return_config=True, lazy=lazy)
     except (FileNotFoundError, ValueError) as e:
         raise MixquantError(f"{path}: mlx-lm cannot load it ({e})") from None
     loaded = Loaded(model, tokenizer, config, path, MLX)
@@ -270,6 +281,11 @@ def dequantize_model(model) -> None:
         elif isinstance(m, QuantizedSwitchLinear):
             experts, out_dims = m.weight.shape[:2]
             new = SwitchLinear(m.weight.shape[-1] * 32 // m.bits, out_dims, experts, bias="bias" in m)
+        elif isinstance(m, (nn.QuantizedAllToShardedLinear, nn.QuantizedShardedToAllLinear)):  # --shard tensor
+            out_dims, in_dims, n = m.weight.shape[0], m.weight.shape[1] * 32 // m.bits, m.group.size()
+            new = (nn.AllToShardedLinear(in_dims, out_dims * n, "bias" in m, m.group)
+                   if isinstance(m, nn.QuantizedAllToShardedLinear)
+                   else nn.ShardedToAllLinear(in_dims * n, out_dims, "bias" in m, m.group))
         else:
             continue
         new.weight = weight_of(m)
@@ -309,12 +325,13 @@ def float32_bytes(model) -> int:
     return 4 * total
 
 
-def load_for_running(path: Path, *, native: bool = False, mtp: bool = False) -> Loaded:
+def load_for_running(path: Path, *, native: bool = False, mtp: bool = False, shard=None) -> Loaded:
     """A model to decode with, in the compute path that is fastest on this backend: on MLX's CPU
     backend the weights dequantized to float32 (where batching and MTP verification gain, through
     an optimised BLAS), when they fit in FAST_CPU_SHARE of memory; elsewhere, or `native`, the
-    quantized kernels. `compute_note` says which, for the caller to log once the model is ready."""
-    loaded = load(path, mtp=mtp)
+    quantized kernels. `compute_note` says which, for the caller to log once the model is ready.
+    shard: as load's (the float32 budget is then this rank's part)."""
+    loaded = load(path, mtp=mtp, shard=shard)
     if native or not default_dequantize():
         return loaded
     need = float32_bytes(loaded.model) + (float32_bytes(loaded.mtp.head) if loaded.mtp is not None else 0)

@@ -114,6 +114,24 @@ def recording(model, samples: bool = True):
         model.update_modules(tree_unflatten(originals))
 
 
+def sum_over_ranks(stats: dict[str, ModuleStats], group) -> dict[str, ModuleStats]:
+    """Every rank's sums and counts added (in float64 and int64, one collective each), for
+    statistics collected over each rank's share of the windows; samples are not combined."""
+    from mixquant.distributed import all_sum
+
+    if group is None:
+        return stats
+    items = list(stats.values())
+    sums = all_sum(np.concatenate([s.sum2.ravel() for s in items]), group)
+    counts = all_sum(np.concatenate([s.counts.ravel() for s in items]), group)
+    at = at_count = 0
+    for s in items:
+        s.sum2 = sums[at : at + s.sum2.size].reshape(s.sum2.shape)
+        s.counts = counts[at_count : at_count + s.counts.size].reshape(s.counts.shape)
+        at, at_count = at + s.sum2.size, at_count + s.counts.size
+    return stats
+
+
 def collect(model, windows: np.ndarray, progress=None) -> dict[str, ModuleStats]:
     """Module path -> stats, for every Linear / SwitchLinear of the model (embedding excluded)."""
     import mlx.core as mx

@@ -71,30 +71,43 @@ def stats_to_imatrix(stats: dict[str, ModuleStats], config: dict, dataset: str, 
     return out
 
 
-def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, progress=None):
+def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, progress=None, group=None):
     """(Imatrix, per-module stats) for an unquantized model (HF, GGUF or MLX). The model runs one
     decoder layer at a time (its memory: one layer and the calibration states), except MLX folders
     (mlx-lm loads those whole); calibration text the model samples is sampled first, by the whole
-    model."""
+    model. group (mixquant.distributed): rank 0's windows are dealt to the ranks in blocks, each
+    rank runs its own and the sums are added, so every rank returns the whole imatrix."""
+    from mixquant.calib.collect import sum_over_ranks
     from mixquant.calib.streamed import StreamedModel, collect_streamed, streamable
+    from mixquant.distributed import broadcast, owned
+
+    def share(windows):
+        windows = broadcast(windows, group)
+        if group is not None and len(windows) < group.size():
+            raise MixquantError(f"{model_path}: {len(windows)} calibration windows for {group.size()} processes; "
+                                f"give more --tokens or fewer processes")
+        mine = owned(len(windows), group)
+        return windows, windows[mine.start : mine.stop]
 
     if not streamable(model_path):
-        stats, config, windows, _ = calibrate(model_path, calib, tokens, ctx, progress=progress)
+        stats, config, windows, _ = calibrate(model_path, calib, tokens, ctx, progress=progress, share=share)
     else:
         streamed = StreamedModel(Path(model_path))
         config = streamed.config
-        windows = calibration_set(calib, None, streamed.tokenizer, tokens, ctx, embedding_rows(config, model_path),
-                                  source=Path(model_path))
-        stats = collect_streamed(streamed, windows, progress, samples=False)
+        windows, mine = share(calibration_set(calib, None, streamed.tokenizer, tokens, ctx,
+                                              embedding_rows(config, model_path), source=Path(model_path)))
+        stats = collect_streamed(streamed, mine, progress, samples=False)
+    stats = sum_over_ranks(stats, group)
     dataset = {"mix": "mixquant calibration mix", "self": "sampled from the model",
                "auto": "mixquant calibration mix and samples of the model"}.get(calib, Path(calib).name)
     return stats_to_imatrix(stats, config, dataset, len(windows), windows.shape[1]), stats, config
 
 
 def calibrate(model_path: Path, calib: str, tokens: int | None, ctx: int, judge_windows: int = 0, progress=None,
-              config_dir: Path | None = None):
+              config_dir: Path | None = None, share=None):
     """(per-module stats, config, calibration windows, Judge or None). The judge, on up to
-    `judge_windows` windows spread over the calibration text, keeps the float model alive."""
+    `judge_windows` windows spread over the calibration text, keeps the float model alive.
+    share(windows) -> (windows, this process's windows), when the statistics are split."""
     from mixquant.calib.judge import Judge
     from mixquant.loading import load
 
@@ -102,7 +115,8 @@ def calibrate(model_path: Path, calib: str, tokens: int | None, ctx: int, judge_
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
     windows = calibration_set(calib, model, tokenizer, tokens, ctx, embedding_rows(config, model_path),
                               source=Path(model_path), config_dir=config_dir)
-    stats = collect(model, windows, progress)
+    windows, mine = share(windows) if share else (windows, windows)
+    stats = collect(model, mine, progress)
     judge = None
     if judge_windows > 0:
         judge = Judge(model, windows[spread(len(windows), judge_windows)])

@@ -33,13 +33,16 @@ def windows_hash(windows: np.ndarray) -> str:
 
 def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB, n_windows: int = DEFAULT_WINDOWS,
                         ctx: int = DEFAULT_CTX, dtype: str = "bfloat16", out: Path | None = None,
-                        config_dir: Path | None = None, progress=None, rounding: str = "nearest") -> Sensitivity:
+                        config_dir: Path | None = None, progress=None, rounding: str = "nearest",
+                        group=None) -> Sensitivity:
     """Every unit's sensitivity on `calib`. With `rounding` other than nearest a proxy is priced after
     GPTQ (mixquant.quant.sensitivity.gptq_ratio), which holds every linear's input Hessian: an error
-    where those would take more than HESSIAN_SHARE of memory."""
+    where those would take more than HESSIAN_SHARE of memory. group (mixquant.distributed): the
+    proxy's windows (rank 0's) are split over the ranks; `out` is written by the caller's rank 0."""
     import mlx.core as mx
 
     from mixquant.calib.data import calibration_set
+    from mixquant.distributed import broadcast
     from mixquant.loading import load, memory_bytes
     from mixquant.quant.plan import make_plan
     from mixquant.sources import arch_plan_of
@@ -47,13 +50,18 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
 
     if mode not in (MEASURED, PROXY):
         raise MixquantError(f"--mode: {mode!r} is neither {MEASURED} nor {PROXY}")
+    if group is not None and mode == MEASURED:
+        raise MixquantError(f"--mode {MEASURED}: does not run split over processes yet (--mode {PROXY} does)")
     _, arch = arch_plan_of(Path(src), config_dir, keep_vision=False, keep_mtp=False)
     units = units_of(make_plan(arch, None, dtype))
     loaded = load(Path(src), dtype="float32", dequantize=True, config_dir=config_dir)
     spec = SELF if calib == AUTO else calib  # by default, priced on the model's own text (module docstring)
     windows = calibration_set(spec, loaded.model, loaded.tokenizer, n_windows * ctx, ctx,
                               embedding_rows(loaded.config, src), source=Path(src), config_dir=config_dir)
-    windows = windows[spread(len(windows), n_windows)]
+    windows = broadcast(windows[spread(len(windows), n_windows)], group)
+    if group is not None and len(windows) < group.size():
+        raise MixquantError(f"{src}: {len(windows)} calibration windows for {group.size()} processes; "
+                            f"give more --windows or fewer processes")
     after_gptq = mode == PROXY and rounding != "nearest"
     if after_gptq and hessian_bytes(units) > HESSIAN_SHARE * memory_bytes():
         raise MixquantError(f"--rounding {rounding}: the linears' input Hessians would take "
@@ -65,7 +73,8 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
         sens = _resumable(Path(out), sens)
     mx_dtype = getattr(mx, dtype)
     if mode == PROXY:
-        estimates = proxy(loaded.model, windows, units, mx_dtype, progress=progress, after_gptq=after_gptq)
+        estimates = proxy(loaded.model, windows, units, mx_dtype, progress=progress, after_gptq=after_gptq,
+                          group=group)
     else:
         estimates = {name: v["options"] for name, v in sens.units.items()}
         roles = {u.name: u for u in units}

@@ -27,6 +27,7 @@ import numpy as np
 
 from mixquant.arch.roles import Kind, Role
 from mixquant.arch.tensors import SCOPE_MODEL
+from mixquant.distributed import all_sum, owned
 from mixquant.errors import MixquantError
 from mixquant.io.atomic import atomic_write
 from mixquant.io.textfile import read_json
@@ -219,10 +220,12 @@ def _probe_classes():
 
 
 def proxy(model, windows: np.ndarray, units: list[Unit], dtype, options_of=None, seed: int = 0,
-          progress=None, after_gptq: bool = False) -> dict:
+          progress=None, after_gptq: bool = False, group=None) -> dict:
     """unit name -> {option key: estimated dKL}, from one forward and backward pass per window.
     With `after_gptq` the linears GPTQ rounds are priced after it: each one's quantized options
-    scaled by gptq_ratio of its input Hessian, accumulated here (hessian_bytes of memory)."""
+    scaled by gptq_ratio of its input Hessian, accumulated here (hessian_bytes of memory).
+    group (mixquant.distributed): each rank runs a block of the windows (each window sampled with
+    the key it has alone) and the float64 sums are added over the ranks."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
@@ -243,13 +246,16 @@ def proxy(model, windows: np.ndarray, units: list[Unit], dtype, options_of=None,
     key = mx.random.key(seed)
     training = model.training
     model.train()  # mlx-lm's fused Gated DeltaNet kernel has no vjp; its ops path does
+    mine = owned(len(windows), group)
     try:
         for k, window in enumerate(windows):
+            key, sub = mx.random.split(key)
+            if k not in mine:
+                continue
             tokens = mx.array(np.asarray(window, dtype=np.int32)[None])
             for p in probes.values():
                 p._delta = {}
             logits = model(tokens)
-            key, sub = mx.random.split(key)
             labels = mx.random.categorical(logits.astype(mx.float32), key=sub)  # the model's own tokens
             shapes = {(m, kind): p._shape[kind] for m, p in probes.items() for kind in p._seen}
             keys = sorted(shapes)
@@ -278,10 +284,13 @@ def proxy(model, windows: np.ndarray, units: list[Unit], dtype, options_of=None,
                     flat = xs.reshape(-1, xs.shape[-1])
                     _add(hessians, m, flat.T @ flat)
             if progress:
-                progress(k + 1, len(windows) + 1)
+                progress(k + 1 - mine.start, len(mine) + 1)
     finally:
         model.update_modules(tree_unflatten([(m, p.inner) for m, p in probes.items()]))
         model.train(training)
+    if group is not None:
+        n_tokens = _sum_over_ranks([g_sum, x_sum, count] + ([hessians] if hessians is not None else []),
+                                   n_tokens, group)
     ratios = {m: gptq_ratio(h) for m, h in (hessians or {}).items()}
     results = {}
     for u in units:
@@ -291,8 +300,21 @@ def proxy(model, windows: np.ndarray, units: list[Unit], dtype, options_of=None,
                                             g_sum, x_sum, count, n_tokens) * (1.0 if o.bits is None else r)
                            for o in options_of(u)}
     if progress:
-        progress(len(windows) + 1, len(windows) + 1)
+        progress(len(mine) + 1, len(mine) + 1)
     return results
+
+
+def _sum_over_ranks(sums: list[dict], n_tokens: int, group) -> int:
+    """Every rank's float64 sums added, in place (one collective, keys in sorted order: the same
+    modules ran on every rank); returns the token count over all ranks."""
+    keys = [(i, k) for i, d in enumerate(sums) for k in sorted(d)]
+    flat = [np.asarray(sums[i][k], np.float64) for i, k in keys]
+    total = all_sum(np.concatenate([a.ravel() for a in flat] + [np.array([n_tokens], np.float64)]), group)
+    at = 0
+    for (i, k), a in zip(keys, flat):
+        sums[i][k] = total[at : at + a.size].reshape(a.shape) if a.ndim else float(total[at])
+        at += a.size
+    return int(total[at])
 
 
 LINEAR, EXPERTS, LOOKUP = "linear", "experts", "lookup"

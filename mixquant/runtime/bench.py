@@ -99,19 +99,20 @@ def summarize(path: Path, runs: Runs, cfg: BenchConfig) -> dict:
     }
 
 
-def load_for_bench(path: Path, mtp: bool = False, native: bool = False, kv=None):
+def load_for_bench(path: Path, mtp: bool = False, native: bool = False, kv=None, shard=None):
     """A chat Model as `chat` loads it (`native`: with the quantized kernels on any backend; kv: a
-    mixquant.runtime.kv.KVQuant, or None)."""
+    mixquant.runtime.kv.KVQuant, or None; shard: a mixquant.distributed.Shard)."""
     from mixquant.runtime.chat import load_model
 
-    return load_model(Path(path), mtp=mtp, native=native, kv=kv)
+    return load_model(Path(path), mtp=mtp, native=native, kv=kv, shard=shard)
 
 
-def bench(paths: list[Path], cfg: BenchConfig, native: bool = False, kv=None) -> list[dict]:
-    """Benchmark one model, or several alternating repeat by repeat."""
+def bench(paths: list[Path], cfg: BenchConfig, native: bool = False, kv=None, shard=None) -> list[dict]:
+    """Benchmark one model, or several alternating repeat by repeat (shard: each split over the
+    processes, as mixquant.distributed.Shard says)."""
     if cfg.gen_tokens <= WARMUP_TOKENS + 1:
         raise MixquantError(f"--gen-tokens must be above {WARMUP_TOKENS + 1} (the first {WARMUP_TOKENS} are warm-up)")
-    models = [load_for_bench(p, native=native, kv=kv) for p in paths]
+    models = [load_for_bench(p, native=native, kv=kv, shard=shard) for p in paths]
     runs = [Runs() for _ in paths]
     for model in models:  # one untimed pass each: compile, page in, allocate
         run_once(model, BenchConfig(min(cfg.prompt_tokens, 32), WARMUP_TOKENS + 2, 1), Runs())

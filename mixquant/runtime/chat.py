@@ -585,11 +585,12 @@ def load(path, mtp: bool = False, native: bool = False, kv_bits: int | str | Non
     return load_model(path, mtp, native, kv_settings(kv_bits, kv_group_size, kv_start, path))
 
 
-def load_model(path, mtp: bool = False, native: bool = False, kv=None) -> Model:
-    """load, with the KV cache settings as a mixquant.runtime.kv.KVQuant (or None)."""
+def load_model(path, mtp: bool = False, native: bool = False, kv=None, shard=None) -> Model:
+    """load, with the KV cache settings as a mixquant.runtime.kv.KVQuant (or None); shard: a
+    mixquant.distributed.Shard, the model split over processes."""
     from mixquant.loading import load_for_running, say_compute_path
 
-    loaded = load_for_running(Path(path), native=native, mtp=mtp)
+    loaded = load_for_running(Path(path), native=native, mtp=mtp, shard=shard)
     model = Model(loaded, kv)
     say_compute_path(loaded)
     return model

@@ -15,13 +15,15 @@ HELP = "commands: /reset, /system TEXT, /think on|off, /exit"
 DIM, RESET = "\033[2m", "\033[0m"
 
 
-def run(model_path, max_tokens: int = 512, temperature: float | None = None, out=sys.stdout, mtp: int = 0,
-        err=None, native: bool = False, kv=None) -> int:
-    """The chat loop; replies go to `out`, errors to `err` (default: standard error). kv: the KV cache
-    settings (a mixquant.runtime.kv.KVQuant, or None)."""
+def run(model_path, max_tokens: int = 512, temperature: float | None = None, out=None, mtp: int = 0,
+        err=None, native: bool = False, kv=None, shard=None) -> int:
+    """The chat loop; replies go to `out` (default: standard output), errors to `err` (default: standard error). kv: the KV cache
+    settings (a mixquant.runtime.kv.KVQuant, or None); shard: a mixquant.distributed.Shard (every
+    rank reads the same input, as mlx.launch relays it to each)."""
+    out = out if out is not None else sys.stdout
     if sys.stdin is None or sys.stdin.closed:
         raise MixquantError("chat: standard input is closed (chat reads your messages from it)")
-    model = load_model(model_path, mtp=bool(mtp), native=native, kv=kv)
+    model = load_model(model_path, mtp=bool(mtp), native=native, kv=kv, shard=shard)
     session = ChatSession(model)
     messages: list[dict] = []
     system: str | None = None

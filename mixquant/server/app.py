@@ -644,19 +644,25 @@ def listen(host: str, port: int):
 
 def serve(model_path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_concurrency: int = 16, max_prompt_tokens: int = 32768, max_tokens: int = 4096, mtp: int = 0,
-          native: bool = False, max_connections: int | None = None, kv=None) -> int:
+          native: bool = False, max_connections: int | None = None, kv=None, shard=None) -> int:
+    """shard: a mixquant.distributed.Shard; rank 0 listens and answers, the others decode with it."""
     import uvicorn
 
+    from mixquant.distributed import is_main
     from mixquant.loading import load_for_running, say_compute_path
     from mixquant.runtime.chat import Model
     from mixquant.server.engine import Engine
     from mixquant.server.transport import GuardedH11Protocol, connection_cap
 
-    sock = listen(host, port)
-    loaded = load_for_running(model_path, native=native, mtp=bool(mtp))
+    group = shard.group if shard is not None else None
+    sock = listen(host, port) if is_main(group) else None
+    loaded = load_for_running(model_path, native=native, mtp=bool(mtp), shard=shard)
     model = Model(loaded, kv)
     say_compute_path(loaded)
-    engine = Engine(model, max_concurrency=max_concurrency, mtp=mtp)
+    engine = Engine(model, max_concurrency=max_concurrency, mtp=mtp, group=group)
+    if not is_main(group):
+        engine.follow()
+        return 0
     config = ServerConfig(model_id=str(model_path).rstrip("/").split("/")[-1], api_key=api_key,
                           limits=Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens))
     app = BodyLimit(create_app(engine, config), config.max_body_bytes, max_prompt_tokens)

@@ -12,6 +12,7 @@ its prompt and prefills only the rest; Gated DeltaNet state is never trimmed, on
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -129,6 +130,24 @@ class Job:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cancelled: bool = False
     segments_to_boundary: int = 0  # prompt segments up to `boundary`, where the cache is kept (0: not kept)
+    spec: dict | None = None  # what it was built from (mixquant.server.generation.job_spec)
+    seq: int | None = None  # under --shard: its number in rank 0's order
+
+
+def job_of(model, spec: dict, deliver) -> Job:
+    """The Job for a mixquant.server.generation.job_spec (rank 0 builds its jobs so, and the other
+    ranks theirs from the same spec)."""
+    from mixquant.runtime.sampling import logit_bias
+
+    processors = model.processors(*spec["penalties"])
+    if spec["logit_bias"]:
+        processors.append(logit_bias(dict(spec["logit_bias"])))
+    if spec["grammar"] is not None:
+        from mixquant.runtime.grammar import SchemaMask
+
+        processors.append(SchemaMask(model.token_table, spec["grammar"]))
+    return Job(spec["prompt"], spec["boundary"], spec["max_tokens"], model.sampling(*spec["sampling"]), processors,
+               deliver=deliver, seed=spec["seed"], top_logprobs=spec["top_logprobs"], spec=spec)
 
 
 @dataclass
@@ -144,6 +163,10 @@ class PrefixCache:
 
     max_bytes: int
     entries: list = field(default_factory=list)  # most recently used last
+    evicted: list | None = None  # when a list: the keys dropped, for the other ranks to drop too
+
+    def drop(self, key: tuple) -> None:
+        self.entries = [e for e in self.entries if e.tokens != key]
 
     def lookup(self, prompt: list[int]):
         """The longest kept snapshot whose tokens are a proper prefix of `prompt`: (its length, the
@@ -163,26 +186,59 @@ class PrefixCache:
         key = tuple(tokens)
         if not key:
             return
-        self.entries = [e for e in self.entries if e.tokens != key]
+        self.drop(key)
         snap = snapshot_cache(cache)
         nbytes = snapshot_nbytes(snap)
         self.entries.append(_Entry(key, snap, nbytes))
         while sum(e.nbytes for e in self.entries) > self.max_bytes and len(self.entries) > 1:
-            self.entries.pop(0)
+            gone = self.entries.pop(0)
+            if self.evicted is not None:
+                self.evicted.append(gone.tokens)
 
 
 class Engine:
-    def __init__(self, model, *, max_concurrency: int = 16, mtp: int = 0, cache_bytes: int = 2 << 30):
+    """The decoding worker. With `group` (the model split over processes, mixquant.distributed),
+    every rank runs one and they take the same steps: rank 0's, whose server feeds it, hands what
+    it takes from its inbox to the others at every step (broadcast as JSON); the others
+    (follow()) decode alongside and deliver nothing."""
+
+    def __init__(self, model, *, max_concurrency: int = 16, mtp: int = 0, cache_bytes: int = 2 << 30, group=None):
+        from mixquant.distributed import is_main
+
         self.model = model
         self.max_concurrency = max_concurrency
         self.mtp = mtp
-        self.prefix = PrefixCache(cache_bytes)
-        self.cost = prefill_cost(model)
+        # split: rank 0 alone decides what the prefix cache drops (a pipeline rank's share of a
+        # snapshot has its own size); the others drop what it dropped
+        self.prefix = (PrefixCache(cache_bytes, evicted=[] if group is not None else None) if is_main(group)
+                       else PrefixCache(1 << 62))
+        self.group = group
+        self.cost = self._same_cost(prefill_cost(model))
         self.inbox: queue.Queue = queue.Queue()
         self.active: dict[int, Job] = {}
         self.closing = False
+        self._followed: dict[int, Job] = {}  # a follower's copies of rank 0's jobs, by seq
+        self._seq = 0
         self.thread = threading.Thread(target=self._run, name="mixquant-engine", daemon=True)
-        self.thread.start()
+        if is_main(group):
+            self.thread.start()
+
+    def follow(self) -> None:
+        """A rank other than 0: decode rank 0's requests alongside it until it closes."""
+        self._run()
+
+    def _same_cost(self, cost):
+        """Rank 0's prefill cost on every rank: a pipeline rank holds other layers, and the prompt
+        pieces must be the same everywhere."""
+        if self.group is None:
+            return cost
+        import numpy as np
+
+        from mixquant.distributed import broadcast
+
+        given = np.array([-1.0, -1.0] if cost is None else [cost.per_token, cost.per_key], np.float64)
+        per_token, per_key = broadcast(given, self.group)
+        return None if per_token < 0 else PrefillCost(float(per_token), float(per_key))
 
     # -- called from the server's event loop ----------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -213,6 +269,7 @@ class Engine:
 
     def _end(self, job: Job, error: Exception | None = None) -> None:
         self.active.pop(job.uid, None)
+        self._followed.pop(job.seq, None)
         job.deliver(error if error is not None else END)
 
     def _generator(self):
@@ -242,7 +299,7 @@ class Engine:
                         gen.remove([job.uid])
                         self._end(jobs.pop(job.uid))
                     continue
-                if job.cancelled:
+                if job.cancelled and self.group is None:  # split: rank 0's cancel message removes it everywhere
                     job.deliver(END)
                     continue
                 try:
@@ -373,7 +430,67 @@ class Engine:
             deliver(e)
 
     def _take(self, block: bool) -> list:
-        """Messages waiting in the inbox (waiting for one when `block`)."""
+        """Messages waiting in the inbox (waiting for one when `block`); under a group, rank 0's on
+        every rank."""
+        from mixquant.distributed import is_main
+
+        if self.group is None:
+            return self._inbox(block)
+        if is_main(self.group):
+            messages = self._inbox(block)
+            dropped = [{"kind": "drop", "tokens": list(key)} for key in self.prefix.evicted]
+            self.prefix.evicted.clear()
+            self._shared(dropped + [self._said(kind, item) for kind, item in messages])
+            return messages
+        heard = []
+        for message in self._shared(None):
+            if message["kind"] == "drop":
+                self.prefix.drop(tuple(message["tokens"]))
+            else:
+                heard.append(self._heard(message))
+        return heard
+
+    def _said(self, kind: str, item) -> dict:
+        if kind == "job":
+            self._seq += 1
+            item.seq = self._seq
+            return {"kind": kind, "seq": item.seq, "spec": item.spec}
+        if kind == "cancel":
+            return {"kind": kind, "seq": item.seq}
+        if kind == "score":
+            return {"kind": kind, "tokens": list(item[0]), "top": item[1]}
+        return {"kind": kind}
+
+    def _heard(self, message: dict):
+        kind = message["kind"]
+        if kind == "job":
+            job = job_of(self.model, message["spec"], deliver=_ignore)
+            job.seq = message["seq"]
+            self._followed[job.seq] = job
+            return kind, job
+        if kind == "cancel":
+            return kind, self._followed.pop(message["seq"], Job([], None, 0, None, [], _ignore))
+        if kind == "score":
+            return kind, (message["tokens"], message["top"], _ignore)
+        return kind, None
+
+    def _shared(self, messages: list | None) -> list:
+        """Rank 0's `messages` on every rank (the others pass None). mlx-lm's BatchGenerator has the
+        next step in flight (async_eval), its collectives among them: that finishes first, so that
+        every rank meets the collectives in one order."""
+        import mlx.core as mx
+        import numpy as np
+        from mlx_lm.generate import generation_stream
+
+        from mixquant.distributed import broadcast
+
+        mx.synchronize(generation_stream)
+        mx.synchronize()
+
+        raw = np.frombuffer(json.dumps(messages).encode(), np.uint8) if messages is not None else np.zeros(0, np.uint8)
+        return json.loads(broadcast(raw, self.group).tobytes().decode())
+
+    def _inbox(self, block: bool) -> list:
         out = []
         try:
             out.append(self.inbox.get(block=block, timeout=0.5 if block else None))
@@ -382,3 +499,7 @@ class Engine:
         except queue.Empty:
             pass
         return out
+
+
+def _ignore(item) -> None:
+    """A follower's deliver: rank 0 answers the client."""

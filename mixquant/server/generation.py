@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from mixquant.runtime.chat import Decoder
 from mixquant.runtime.toolcalls import forced_call_prefix
-from mixquant.server.engine import END, Job
+from mixquant.server.engine import END, job_of
 
 
 class APIError(Exception):
@@ -195,17 +195,14 @@ def check_engine_supports(engine, turn: Turn, prepared: Prepared | None = None) 
             raise APIError(400, f"{name}: not available on a server started with --mtp", name)
 
 
-def job_processors(model, turn: Turn, prepared: Prepared) -> list:
-    from mixquant.runtime.sampling import logit_bias
-
-    processors = model.processors(turn.repetition_penalty, turn.presence_penalty, turn.frequency_penalty)
-    if turn.logit_bias:
-        processors.append(logit_bias(turn.logit_bias))
-    if prepared.grammar is not None:
-        from mixquant.runtime.grammar import SchemaMask
-
-        processors.append(SchemaMask(model.token_table, prepared.grammar))
-    return processors
+def job_spec(turn: Turn, prepared: Prepared, seed=None) -> dict:
+    """What a Job is built from, as plain JSON values (so that under --shard rank 0 can hand the
+    same request to every rank)."""
+    return {"prompt": list(prepared.prompt), "boundary": prepared.boundary, "max_tokens": turn.max_tokens,
+            "sampling": [turn.temperature, turn.top_p, turn.top_k, turn.min_p],
+            "penalties": [turn.repetition_penalty, turn.presence_penalty, turn.frequency_penalty],
+            "logit_bias": sorted((turn.logit_bias or {}).items()), "grammar": prepared.grammar,
+            "seed": turn.seed if seed is None else seed, "top_logprobs": turn.top_logprobs}
 
 
 async def run(engine, turn: Turn, prepared: Prepared, usage: Usage, steps: list | None = None, seed=None):
@@ -216,11 +213,8 @@ async def run(engine, turn: Turn, prepared: Prepared, usage: Usage, steps: list 
     model = engine.model
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
-    job = Job(prepared.prompt, prepared.boundary, turn.max_tokens,
-              model.sampling(turn.temperature, turn.top_p, turn.top_k, turn.min_p),
-              job_processors(model, turn, prepared),
-              deliver=lambda item: loop.call_soon_threadsafe(items.put_nowait, item),
-              seed=turn.seed if seed is None else seed, top_logprobs=turn.top_logprobs)
+    job = job_of(model, job_spec(turn, prepared, seed),
+                 deliver=lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
     decoder = Decoder(model, prepared.prompt_text, prepared.tools, turn.stop, forced=prepared.forced)
     usage.prompt_tokens = len(prepared.prompt)
     if turn.max_tokens > 0:

@@ -9,6 +9,7 @@ import pytest
 from conftest import run_cli
 
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 20, 24, 64
+GREEDY_PROMPTS = 10  # each decoded plainly, at depths 1-3 and adaptively, in two models
 
 
 def _load(path, **kw):
@@ -49,7 +50,7 @@ def test_greedy_mtp_is_plain_greedy_token_for_token(which, fixture_dir, unsloth3
     model = _load(fixture_dir, dtype="float32", dequantize=True) if which == "float32" else \
         _load(unsloth3, dequantize=True)
     stats = {d: Stats() for d in (1, 2, 3)}
-    for prompt in prompts:
+    for prompt in prompts[:: PROMPTS // GREEDY_PROMPTS]:
         plain = _decode(model, prompt)
         assert len(plain) == NEW_TOKENS
         for depth in (1, 2, 3):
@@ -57,7 +58,7 @@ def test_greedy_mtp_is_plain_greedy_token_for_token(which, fixture_dir, unsloth3
                 (which, depth, prompt)
         assert _decode(model, prompt, mtp=3) == plain, (which, "adaptive", prompt)
     for depth, s in stats.items():  # the trained head drafts well: most first drafts are kept
-        assert s.emitted == PROMPTS * (NEW_TOKENS - 1)
+        assert s.emitted == GREEDY_PROMPTS * (NEW_TOKENS - 1)
         assert s.acceptance()[0] > 0.5, (depth, s.acceptance())
 
 

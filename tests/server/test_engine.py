@@ -174,3 +174,23 @@ def test_mtp_engine_decodes_as_plain_chat(fixture_dir):
         assert second.usage.prompt_tokens_details.cached_tokens > 0  # the session's kept conversation
     finally:
         live.stop()
+
+
+def test_prefix_cache_says_what_it_drops(chat_model):
+    """Under --shard rank 0 tells the other ranks which snapshots its prefix cache dropped (their
+    own shares of a snapshot have other sizes): it lists them only when asked to."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mixquant.server.engine import PrefixCache
+
+    cache = make_prompt_cache(chat_model.model)
+    mx.eval(chat_model.model(mx.array([[1, 2, 3]]), cache=cache))
+    told, plain = PrefixCache(1, evicted=[]), PrefixCache(1)  # room for one snapshot
+    for prefix in (told, plain):
+        prefix.store([1, 2, 3], cache)
+        prefix.store([1, 2], cache)
+        assert [e.tokens for e in prefix.entries] == [(1, 2)]
+    assert told.evicted == [(1, 2, 3)] and plain.evicted is None
+    told.drop((1, 2))
+    assert told.entries == [] and told.lookup([1, 2, 3]) == (0, None)
