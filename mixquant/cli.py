@@ -834,28 +834,24 @@ class _WarningLine(logging.Handler):
         print(f"mixquant: {kind}: {record.getMessage()}", file=sys.stderr)
 
 
-def _rank() -> int:
-    """This process's rank under mlx.launch (0 alone, or before MLX is loaded)."""
+def _group():
+    """The mlx.launch group this process belongs to, or None (alone, MLX not loaded yet, or the
+    group could not be formed)."""
     if "mlx.core" not in sys.modules:
-        return 0
-    from mixquant.distributed import rank, world
-
-    try:
-        return rank(world())
-    except RuntimeError:  # the group could not be formed: say it as the launcher numbered us
-        return int(os.environ.get("MLX_RANK", "0"))
-
-
-def _rank_count() -> int:
-    if "mlx.core" not in sys.modules:
-        return 1
+        return None
     from mixquant.distributed import world
 
     try:
-        group = world()
+        return world()
     except RuntimeError:
-        return 1
-    return 1 if group is None else group.size()
+        return None
+
+
+def _rank() -> int:
+    """This process's rank under mlx.launch (0 alone), as the launcher numbered it where the group
+    could not be formed."""
+    group = _group()
+    return group.rank() if group is not None else int(os.environ.get("MLX_RANK", "0"))
 
 
 def _error(text: str) -> None:
@@ -902,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except RuntimeError as e:
-        if _rank_count() < 2:
+        if _group() is None:
             raise
         _error(f"the process group failed ({e}); is every rank still running?")
         return 2

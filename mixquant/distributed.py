@@ -113,6 +113,28 @@ def all_sum(values: np.ndarray, group=None) -> np.ndarray:
     return np.array(out)
 
 
+def all_sum_each(arrays: list[np.ndarray], group=None) -> list[np.ndarray]:
+    """all_sum of each array (all of one dtype), in one collective."""
+    if group is None:
+        return arrays
+    total = all_sum(np.concatenate([np.asarray(a).ravel() for a in arrays]), group)
+    out, at = [], 0
+    for a in arrays:
+        a = np.asarray(a)
+        out.append(total[at : at + a.size].reshape(a.shape))
+        at += a.size
+    return out
+
+
+def rank0_windows(windows: np.ndarray, group, where: str, flag: str) -> np.ndarray:
+    """Rank 0's calibration windows on every rank, at least one per rank (else a one-line error)."""
+    windows = broadcast(windows, group)
+    if group is not None and len(windows) < group.size():
+        raise MixquantError(f"{where}: {len(windows)} calibration windows for {group.size()} processes; "
+                            f"give more {flag} or fewer processes")
+    return windows
+
+
 def broadcast(values: np.ndarray, group=None) -> np.ndarray:
     """Rank 0's array on every rank (the others' `values` give only the number of dimensions)."""
     if group is None:
@@ -131,14 +153,6 @@ def same_random_state(group=None) -> None:
 
     seed = np.array([np.random.SeedSequence().entropy % (1 << 62)], np.int64)
     mx.random.seed(int(broadcast(seed, group)[0]))
-
-
-def barrier(group=None) -> None:
-    """Wait for every rank."""
-    if group is not None:
-        import mlx.core as mx
-
-        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
 
 
 def _free_ports(n: int) -> list[int]:

@@ -19,10 +19,6 @@ PROMPTS = ["The history of", "def fibonacci(n):\n    \"\"\"Return the n-th Fibon
 TIMEOUT = 240
 
 
-def two_ranks(argv):
-    return run_local_cli(argv)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, fixture_dir):
     root = tmp_path_factory.mktemp("sharded")
@@ -93,7 +89,7 @@ def test_sharded_generate_is_one_process_token_for_token(models, mode):
 def test_sharded_generate_command(models):
     """`mixquant generate --shard`: rank 0 alone prints, and says its notes."""
     expected = one_process(models["moe-unsloth3"], PROMPTS[0], 24)
-    (c0, out0, err0), (c1, out1, err1) = two_ranks(
+    (c0, out0, err0), (c1, out1, err1) = run_local_cli(
         ["generate", models["moe-unsloth3"], "--prompt", PROMPTS[0], "--max-tokens", 24, "--shard", "tensor"])
     assert (c0, c1) == (0, 0), err0 + err1
     assert out0 == expected and out1 == ""
@@ -213,7 +209,7 @@ def test_imatrix_of_two_processes_is_byte_identical(source, tmp_path, fixture_di
     one = CLI + [str(a) for a in ["imatrix", "-m", src, "-o", tmp_path / "one.gguf", *flags]]
     # the BLAS's thread count changes its sums' order, so one process runs with the ranks' one thread
     subprocess.run(one, check=True, capture_output=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
-    (c0, out0, err0), (c1, out1, err1) = two_ranks(["imatrix", "-m", src, "-o", tmp_path / "two.gguf", *flags])
+    (c0, out0, err0), (c1, out1, err1) = run_local_cli(["imatrix", "-m", src, "-o", tmp_path / "two.gguf", *flags])
     assert (c0, c1) == (0, 0), err0 + err1
     assert "on 2 processes" in out0 and out1 == ""
     assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()
@@ -229,7 +225,7 @@ def test_proxy_sensitivity_of_two_processes_is_one_process(tmp_path, fixture_dir
     flags = ["--mode", "proxy", "--calib", "mix", "--windows", 4, "--ctx", 128]
     one = CLI + [str(a) for a in ["sensitivity", "-m", fixture_dir, "-o", tmp_path / "one.json", *flags]]
     subprocess.run(one, check=True, capture_output=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
-    (c0, out0, err0), (c1, out1, _) = two_ranks(["sensitivity", "-m", fixture_dir, "-o", tmp_path / "two.json",
+    (c0, out0, err0), (c1, out1, _) = run_local_cli(["sensitivity", "-m", fixture_dir, "-o", tmp_path / "two.json",
                                                   *flags])
     assert (c0, c1) == (0, 0), err0
     assert out0.startswith("wrote ") and out1 == ""

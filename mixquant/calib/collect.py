@@ -115,20 +115,17 @@ def recording(model, samples: bool = True):
 
 
 def sum_over_ranks(stats: dict[str, ModuleStats], group) -> dict[str, ModuleStats]:
-    """Every rank's sums and counts added (in float64 and int64, one collective each), for
-    statistics collected over each rank's share of the windows; samples are not combined."""
-    from mixquant.distributed import all_sum
+    """Every rank's sums and counts added (in float64 and int64), for statistics collected over
+    each rank's share of the windows; samples are not combined."""
+    from mixquant.distributed import all_sum_each
 
     if group is None:
         return stats
     items = list(stats.values())
-    sums = all_sum(np.concatenate([s.sum2.ravel() for s in items]), group)
-    counts = all_sum(np.concatenate([s.counts.ravel() for s in items]), group)
-    at = at_count = 0
-    for s in items:
-        s.sum2 = sums[at : at + s.sum2.size].reshape(s.sum2.shape)
-        s.counts = counts[at_count : at_count + s.counts.size].reshape(s.counts.shape)
-        at, at_count = at + s.sum2.size, at_count + s.counts.size
+    sums = all_sum_each([s.sum2 for s in items], group)
+    counts = all_sum_each([s.counts for s in items], group)
+    for s, sum2, n in zip(items, sums, counts):
+        s.sum2, s.counts = sum2, n
     return stats
 
 

@@ -79,13 +79,10 @@ def compute_imatrix(model_path: Path, calib: str, tokens: int | None, ctx: int, 
     rank runs its own and the sums are added, so every rank returns the whole imatrix."""
     from mixquant.calib.collect import sum_over_ranks
     from mixquant.calib.streamed import StreamedModel, collect_streamed, streamable
-    from mixquant.distributed import broadcast, owned
+    from mixquant.distributed import owned, rank0_windows
 
     def share(windows):
-        windows = broadcast(windows, group)
-        if group is not None and len(windows) < group.size():
-            raise MixquantError(f"{model_path}: {len(windows)} calibration windows for {group.size()} processes; "
-                                f"give more --tokens or fewer processes")
+        windows = rank0_windows(windows, group, str(model_path), "--tokens")
         mine = owned(len(windows), group)
         return windows, windows[mine.start : mine.stop]
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from mixquant.arch.roles import Kind, Role
 from mixquant.arch.tensors import SCOPE_MODEL
-from mixquant.distributed import all_sum, owned
+from mixquant.distributed import all_sum_each, owned
 from mixquant.errors import MixquantError
 from mixquant.io.atomic import atomic_write
 from mixquant.io.textfile import read_json
@@ -305,16 +305,14 @@ def proxy(model, windows: np.ndarray, units: list[Unit], dtype, options_of=None,
 
 
 def _sum_over_ranks(sums: list[dict], n_tokens: int, group) -> int:
-    """Every rank's float64 sums added, in place (one collective, keys in sorted order: the same
-    modules ran on every rank); returns the token count over all ranks."""
+    """Every rank's float64 sums added, in place (keys in sorted order: the same modules ran on
+    every rank); returns the token count over all ranks."""
     keys = [(i, k) for i, d in enumerate(sums) for k in sorted(d)]
-    flat = [np.asarray(sums[i][k], np.float64) for i, k in keys]
-    total = all_sum(np.concatenate([a.ravel() for a in flat] + [np.array([n_tokens], np.float64)]), group)
-    at = 0
-    for (i, k), a in zip(keys, flat):
-        sums[i][k] = total[at : at + a.size].reshape(a.shape) if a.ndim else float(total[at])
-        at += a.size
-    return int(total[at])
+    arrays = [np.asarray(sums[i][k], np.float64) for i, k in keys] + [np.array(float(n_tokens))]
+    *added, total = all_sum_each(arrays, group)
+    for (i, k), a in zip(keys, added):
+        sums[i][k] = a if a.ndim else float(a)
+    return int(total)
 
 
 LINEAR, EXPERTS, LOOKUP = "linear", "experts", "lookup"
