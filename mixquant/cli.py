@@ -245,7 +245,10 @@ def cmd_convert(args) -> int:
     from mixquant.convert import convert
 
     options = _options(args)
-    plan = convert(Path(args.input), Path(args.output), options)
+    group = world()  # under mlx.launch: GPTQ's and learned rounding's work is split, rank 0 writes
+    plan = convert(Path(args.input), Path(args.output), options, group)
+    if not is_main(group):
+        return 0
     s = plan.summary()
     print(
         f"wrote {args.output}: {s['recipe']}, {s['bits_per_weight']:.3f} bits per weight, "

@@ -158,17 +158,30 @@ def input_paths(src: Path, options: ConvertOptions) -> list[Path]:
     return paths
 
 
-def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
+def convert(src: Path, out: Path, options: ConvertOptions, group=None) -> Plan:
+    """Convert `src` into the folder `out`. group (mixquant.distributed; every rank calls with the
+    same arguments): GPTQ's and learned rounding's work is split over the ranks, rank 0 alone writes
+    (the others return the plan once their part is done)."""
+    from mixquant.distributed import barrier, is_main
+
     out = Path(out)
     if not Path(src).exists():
         raise MixquantError(f"{src}: no such file or folder")
     note = preset_note(src, options)
-    if note:
+    if note and is_main(group):
         log.log(NOTE, note)
     # the cache folder is guarded like an input but is not one of input_paths: the keys hash those
     cache = [Path(options.rounding_cache)] if options.rounding_cache is not None else []
     check_not_inputs([("--q-rounding-cache folder", c) for c in cache], input_paths(src, options))
     check_output(out, input_paths(src, options) + cache, options.force, options.replace_any)
+    if group is not None:
+        if options.distill_steps > 0:
+            raise MixquantError(f"{src}: --q-distill is not split over processes yet: run it as one process "
+                                f"(without mlx.launch)")
+        barrier(group)  # every rank has checked the output before rank 0 starts to write it
+        if options.rounding == NEAREST and not is_main(group):
+            return build_plan(src, options)[1]
+        options = replace(options, progress=options.progress if is_main(group) else False)
     source, plan = build_plan(src, options)
     if getattr(source, "root", None) is not None:
         check_tokenizer_files(source.root)
@@ -177,7 +190,9 @@ def convert(src: Path, out: Path, options: ConvertOptions) -> Plan:
     if options.distill_steps > 0 and not fits_in_memory(plan):
         raise MixquantError(distill_too_big(src, plan, options))
     awq_result = run_awq(Path(src), source, plan, options.awq) if options.awq else None
-    rounded = cached_rounding(Path(src), plan, options, awq_result) if options.rounding != NEAREST else {}
+    rounded = cached_rounding(Path(src), plan, options, awq_result, group) if options.rounding != NEAREST else {}
+    if not is_main(group):
+        return plan
     distilled = None
     if options.distill_steps > 0:
         distilled = run_distill(Path(src), source, plan, options, awq_result, rounded)
@@ -271,40 +286,52 @@ def _encoder(awq_result, rounded: dict, floats: dict):
     return encode_block
 
 
-def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> dict:
+def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result, group=None) -> dict:
     """GPTQ (or with LEARNED, learned rounding of the decoder layers and GPTQ for the head) for every
     quantized linear and expert stack: tensor name -> per part (codes, scales, biases). The float
     model runs one decoder layer at a time (read from the source as its turn comes), except MLX
-    folders, which mlx-lm loads whole; calibration text the model samples is sampled before."""
+    folders, which mlx-lm loads whole; calibration text the model samples is sampled before (under
+    a group: by rank 0, whose windows every rank then shares)."""
     from mixquant.calib.data import calibration_set
     from mixquant.calib.rounding import run_gptq
     from mixquant.calib.streamed import float_model
+    from mixquant.distributed import is_main, rank0_windows
     from mixquant.progress import callback
 
     model, tokenizer, config, streamed = float_model(src, options.config_dir)
-    windows = calibration_set(options.calib, None if streamed else model, tokenizer, options.calib_tokens, CALIB_CTX,
-                              embedding_rows(config, src), source=src, config_dir=options.config_dir)
+    if is_main(group):
+        windows = calibration_set(options.calib, None if streamed else model, tokenizer, options.calib_tokens,
+                                  CALIB_CTX, embedding_rows(config, src), source=src, config_dir=options.config_dir)
+    else:
+        windows = np.zeros((0, CALIB_CTX), np.int32)
+    windows = rank0_windows(windows, group, str(src), "--calib-tokens")
     steps = learn_steps(options)
     label = "learned rounding" if steps else "GPTQ"
     return run_gptq(model, windows, plan, mx_dtype(plan.entries[0].dtype), awq_result,
                     progress=callback(label) if options.progress is not False else None, streamed=streamed,
-                    learn_steps=steps)
+                    learn_steps=steps, group=group)
 
 
-def cached_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result) -> dict:
+def cached_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result, group=None) -> dict:
     """run_rounding's result, read from options.rounding_cache where an earlier run with the same
-    inputs, plan and rounding settings left it (and left there for the next)."""
+    inputs, plan and rounding settings left it (and left there for the next, by rank 0)."""
+    from mixquant.distributed import all_sum, is_main
     from mixquant.io.rounding_cache import cache_file, load_rounded, save_rounded
 
     if options.rounding_cache is None:
-        return run_rounding(src, plan, options, awq_result)
+        return run_rounding(src, plan, options, awq_result, group)
     path = cache_file(options.rounding_cache, fingerprint(src, plan, options, rounding_steps(options)))
     rounded = load_rounded(path)
+    hits = int(all_sum(np.array([rounded is not None], np.int64), group)[0])
+    if 0 < hits < (1 if group is None else group.size()):
+        raise MixquantError(f"{path}: --q-rounding-cache holds this rounding for {hits} of the {group.size()} "
+                            f"processes only; give every process the same cache folder")
     if rounded is not None:
         log.info("rounding: reusing %s", path)
         return rounded
-    rounded = run_rounding(src, plan, options, awq_result)
-    save_rounded(path, rounded)
+    rounded = run_rounding(src, plan, options, awq_result, group)
+    if is_main(group):
+        save_rounded(path, rounded)
     return rounded
 
 

@@ -8,6 +8,12 @@ group of one: every function here is then the identity.
   tokens. Rank 0 alone prints.
 - Calibrating (imatrix): windows are dealt to ranks in contiguous blocks, each rank sums its
   statistics in float64 and the partial sums are added with `all_sum`; rank 0 writes the output.
+- Rounding (GPTQ, learned): float32 sums that must not depend on the number of ranks are added in
+  the fixed order of a binary tree (Pairwise), each rank taking whole subtrees (tree_block); work
+  on separate tensors goes to ranks by cost (by_cost) and comes back from its owner (from_rank).
+
+Every rank must meet the collectives in the same order with the same shapes: a mismatch does not
+fail, it hangs or adds the wrong bytes. Each collective here is evaluated on its own for that reason.
 """
 
 from __future__ import annotations
@@ -113,6 +119,11 @@ def all_sum(values: np.ndarray, group=None) -> np.ndarray:
     return np.array(out)
 
 
+def barrier(group=None) -> None:
+    """Return once every rank has come here."""
+    all_sum(np.zeros(1), group)
+
+
 def all_sum_each(arrays: list[np.ndarray], group=None) -> list[np.ndarray]:
     """all_sum of each array (all of one dtype), in one collective."""
     if group is None:
@@ -123,6 +134,110 @@ def all_sum_each(arrays: list[np.ndarray], group=None) -> list[np.ndarray]:
         a = np.asarray(a)
         out.append(total[at : at + a.size].reshape(a.shape))
         at += a.size
+    return out
+
+
+def halves(lo: int, hi: int) -> set[tuple[int, int]]:
+    """The nodes (lo, hi) of the binary tree over positions lo..hi-1 whose every node is the sum of
+    its two halves, the left one the longer where they differ."""
+    nodes = {(lo, hi)}
+    if hi - lo > 1:
+        mid = lo + (hi - lo + 1) // 2
+        nodes |= halves(lo, mid) | halves(mid, hi)
+    return nodes
+
+
+class Pairwise:
+    """Adds the values of positions lo..hi-1, given in order, in the fixed order of halves(lo, hi):
+    the sum of a rank's block (a node of the tree over all positions) is then the same whichever
+    rank computes it, and the blocks' sums added in the tree's order above them give one process's
+    total bit for bit. Holds at most one partial sum per level of the tree."""
+
+    def __init__(self, lo: int, hi: int):
+        self._nodes = halves(lo, hi) if hi > lo else set()
+        self._lo, self._stack = lo, []
+
+    def add(self, value) -> None:
+        start = self._stack[-1][1] if self._stack else self._lo
+        item = (start, start + 1, value)
+        while self._stack and (self._stack[-1][0], item[1]) in self._nodes:
+            a, _, v = self._stack.pop()
+            item = (a, item[1], v + item[2])
+        self._stack.append(item)
+
+    def partial(self) -> list:
+        """The partial sums held now (to evaluate them as they come)."""
+        return [v for _, _, v in self._stack]
+
+    def total(self):
+        """The sum (None: no values)."""
+        assert len(self._stack) <= 1, "Pairwise: not every position was given"
+        return self._stack[0][2] if self._stack else None
+
+
+def tree_block(n: int, group=None) -> range:
+    """This rank's positions of 0..n-1: for a group of 2^k ranks, the nodes k levels down halves(0, n)
+    (possibly empty), so that Pairwise sums give one process's; for other sizes, owned(n, group)."""
+    size = 1 if group is None else group.size()
+    if size & (size - 1):
+        return owned(n, group)
+    lo, hi, r = 0, n, rank(group)
+    while size > 1:
+        mid = lo + (hi - lo + 1) // 2
+        size //= 2
+        lo, hi, r = (lo, mid, r) if r < size else (mid, hi, r - size)
+    return range(lo, hi)
+
+
+def pairwise_over_ranks(value, group=None):
+    """The sum over ranks of each rank's Pairwise total of its tree_block (an MLX array, zeros where a
+    rank had none), added in the tree's order: one process's Pairwise total."""
+    if group is None:
+        return value
+    import mlx.core as mx
+
+    mx.eval(value)  # one collective per evaluation: in a larger graph, ranks could meet them in different orders
+    gathered = mx.distributed.all_gather(value[None], group=group, stream=mx.cpu)
+    mx.eval(gathered)
+    adder = Pairwise(0, group.size())
+    for r in range(group.size()):
+        adder.add(gathered[r])
+    return adder.total()
+
+
+def by_cost(costs: list[float], group=None) -> list[int]:
+    """The rank each item goes to: the costliest first, each to the rank with the least work so far
+    (the same answer on every rank)."""
+    size = 1 if group is None else group.size()
+    load = [0.0] * size
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(size), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
+
+
+_DTYPES = (np.float32, np.float64, np.uint32, np.int64, np.uint8, np.int32)
+
+
+def from_rank(arrays: list[np.ndarray] | None, owner: int, count: int, group=None) -> list[np.ndarray]:
+    """Rank `owner`'s `count` NumPy arrays on every rank (the others pass None): their dtypes and
+    shapes first, then each array, added to the zeros of the other ranks."""
+    if group is None:
+        return arrays
+    mine = group.rank() == owner
+    header = np.zeros((count, 2 + 8), np.int64)
+    if mine:
+        for i, a in enumerate(arrays):
+            header[i, :2] = _DTYPES.index(a.dtype.type), a.ndim
+            header[i, 2 : 2 + a.ndim] = a.shape
+    header = all_sum(header, group)
+    out = []
+    for i, (code, ndim, *shape) in enumerate(header.tolist()):
+        dtype, shape = _DTYPES[code], tuple(shape[:ndim])
+        values = np.ascontiguousarray(arrays[i]) if mine else np.zeros(shape, dtype)
+        out.append(all_sum(values, group).astype(dtype, copy=False))
     return out
 
 

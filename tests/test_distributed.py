@@ -1,6 +1,7 @@
 """Two processes on this machine over MLX's ring backend give what one process gives: greedy
-generation, chat and the server under pipeline and tensor sharding, and the importance matrix and
-the proxy sensitivity with their windows split; a rank that ends stops the others in one line."""
+generation, chat and the server under pipeline and tensor sharding, the importance matrix and the
+proxy sensitivity with their windows split, GPTQ and learned rounding with their batches and
+linears dealt out; a rank that ends stops the others in one line."""
 
 import os
 import shutil
@@ -215,6 +216,64 @@ def test_imatrix_of_two_processes_is_byte_identical(source, tmp_path, fixture_di
     assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()
 
 
+class _Rank:
+    """What tree_block reads of an mx.distributed.Group."""
+
+    def __init__(self, r, n):
+        self.r, self.n = r, n
+
+    def rank(self):
+        return self.r
+
+    def size(self):
+        return self.n
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 6, 8, 13])
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_ranks_pairwise_sums_are_one_process_bit_for_bit(n, size):
+    """Each rank adds its tree_block in Pairwise order, the ranks' sums are added in that order
+    too: float32 values of very different sizes give one process's sum to the bit."""
+    import numpy as np
+
+    from mixquant.distributed import Pairwise, tree_block
+
+    rng = np.random.default_rng(n * size)
+    values = (rng.standard_normal((n, 64)) * 10.0 ** rng.integers(-6, 6, (n, 64))).astype(np.float32)
+    alone = Pairwise(0, n)
+    for v in values:
+        alone.add(v)
+    blocks = [tree_block(n, _Rank(r, size)) for r in range(size)]
+    assert [i for b in blocks for i in b] == list(range(n))
+    top = Pairwise(0, size)
+    for b in blocks:
+        adder = Pairwise(b.start, b.stop)
+        for i in b:
+            adder.add(values[i])
+        top.add(np.zeros(64, np.float32) if adder.total() is None else adder.total())
+    assert top.total().tobytes() == alone.total().tobytes()
+    if n >= 5:  # the order matters: added one after another, the sum differs
+        assert np.cumsum(values, axis=0, dtype=np.float32)[-1].tobytes() != alone.total().tobytes()
+
+
+@pytest.mark.parametrize("source,rounding", [("fixture", "gptq"), ("fixture", "learned"), ("moe-src", "gptq")])
+def test_rounding_of_two_processes_is_byte_identical(source, rounding, tmp_path, fixture_dir, models):
+    """GPTQ (the fixture and a tiny Qwen3.5-MoE, a layer at a time; the MoE with per-expert Hessians)
+    and learned rounding: two ranks write one process's folder, byte for byte."""
+    src = fixture_dir if source == "fixture" else models[source]
+    flags = ["-q", "--q-rounding", rounding, "--calib", "mix", "--calib-tokens", 4096,
+             *(["--q-learn-steps", 4] if rounding == "learned" else [])]
+    one = CLI + [str(a) for a in ["convert", "-i", src, "-o", tmp_path / "one", *flags]]
+    subprocess.run(one, check=True, capture_output=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    (c0, out0, err0), (c1, out1, err1) = run_local_cli(["convert", "-i", src, "-o", tmp_path / "two", *flags])
+    assert (c0, c1) == (0, 0), err0 + err1
+    assert out0.startswith(f"wrote {tmp_path / 'two'}: ") and out1 == ""
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir()) and "model.safetensors" in files
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
 def test_proxy_sensitivity_of_two_processes_is_one_process(tmp_path, fixture_dir, capsys):
     """Each rank prices its block of the windows and the float64 sums are added: every estimate
     equals one process's to float64 rounding, and auto's plan from either file is the same."""
@@ -245,19 +304,24 @@ def test_proxy_sensitivity_of_two_processes_is_one_process(tmp_path, fixture_dir
     assert plans[0] == plans[1]
 
 
-@pytest.mark.parametrize("when", ["before", "inside"])
-def test_a_rank_that_dies_stops_the_others_with_one_line(when, tmp_path, fixture_dir):
-    """Rank 1 ends before rank 0 reaches a collective, or while rank 0 waits inside one for it; the
-    launcher (here as mlx.launch does it) then stops rank 0, which says so in one line and leaves
-    no output."""
+@pytest.mark.parametrize("when,command", [("before", "imatrix"), ("inside", "imatrix"), ("inside", "convert")])
+def test_a_rank_that_dies_stops_the_others_with_one_line(when, command, tmp_path, fixture_dir):
+    """Rank 1 ends before rank 0 reaches a collective, or while rank 0 waits inside one for it (for
+    convert: once both have checked the output, while rank 0 hands out the calibration windows);
+    the launcher (here as mlx.launch does it) then stops rank 0, which says so in one line and
+    leaves no output."""
     from mixquant.distributed import STOP_GRACE_S, run_local
 
     pause = {"before": 0, "inside": 8}[when]
+    met = ("mx.eval(mx.distributed.all_sum(mx.zeros(1, dtype=mx.float64), stream=mx.cpu)); "
+           if command == "convert" else "")
     dies = [sys.executable, "-c", "import os, time, mlx.core as mx; mx.distributed.init(strict=True); "
-            f"time.sleep({pause}); os._exit(3)"]
-    imatrix = CLI + ["imatrix", "-m", str(fixture_dir), "-o", str(tmp_path / "im.gguf"), "--calib", "mix"]
+            f"{met}time.sleep({pause}); os._exit(3)"]
+    argv = {"imatrix": ["imatrix", "-m", str(fixture_dir), "-o", str(tmp_path / "im.gguf"), "--calib", "mix"],
+            "convert": ["convert", "-i", str(fixture_dir), "-o", str(tmp_path / "out"), "-q", "--q-rounding",
+                        "gptq", "--calib", "mix"]}[command]
     t0 = time.monotonic()
-    (c0, _, err0), (c1, _, _) = run_local([imatrix, dies], 120)
+    (c0, _, err0), (c1, _, _) = run_local([CLI + argv, dies], 120)
     assert c1 == 3 and c0 == 128 + 15, err0
     assert time.monotonic() - t0 < pause + STOP_GRACE_S + 30
     ours = [line for line in err0.splitlines() if line.startswith("mixquant:")]
@@ -278,6 +342,16 @@ def test_shard_flag_and_launch_must_agree(models, capsys):
     assert results[0][2].strip() == ("mixquant: error: generate: running as 2 processes under mlx.launch; say how "
                                      "to split the model with --shard pipeline|tensor")
     assert results[1][2].strip().startswith("mixquant: error: rank 1: generate: running as 2 processes")
+
+
+def test_distillation_under_a_launch_is_one_line(tmp_path, fixture_dir):
+    results = run_local_cli(["convert", "-i", fixture_dir, "-o", tmp_path / "out", "-q", "--q-distill", 5],
+                            stop_others=False)
+    for r, (code, out, err) in enumerate(results):
+        assert code == 2 and out == ""
+        assert err.strip() == (f"mixquant: error: {'rank 1: ' if r else ''}{fixture_dir}: --q-distill is not split "
+                               "over processes yet: run it as one process (without mlx.launch)")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tensor_split_that_does_not_divide_is_one_line(tmp_path):

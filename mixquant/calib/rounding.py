@@ -28,6 +28,7 @@ import numpy as np
 
 from mixquant.arch.roles import Kind
 from mixquant.arch.tensors import SCOPE_MODEL
+from mixquant.distributed import all_sum
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +36,54 @@ log = logging.getLogger(__name__)
 def _hooks():
     import mlx.core as mx
 
+    from mixquant.distributed import Pairwise, pairwise_over_ranks
     from mixquant.wrap import Wrapper
 
     class Hessian(Wrapper):
-        """Wraps a Linear or SwitchLinear: sums x x^T of its inputs in MLX, float32 (per expert for a
-        SwitchLinear: the rows routed to each expert gathered into one padded batch, one batched
-        matmul for all experts). Linears that read the same input in one run (q/k/v, gate/up) share
-        its product: `grams` holds the products of the run in progress, cleared between runs."""
+        """Wraps a Linear or SwitchLinear, called once per batch this rank runs: sums x x^T of its
+        inputs in MLX, float32 (per expert for a SwitchLinear: the rows routed to each expert
+        gathered into one padded batch, one batched matmul for all experts), in one process's order
+        whatever the ranks: the batches form `segments`, each this rank's tree_block of a segment
+        (its batches come in that order), added in Pairwise order within each segment and over the
+        ranks, then over the segments. Linears that read the same input in one run (q/k/v,
+        gate/up) share its product: `grams` holds the products of the run in progress, cleared
+        between runs."""
 
         grams: dict = {}
 
-        def __init__(self, inner, n_mat: int, n_in: int):
+        def __init__(self, inner, n_mat: int, n_in: int, segments: list[range]):
             super().__init__(inner)
-            self._sum = mx.zeros((n_mat, n_in, n_in), dtype=mx.float32)
+            self._shape = (n_mat, n_in, n_in)
+            self._adders = [(Pairwise(b.start, b.stop), len(b)) for b in segments]
+            self._added = 0
             self._count = np.zeros(n_mat)
 
-        @property
-        def _h(self) -> np.ndarray:
-            return np.array(self._sum, dtype=np.float64)
+        def partial(self) -> list:
+            return [v for adder, _ in self._adders for v in adder.partial()]
+
+        def sums(self, group=None) -> tuple[np.ndarray, np.ndarray]:
+            """(the sum of x x^T per matrix over every rank's batches, float64; rows per matrix)."""
+            total = Pairwise(0, len(self._adders))
+            for adder, _ in self._adders:
+                mine = adder.total()
+                total.add(pairwise_over_ranks(mx.zeros(self._shape) if mine is None else mine, group))
+            return np.array(total.total(), dtype=np.float64), all_sum(self._count, group)
+
+        def _add(self, gram) -> None:
+            at = self._added
+            for adder, n in self._adders:
+                if at < n:
+                    adder.add(gram)
+                    break
+                at -= n
+            self._added += 1
 
         def __call__(self, x, *args, **kwargs):
             key = (id(x), id(args[0]) if args else None)
             if key not in Hessian.grams:
-                Hessian.grams[key] = (x, args, *_gram(x, args[0] if args else None, self._sum.shape[0]))
+                Hessian.grams[key] = (x, args, *_gram(x, args[0] if args else None, self._shape[0]))
             _, _, gram, per = Hessian.grams[key]
-            self._sum = self._sum + gram
+            self._add(gram)
             self._count += per
             return self.inner(x, *args, **kwargs)
 
@@ -100,16 +124,25 @@ def _routed_gram(rows, experts: np.ndarray, n_experts: int):
 
 
 def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=None, streamed=None,
-             learn_steps: int = 0) -> dict:
+             learn_steps: int = 0, group=None) -> dict:
     """tensor name -> list (per part) of (packed codes, scales, biases) for every quantized linear
     and expert stack of the text model (not the embedding). With `streamed` (a
     mixquant.calib.streamed.StreamedModel, whose model `model` is), each decoder layer's weights are
     read just before its turn and dropped after it. With `learn_steps`, the decoder layers' rounding
-    is learned (mixquant.quant.learned) instead, in that many steps per layer; the head's is GPTQ."""
+    is learned (mixquant.quant.learned) instead, in that many steps per layer; the head's is GPTQ.
+
+    group (mixquant.distributed; every rank passes the same `windows`): the batches of windows are
+    dealt to the ranks in tree blocks (mixquant.distributed.tree_block), each rank runs its own; a
+    layer's Hessians are added over the ranks in one process's order, its linears are dealt to the
+    ranks by cost, each rank runs GPTQ on its own and every rank receives every result. Learned
+    rounding runs one window at a time: each step's windows are split over the ranks and their
+    gradients added in one process's order. Every rank returns the whole result, that of one process
+    (bit for bit, for a group of 2^k ranks at equal BLAS threads)."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from mixquant.calib.runner import LayerRunner
+    from mixquant.calib.runner import BATCH, LayerRunner
+    from mixquant.distributed import by_cost, from_rank, rank, tree_block
     from mixquant.quant import learned
     from mixquant.quant.distill import undo_vectors
     from mixquant.quant.gptq import pack_codes
@@ -120,34 +153,66 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
     entries = {e.tensor.module: e for e in plan.entries
                if e.quantized and e.tensor.scope == SCOPE_MODEL and e.tensor.module in modules
                and e.tensor.role.kind != Kind.EMBEDDING}
-    runner = LayerRunner(model, windows)
+    steps = [range(s, min(s + BATCH, len(windows))) for s in range(0, len(windows), BATCH)]
+    if learn_steps:  # one window a run: a step's gradient adds its windows', whichever rank holds them
+        blocks = [tree_block(len(s), group) for s in steps]
+        held = [s.start + p for s, b in zip(steps, blocks) for p in b]
+        runner = LayerRunner(model, windows, batches=[range(w, w + 1) for w in held])
+        share = [(b, [held.index(s.start + p) for p in b], s) for s, b in zip(steps, blocks)]
+        segments = blocks  # the head's Hessian: per step's batch, then over them
+    else:  # whole batches: each one's sums are those of one process
+        mine = tree_block(len(steps), group)
+        runner = LayerRunner(model, windows, batches=[steps[b] for b in mine])
+        segments = [mine]
     out: dict = {}
 
     def where(obj) -> str:  # the runner wraps the layers: paths move, the module objects stay
         return next(p for p, m in model.named_modules() if m is obj)
 
     def wrap(names):
-        hooks = {m: Hessian(modules[m], entries[m].tensor.n_matrices, entries[m].tensor.in_features) for m in names}
+        hooks = {m: Hessian(modules[m], entries[m].tensor.n_matrices, entries[m].tensor.in_features, segments)
+                 for m in names}
         model.update_modules(tree_unflatten([(where(modules[m]), h) for m, h in hooks.items()]))
         return hooks
 
     def unwrap(hooks):
         model.update_modules(tree_unflatten([(where(h), h.inner) for h in hooks.values()]))
 
-    def quantize(name, hook):
+    def quantize(names, hooks):
+        """GPTQ of `names` from their Hessians summed over the ranks: each rank runs the ones by_cost
+        deals it, then every rank receives every result."""
+        owners = by_cost([_cost(entries[m].tensor) for m in names], group)
+        hessians = {}
+        for m, owner in zip(names, owners):
+            sums, counts = hooks[m].sums(group)
+            if group is None:  # alone: each Hessian is used as it comes, and dropped
+                keep_parts(m, gptq_of(m, sums / np.maximum(counts, 1.0)[:, None, None]))
+            elif owner == rank(group):
+                hessians[m] = sums / np.maximum(counts, 1.0)[:, None, None]
+        if group is None:
+            return
+        done = {m: gptq_of(m, h) for m, h in hessians.items()}
+        for m, owner in zip(names, owners):
+            keep_parts(m, from_rank(done.get(m), owner, 4, group))
+
+    def keep_parts(name, result):
+        packed, s, b, deq = result
+        keep(name, list(zip(packed, s, b)), list(deq))
+
+    def gptq_of(name, hessians):
+        """[packed codes, scales, biases, float stand-ins] of the stack `name`, each [parts, ...]."""
         entry = entries[name]
         t = entry.tensor
         w = np.array(modules[name].weight.astype(mx.float32))
         ws, hs, opss = [], [], []
-        sums = hook._h
         for p, wp in enumerate(w if t.stacked else [w]):
             ops = awq_result.for_part(t.name, p) if awq_result else []
-            wp, h = _scaled(ops, wp, sums[p] / max(hook._count[p], 1.0))
+            wp, h = _scaled(ops, wp, hessians[p])
             ws.append(wp)
             hs.append(h)
             opss.append(ops)
         packed, s, b, deq = gptq_stack(np.stack(ws), np.stack(hs), entry.bits, entry.group_size, dtype)
-        keep(name, list(zip(packed, s, b)), [_unscaled(ops, d) for ops, d in zip(opss, deq)])
+        return [packed, s, b, np.stack([_unscaled(ops, d) for ops, d in zip(opss, deq)])]
 
     def keep(name, parts, deqs):
         """The module's encoding (per part), and its dequantized weights as its float stand-in."""
@@ -159,11 +224,10 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
         hooks = wrap(names)
         for w in range(runner.n_batches):
             runner.run_to(layer, w)
-            mx.eval([h._sum for h in hooks.values()])
+            mx.eval([h.partial() for h in hooks.values()])
             Hessian.grams.clear()
         unwrap(hooks)
-        for m in names:
-            quantize(m, hooks[m])
+        quantize(names, hooks)
 
     def learn(layer, names, float_in):
         """Learned rounding of the layer's `names`, trained on the kept states entering it towards the
@@ -188,7 +252,8 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
         training = model.training
         model.train()
         try:
-            learned.train_layer(inner, calls, targets, list(learners.values()), learn_steps, seed=layer)
+            learned.train_layer(inner, calls, targets, list(learners.values()), learn_steps, seed=layer,
+                                share=share, group=group)
         finally:
             model.train(training)
             model.update_modules(tree_unflatten([(where(lr), modules[m]) for m, lr in learners.items()]))
@@ -239,8 +304,7 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
                     runner.logits(n_layers)
                     Hessian.grams.clear()
                     unwrap(hooks)
-                    for m in heads:
-                        quantize(m, hooks[m])
+                    quantize(heads, hooks)
         if progress:
             progress(n_layers + 1, n_layers + 1)
     finally:
@@ -274,6 +338,13 @@ def _rounded_embedding(model, plan, awq_result, dtype):
         yield
     finally:
         module.weight = original
+
+
+def _cost(t) -> float:
+    """GPTQ's work on a tensor, up to a constant: per matrix, the inverse of its Hessian (n^3) and the
+    column pass over its rows (rows x n^2)."""
+    n = t.in_features
+    return float(t.n_matrices) * n * n * (n + t.shape[-2])
 
 
 def _scaled(ops, w, h):

@@ -55,15 +55,18 @@ BATCH = 4  # windows run together: float32 GEMMs on more rows run faster per row
 
 class LayerRunner:
     """`model` (an mlx-lm model, float) with its decoder layers wrapped; `windows` [n, ctx] tokens,
-    run in batches of up to `batch` windows (the unit everything below is indexed by)."""
+    run in batches of up to `batch` windows (the unit everything below is indexed by), or in the
+    given `batches` (lists of window indices)."""
 
-    def __init__(self, model, windows: np.ndarray, batch: int = BATCH):
+    def __init__(self, model, windows: np.ndarray, batch: int = BATCH, batches: list | None = None):
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
         self.model = model
         windows = np.asarray(windows, dtype=np.int32)
-        self.windows = [windows[i : i + batch] for i in range(0, len(windows), batch)]
+        if batches is None:
+            batches = [range(i, min(i + batch, len(windows))) for i in range(0, len(windows), batch)]
+        self.windows = [windows[b.start : b.stop] if isinstance(b, range) else windows[list(b)] for b in batches]
         layers = list(model.layers)
         paths = {id(m): p for p, m in model.named_modules()}
         wrapper = _layer_class()

@@ -59,21 +59,37 @@ def learner_class():
 
 
 def train_layer(layer, calls: list, targets: list, learners: list, steps: int = STEPS,
-                seed: int = 0) -> tuple[float, float, bool]:
+                seed: int = 0, share: list | None = None, group=None) -> tuple[float, float, bool]:
     """Train the rounding offsets of `learners` (modules inside `layer`) so that
     layer(x, *args, **kwargs) for each (x, args, kwargs) of `calls` comes close to its `targets`
     entry; one batch per step. Returns (mean squared error before, after, kept): when the trained
-    offsets are no better than none, they are put back to zero."""
+    offsets are no better than none, they are put back to zero.
+
+    share (with group, mixquant.distributed): per step's batch of windows of the whole calibration
+    set, (the positions in it this rank holds, a mixquant.distributed.tree_block; their indices in
+    `calls`, one window each; the batch's windows). Each step's batch is drawn alike on every
+    rank; each rank adds its windows' gradients in Pairwise order and the ranks' sums are added in
+    that order too, so that every rank takes one process's steps."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
+
+    from mixquant.distributed import Pairwise, all_sum, pairwise_over_ranks
+
+    if share is None:
+        share = [(range(1), [i], range(i, i + 1)) for i in range(len(calls))]
+    n_windows = max(windows.stop for _, _, windows in share)
 
     def loss_fn(_, i):
         x, args, kwargs = calls[i]
         return ((layer(x, *args, **kwargs) - targets[i]) ** 2).mean()
 
     def total() -> float:
-        return float(np.mean([float(loss_fn(layer, i)) for i in range(len(calls))]))
+        mine = np.zeros(n_windows)
+        for block, held, windows in share:
+            for p, i in zip(block, held):
+                mine[windows.start + p] = float(loss_fn(layer, i))
+        return float(np.mean(all_sum(mine, group)))
 
     before = total()
     layer.freeze()
@@ -82,13 +98,23 @@ def train_layer(layer, calls: list, targets: list, learners: list, steps: int = 
     step_fn = nn.value_and_grad(layer, loss_fn)
     paths = {id(m): p for p, m in layer.named_modules()}
     keys = [f"{paths[id(m)]}.v" for m in learners]  # each learner's offsets in the gradient tree
+    n_params = sum(m.v.size for m in learners)
     rng = np.random.default_rng(seed)
     try:
         for step in range(steps):
-            _, grads = step_fn(layer, int(rng.integers(len(calls))))
-            flat = dict(tree_flatten(grads))
-            for m, key in zip(learners, keys):
-                m.v = mx.clip(m.v - (1 - step / steps) / steps * mx.sign(flat[key]), -0.5, 0.5)
+            block, held, _ = share[int(rng.integers(len(share)))]
+            adder = Pairwise(block.start, block.stop)
+            for i in held:
+                flat = dict(tree_flatten(step_fn(layer, i)[1]))
+                adder.add(mx.concatenate([flat[key].reshape(-1) for key in keys]))
+                mx.eval(adder.partial())
+            mine = adder.total()
+            grad = pairwise_over_ranks(mx.zeros((n_params,)) if mine is None else mine, group)
+            at = 0
+            for m in learners:
+                g = grad[at : at + m.v.size].reshape(m.v.shape)
+                at += m.v.size
+                m.v = mx.clip(m.v - (1 - step / steps) / steps * mx.sign(g), -0.5, 0.5)
             mx.eval([m.v for m in learners])
     finally:
         layer.unfreeze()
