@@ -142,9 +142,14 @@ def halves(lo: int, hi: int) -> set[tuple[int, int]]:
     its two halves, the left one the longer where they differ."""
     nodes = {(lo, hi)}
     if hi - lo > 1:
-        mid = lo + (hi - lo + 1) // 2
+        mid = _middle(lo, hi)
         nodes |= halves(lo, mid) | halves(mid, hi)
     return nodes
+
+
+def _middle(lo: int, hi: int) -> int:
+    """Where halves() splits lo..hi-1: the left half the longer."""
+    return lo + (hi - lo + 1) // 2
 
 
 class Pairwise:
@@ -183,7 +188,7 @@ def tree_block(n: int, group=None) -> range:
         return owned(n, group)
     lo, hi, r = 0, n, rank(group)
     while size > 1:
-        mid = lo + (hi - lo + 1) // 2
+        mid = _middle(lo, hi)
         size //= 2
         lo, hi, r = (lo, mid, r) if r < size else (mid, hi, r - size)
     return range(lo, hi)
@@ -251,13 +256,10 @@ def rank0_windows(windows: np.ndarray, group, where: str, flag: str) -> np.ndarr
 
 
 def broadcast(values: np.ndarray, group=None) -> np.ndarray:
-    """Rank 0's array on every rank (the others' `values` give only the number of dimensions)."""
+    """Rank 0's array on every rank (the others' `values` are not read)."""
     if group is None:
         return values
-    main = is_main(group)
-    shape = all_sum(np.asarray(values.shape if main else (0,) * values.ndim, np.int64), group)
-    mine = values if main else np.zeros(tuple(int(d) for d in shape), values.dtype)
-    return all_sum(np.ascontiguousarray(mine), group).astype(values.dtype)
+    return from_rank([values] if is_main(group) else None, 0, 1, group)[0]
 
 
 def same_random_state(group=None) -> None:

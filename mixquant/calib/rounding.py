@@ -186,9 +186,9 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
         for m, owner in zip(names, owners):
             sums, counts = hooks[m].sums(group)
             if group is None:  # alone: each Hessian is used as it comes, and dropped
-                keep_parts(m, gptq_of(m, sums / np.maximum(counts, 1.0)[:, None, None]))
+                keep_parts(m, gptq_of(m, _mean(sums, counts)))
             elif owner == rank(group):
-                hessians[m] = sums / np.maximum(counts, 1.0)[:, None, None]
+                hessians[m] = _mean(sums, counts)
         if group is None:
             return
         done = {m: gptq_of(m, h) for m, h in hessians.items()}
@@ -338,6 +338,11 @@ def _rounded_embedding(model, plan, awq_result, dtype):
         yield
     finally:
         module.weight = original
+
+
+def _mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each matrix's Hessian: its sum of x x^T divided by its rows (zeros where it had none)."""
+    return sums / np.maximum(counts, 1.0)[:, None, None]
 
 
 def _cost(t) -> float:
