@@ -1,10 +1,11 @@
 """One process against two on this machine, through MLX's ring backend (mixquant.distributed).
 
-    python benchmarks/distributed.py [--tokens 16384] [--learn-steps 50] [--gen-tokens 64]
+    python benchmarks/distributed.py [--tokens 16384] [--learn-steps 50] [--distill-steps 50] [--gen-tokens 64]
 
-- imatrix, GPTQ (`convert -q --q-rounding gptq`) and learned rounding (`--q-rounding learned`) on
-  the fixture (the bundled mix): wall time of 1 and of 2 processes (each one BLAS thread), and
-  whether the outputs are byte-identical.
+- imatrix, GPTQ (`convert -q --q-rounding gptq`), learned rounding (`--q-rounding learned`) and
+  distillation (`--q-distill`) on the fixture (the bundled mix): wall time of 1 and of 2 processes
+  (each one BLAS thread), each process's peak resident memory, and whether the outputs are
+  byte-identical.
 - decode of the fixture's unsloth-3 quant: `mixquant bench` alone, and under `--shard pipeline`
   and `--shard tensor` with 2 processes (prefill and decode tokens per second, rank 0's figures).
 
@@ -31,13 +32,17 @@ sys.path.insert(0, str(ROOT))
 FIXTURE = ROOT / "tests" / "fixtures" / "qwen35-tiny"
 CLI = [sys.executable, "-m", "mixquant"]
 TIMEOUT = 3600
+# each process runs under this one, which says on its last stderr line how much memory it held at most
+PEAK = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == 'darwin' else 1024); "
+        "print(f'peak_rss_bytes {peak}', file=sys.stderr); sys.exit(code)")
 
 
 def ranks(n: int, argv: list[str]) -> tuple[float, list]:
     """(wall seconds, per-rank (code, stdout, stderr)) of `argv` on n processes (n = 1: alone)."""
     from mixquant.distributed import run_local
 
-    argv = CLI + [str(a) for a in argv]
+    argv = [sys.executable, "-c", PEAK] + CLI + [str(a) for a in argv]
     t0 = time.perf_counter()
     if n == 1:
         run = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
@@ -57,22 +62,30 @@ def contents(path: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())} if path.is_dir() else {"": path.read_bytes()}
 
 
-def calibration_rows(tmp: Path, tokens: int, learn_steps: int) -> list[dict]:
+def peaks_gb(results: list) -> list[float]:
+    """Each process's peak resident memory (GB), from PEAK's line."""
+    return [round(int(err.rstrip().rsplit("\n", 1)[-1].split()[1]) / 1e9, 3) for _, _, err in results]
+
+
+def calibration_rows(tmp: Path, tokens: int, learn_steps: int, distill_steps: int) -> list[dict]:
     commands = {
         "imatrix": lambda out: ["imatrix", "-m", FIXTURE, "-o", out, "--calib", "mix", "--tokens", tokens],
         "GPTQ": lambda out: ["convert", "-i", FIXTURE, "-o", out, "-q", "--q-rounding", "gptq", "--calib", "mix",
                              "--calib-tokens", tokens],
         "learned rounding": lambda out: ["convert", "-i", FIXTURE, "-o", out, "-q", "--q-rounding", "learned",
                                          "--q-learn-steps", learn_steps, "--calib", "mix", "--calib-tokens", tokens],
+        "distillation": lambda out: ["convert", "-i", FIXTURE, "-o", out, "-q", "--q-distill", distill_steps,
+                                     "--calib", "mix", "--calib-tokens", tokens],
     }
     rows = []
     for command, argv in commands.items():
         files = {}
         for n in (1, 2):
             out = tmp / f"{command.replace(' ', '-')}-{n}{'.gguf' if command == 'imatrix' else ''}"
-            seconds, _ = ranks(n, argv(out))
+            seconds, results = ranks(n, argv(out))
             files[n] = contents(out)
-            rows.append({"command": command, "processes": n, "seconds": round(seconds, 2)})
+            rows.append({"command": command, "processes": n, "seconds": round(seconds, 2),
+                         "peak_rss_gb": peaks_gb(results)})
         rows[-1]["speedup"] = round(rows[-2]["seconds"] / rows[-1]["seconds"], 3)
         rows[-1]["identical"] = files[1] == files[2]
     return rows
@@ -86,9 +99,9 @@ def decode_rows(tmp: Path, gen_tokens: int) -> list[dict]:
         report = tmp / f"bench-{mode}.json"
         argv = ["bench", quant, "--prompt-tokens", 512, "--gen-tokens", gen_tokens, "--turns", 1, "--repeats", 3,
                 "--json", report] + (["--shard", mode] if mode else [])
-        ranks(n, argv)
+        _, results = ranks(n, argv)
         result = json.loads(report.read_text())["results"][0]
-        rows.append({"command": "bench", "processes": n, "shard": mode or "-",
+        rows.append({"command": "bench", "processes": n, "shard": mode or "-", "peak_rss_gb": peaks_gb(results),
                      "prefill_tok_s": round(result["prefill_tok_s"], 1),
                      "decode_tok_s": round(result["decode_tok_s"], 1)})
     for r in rows[1:]:
@@ -99,28 +112,41 @@ def decode_rows(tmp: Path, gen_tokens: int) -> list[dict]:
 def markdown(out: dict) -> str:
     cal, dec = out["calibration"], out["decode"]
     lines = ["<!-- distributed:begin -->", "## Several processes: mlx.distributed on one machine", "",
-             f"`python benchmarks/distributed.py --tokens {out['tokens']} --gen-tokens {out['gen_tokens']}` "
+             f"`python benchmarks/distributed.py --tokens {out['tokens']} --learn-steps {out['learn_steps']} "
+             f"--distill-steps {out['distill_steps']} --gen-tokens {out['gen_tokens']}` "
              f"({out['machine']}): each command in its own processes, the ranks on this one machine over MLX's "
              "ring backend (127.0.0.1), one BLAS thread per process, the single process with one thread too. "
              "On two cores two ranks can at best halve the time; what the ring costs shows here, not what two "
              "machines would give.", "",
-             "| command | processes | seconds | speed-up | output identical to 1 process |", "|---|---|---|---|---|"]
+             "| command | processes | seconds | speed-up | peak RSS per process (GB) | output identical to 1 process |",
+             "|---|---|---|---|---|---|"]
+    steps = {"learned rounding": f" ({out['learn_steps']} steps a layer)",
+             "distillation": f" ({out['distill_steps']} steps)"}
     for r in cal:
-        steps = f" ({out['learn_steps']} steps a layer)" if r["command"] == "learned rounding" else ""
-        what = f"{r['command']}{steps}"
+        what = f"{r['command']}{steps.get(r['command'], '')}"
         lines.append(f"| {what}, fixture, {out['tokens']} tokens | {r['processes']} | {r['seconds']:.2f} | "
-                     f"{r.get('speedup', 1.0):.2f}x | {'yes (byte for byte)' if r.get('identical', True) else 'NO'} |")
-    lines += ["", "| decode, fixture unsloth-3 | processes | shard | prefill tok/s | decode tok/s | decode speed-up |",
-              "|---|---|---|---|---|---|"]
+                     f"{r.get('speedup', 1.0):.2f}x | {_peaks(r)} | "
+                     f"{'yes (byte for byte)' if r.get('identical', True) else 'NO'} |")
+    lines += ["", "| decode, fixture unsloth-3 | processes | shard | prefill tok/s | decode tok/s | decode speed-up | "
+              "peak RSS per process (GB) |", "|---|---|---|---|---|---|---|"]
     for r in dec:
         lines.append(f"| 512-token prompt, {out['gen_tokens']} tokens | {r['processes']} | {r['shard']} | "
-                     f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r.get('decode_speedup', 1.0):.2f}x |")
-    lines += ["", "Greedy tokens under both splits equal one process's, and sensitivity's proxy splits its windows "
-              "too (tests/test_distributed.py). GPTQ deals whole batches of windows to the ranks and each layer's "
-              "linears by cost; learned rounding deals each step's windows, the ranks' gradients added in one "
-              "process's order. Distillation and measured sensitivity do not run split yet.",
+                     f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r.get('decode_speedup', 1.0):.2f}x | "
+                     f"{_peaks(r)} |")
+    lines += ["", "Greedy tokens under both splits equal one process's, and sensitivity splits its work too (the "
+              "proxy its windows, a measured run its units; tests/test_distributed.py). GPTQ deals whole batches "
+              "of windows to the ranks and each layer's linears by cost; learned rounding deals each step's "
+              "windows, the ranks' gradients added in one process's order; distillation splits only its held-out "
+              "checks (every rank takes the same training steps, one window each), so it gains least. Every rank "
+              "of a calibration holds what one process holds (the float model a layer at a time, or whole for "
+              "distillation): the split buys time, not memory. The fixture's weights are 26 MB, so MLX's and "
+              "Python's own ~0.35 GB are most of every memory figure here.",
               "<!-- distributed:end -->"]
     return "\n".join(lines)
+
+
+def _peaks(row: dict) -> str:
+    return " / ".join(f"{g:.2f}" for g in row["peak_rss_gb"])
 
 
 def main() -> None:
@@ -130,13 +156,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--learn-steps", type=int, default=50)
+    ap.add_argument("--distill-steps", type=int, default=50)
     ap.add_argument("--gen-tokens", type=int, default=64)
     args = ap.parse_args()
     blas = cpu_blas.enable() or "MLX's own"
     with tempfile.TemporaryDirectory(prefix="mixquant-distributed-") as tmp:
         out = {"machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, BLAS: {blas}",
-               "tokens": args.tokens, "learn_steps": args.learn_steps, "gen_tokens": args.gen_tokens,
-               "calibration": calibration_rows(Path(tmp), args.tokens, args.learn_steps),
+               "tokens": args.tokens, "learn_steps": args.learn_steps, "distill_steps": args.distill_steps,
+               "gen_tokens": args.gen_tokens,
+               "calibration": calibration_rows(Path(tmp), args.tokens, args.learn_steps, args.distill_steps),
                "decode": decode_rows(Path(tmp), args.gen_tokens)}
     for r in out["calibration"] + out["decode"]:
         print(r)

@@ -436,7 +436,7 @@ def cmd_sensitivity(args) -> int:
     positive(args.windows, "--windows")
     positive(args.ctx, "--ctx", 4)
     check_file_output(Path(args.output), _paths(args.model, _calib_file(args.calib)))
-    group = world()  # under mlx.launch: the proxy's windows are split over the processes, rank 0 writes
+    group = world()  # under mlx.launch: proxy windows or measured units split over the processes; rank 0 writes
     main = is_main(group)
     sens = compute_sensitivity(Path(args.model), args.mode, args.calib, args.windows, args.ctx, args.dtype,
                                Path(args.output) if main else None,

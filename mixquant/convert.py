@@ -160,8 +160,8 @@ def input_paths(src: Path, options: ConvertOptions) -> list[Path]:
 
 def convert(src: Path, out: Path, options: ConvertOptions, group=None) -> Plan:
     """Convert `src` into the folder `out`. group (mixquant.distributed; every rank calls with the
-    same arguments): GPTQ's and learned rounding's work is split over the ranks, rank 0 alone writes
-    (the others return the plan once their part is done)."""
+    same arguments): GPTQ's, learned rounding's and distillation's work is split over the ranks,
+    rank 0 alone writes (the others return the plan once their part is done)."""
     from mixquant.distributed import barrier, is_main
 
     out = Path(out)
@@ -175,11 +175,8 @@ def convert(src: Path, out: Path, options: ConvertOptions, group=None) -> Plan:
     check_not_inputs([("--q-rounding-cache folder", c) for c in cache], input_paths(src, options))
     check_output(out, input_paths(src, options) + cache, options.force, options.replace_any)
     if group is not None:
-        if options.distill_steps > 0:
-            raise MixquantError(f"{src}: --q-distill is not split over processes yet: run it as one process "
-                                f"(without mlx.launch)")
         barrier(group)  # every rank has checked the output before rank 0 starts to write it
-        if options.rounding == NEAREST and not is_main(group):
+        if options.rounding == NEAREST and options.distill_steps == 0 and not is_main(group):
             return build_plan(src, options)[1]
         options = replace(options, progress=options.progress if is_main(group) else False)
     source, plan = build_plan(src, options)
@@ -191,12 +188,12 @@ def convert(src: Path, out: Path, options: ConvertOptions, group=None) -> Plan:
         raise MixquantError(distill_too_big(src, plan, options))
     awq_result = run_awq(Path(src), source, plan, options.awq) if options.awq else None
     rounded = cached_rounding(Path(src), plan, options, awq_result, group) if options.rounding != NEAREST else {}
-    if not is_main(group):
-        return plan
     distilled = None
     if options.distill_steps > 0:
-        distilled = run_distill(Path(src), source, plan, options, awq_result, rounded)
+        distilled = run_distill(Path(src), source, plan, options, awq_result, rounded, group)
         rounded = distilled.encodings
+    if not is_main(group):
+        return plan
     encoder = _encoder(awq_result, rounded, distilled.floats if distilled else {})
 
     def write(tmp: Path, done=frozenset(), completed=None) -> None:
@@ -362,21 +359,28 @@ def nearest_encodings(source, plan: Plan, awq_result, skip: dict) -> dict:
     return out
 
 
-def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_result, rounded: dict):
+def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_result, rounded: dict, group=None):
+    """Distillation of the rounded quant on the calibration windows (under a group: rank 0's, its
+    held-out checks split over the ranks)."""
     from mixquant.calib.data import calibration_set
+    from mixquant.distributed import is_main, rank0_windows
     from mixquant.loading import load
     from mixquant.progress import callback
     from mixquant.quant.distill import distill
 
     loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
-    windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX,
-                              embedding_rows(loaded.config, src), source=src, config_dir=options.config_dir)
+    if is_main(group):
+        windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX,
+                                  embedding_rows(loaded.config, src), source=src, config_dir=options.config_dir)
+    else:
+        windows = np.zeros((0, CALIB_CTX), np.int32)
+    windows = rank0_windows(windows, group, str(src), "--calib-tokens")
     encodings = {**nearest_encodings(source, plan, awq_result, rounded), **rounded}
     result = distill(loaded.model, windows, plan, encodings, mx_dtype(plan.entries[0].dtype), options.distill_steps,
                      awq_result, progress=callback("distilling") if options.progress is not False else None,
                      norms=options.distill_norms, floats=options.distill_floats, anneal=options.distill_anneal,
-                     lr=distill_lr(options))
-    if not result.kept:
+                     lr=distill_lr(options), group=group)
+    if not result.kept and is_main(group):
         log.warning("distillation did not lower the held-out KL divergence (%.5f): the quant keeps its rounding",
                     result.before)
     return result

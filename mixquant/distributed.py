@@ -262,6 +262,16 @@ def broadcast(values: np.ndarray, group=None) -> np.ndarray:
     return from_rank([values] if is_main(group) else None, 0, 1, group)[0]
 
 
+def broadcast_json(value, group=None):
+    """Rank 0's JSON-able `value` on every rank (the others' is not read)."""
+    if group is None:
+        return value
+    import json
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_main(group) else None
+    return json.loads(broadcast(data, group).tobytes())
+
+
 def same_random_state(group=None) -> None:
     """Seed MLX's generator on every rank with rank 0's fresh seed, so that sampling draws alike."""
     if group is None:

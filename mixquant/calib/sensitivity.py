@@ -37,8 +37,9 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
                         group=None) -> Sensitivity:
     """Every unit's sensitivity on `calib`. With `rounding` other than nearest a proxy is priced after
     GPTQ (mixquant.quant.sensitivity.gptq_ratio), which holds every linear's input Hessian: an error
-    where those would take more than HESSIAN_SHARE of memory. group (mixquant.distributed): the
-    proxy's windows (rank 0's) are split over the ranks; `out` is written by the caller's rank 0."""
+    where those would take more than HESSIAN_SHARE of memory. group (mixquant.distributed): every
+    rank gets rank 0's windows; the proxy splits them over the ranks, a measured run its units; `out`
+    is given on rank 0 alone, which resumes it and writes it."""
     import mlx.core as mx
 
     from mixquant.calib.data import calibration_set
@@ -50,8 +51,6 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
 
     if mode not in (MEASURED, PROXY):
         raise MixquantError(f"--mode: {mode!r} is neither {MEASURED} nor {PROXY}")
-    if group is not None and mode == MEASURED:
-        raise MixquantError(f"--mode {MEASURED}: does not run split over processes yet (--mode {PROXY} does)")
     _, arch = arch_plan_of(Path(src), config_dir, keep_vision=False, keep_mtp=False)
     units = units_of(make_plan(arch, None, dtype))
     loaded = load(Path(src), dtype="float32", dequantize=True, config_dir=config_dir)
@@ -66,8 +65,8 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
     info = {"spec": str(calib), "text": spec, "windows": int(len(windows)), "ctx": int(windows.shape[1]),
             "tokens_hash": windows_hash(windows), "priced_after": "gptq" if after_gptq else "nearest"}
     sens = Sensitivity(mode, str(src), info, dtype, {})
-    if out is not None and Path(out).exists() and mode == MEASURED:
-        sens = _resumable(Path(out), sens)
+    if mode == MEASURED:
+        sens.units = _resumed(out, sens, group)
     mx_dtype = getattr(mx, dtype)
     if mode == PROXY:
         estimates = proxy(loaded.model, windows, units, mx_dtype, progress=progress, after_gptq=after_gptq,
@@ -81,7 +80,7 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
             if out is not None:
                 sens.save(out)
 
-        measure(loaded.model, windows, units, mx_dtype, estimates, saved=save, progress=progress)
+        measure(loaded.model, windows, units, mx_dtype, estimates, saved=save, progress=progress, group=group)
     sens.units = {u.name: _entry(u, estimates[u.name]) for u in units}
     if out is not None:
         sens.save(out)
@@ -90,6 +89,23 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
 
 def _entry(unit, options: dict) -> dict:
     return {"role": unit.role.value, "shape": list(unit.shape), "options": options}
+
+
+def _resumed(out: Path | None, fresh: Sensitivity, group) -> dict:
+    """The units a partial run at `out` (read by rank 0, the only rank given `out`) finished, on
+    every rank; its error, if any, on every rank."""
+    from mixquant.distributed import broadcast_json
+
+    units, problem = {}, None
+    if out is not None and Path(out).exists():
+        try:
+            units = _resumable(Path(out), fresh).units
+        except MixquantError as e:
+            problem = str(e)
+    units, problem = broadcast_json([units, problem], group)
+    if problem:
+        raise MixquantError(problem)
+    return units
 
 
 def _resumable(path: Path, fresh: Sensitivity) -> Sensitivity:

@@ -113,16 +113,20 @@ def _codes(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
 def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int, awq_result=None,
             lr: float = LEARNING_RATE, eval_every: int | None = None, seed: int = 0, progress=None,
             norms: bool = False, floats: bool = False, teacher_cache_bytes: int = TEACHER_CACHE_BYTES,
-            anneal: bool = False) -> DistillResult:
+            anneal: bool = False, group=None) -> DistillResult:
     """Tune the scales and biases of `encodings` (tensor name -> per part (packed, scales, biases)) on
     `model`, the unquantized mlx-lm model in float32, and with `norms` the text model's norm
     multipliers, with `floats` every unquantized float tensor of the text model; returns the
     encodings to write (and those tensors, in `floats`). With `anneal` the learning rate falls toward
-    zero over the second half of the steps (see `learning_rate`)."""
+    zero over the second half of the steps (see `learning_rate`). group (mixquant.distributed; every
+    rank with the same windows): the held-out windows are split over the ranks, each rank keeping
+    and checking its own, and the per-window figures gathered; every rank takes the same training
+    steps (one window a step, as alone), so every rank ends with one process's result."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_unflatten
 
+    from mixquant.distributed import all_sum, owned
     from mixquant.quant.encode import mx_dtype
 
     Dequantized = student_classes()
@@ -139,10 +143,11 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
         lg = m(mx.array(w[None]))[0].astype(mx.float32)
         return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
 
+    mine = owned(len(held), group)
     per_window = logprobs(model, windows[0]).nbytes  # from the lazy graph's shape; nothing is computed
-    n_cached = min(len(held) + len(train), teacher_cache_bytes // per_window)
-    cache = [logprobs(model, w) for w in [*held, *train][:n_cached]]
-    mx.eval(cache)
+    cached = [*mine, *range(len(held), len(held) + len(train))][: teacher_cache_bytes // per_window]
+    cache = {j: logprobs(model, held[j] if j < len(held) else train[j - len(held)]) for j in cached}
+    mx.eval(list(cache.values()))
 
     students = {}
     for name, entry in entries.items():
@@ -178,7 +183,7 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
     def teacher(index: int, tokens):
         """Log-probs of the unquantized model on window `index` of the held windows followed by the
         training ones."""
-        if index < n_cached:
+        if index in cache:
             return cache[index]
         current = [(k, v) for k, v in tree_flatten(model.trainable_parameters()) if k in float_start]
         model.update_modules(tree_unflatten(originals))
@@ -204,7 +209,10 @@ def distill(model, windows: np.ndarray, plan, encodings: dict, dtype, steps: int
                 _round_pairs(s, dtype)
             model.update(tree_unflatten([(k, v.astype(mx_dtype(planned[k].dtype)).astype(mx.float32))
                                          for k, v in saved if k in float_start]))
-        total = float(np.mean([float(loss_fn(model, w, teacher(j, w))) for j, w in enumerate(held)]))
+        losses = np.zeros(len(held))
+        for j in mine:
+            losses[j] = float(loss_fn(model, held[j], teacher(j, held[j])))
+        total = float(np.mean(all_sum(losses, group)))
         if rounded:
             model.update(tree_unflatten(saved))
         return total

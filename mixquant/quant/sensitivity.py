@@ -147,12 +147,15 @@ def _kl(ref_lp, logits):
 
 
 def measure(model, windows: np.ndarray, units: list[Unit], dtype, results: dict, options_of=None, saved=None,
-            progress=None) -> dict:
+            progress=None, group=None) -> dict:
     """Fill `results` (unit name -> {option key: dKL}) for the units it lacks; `saved()` is called
-    after each unit. `model` is the unquantized model in float32."""
+    after each unit. `model` is the unquantized model in float32. group (mixquant.distributed): the
+    units go to ranks by cost, each measured on every window as one process would; after each round
+    (one unit a rank) every rank gets every rank's figures, so `saved` sees all finished units."""
     import mlx.core as mx
 
     from mixquant.calib.runner import LayerRunner
+    from mixquant.distributed import by_cost, from_rank, rank
 
     options_of = options_of or (lambda u: all_options(u.shape[-1]))
     modules = dict(model.named_modules())
@@ -165,25 +168,44 @@ def measure(model, windows: np.ndarray, units: list[Unit], dtype, results: dict,
         refs = [lg - mx.logsumexp(lg, axis=-1, keepdims=True) for lg in runner.logits(0)]
         mx.eval(refs)
         n_layers = len(runner.layers)
-        for k, u in enumerate(todo):
-            module = modules[u.module]
-            original = module.weight
-            w = np.array(original.astype(mx.float32))
-            start = _start_layer(u, n_layers)
-            out = {}
-            for option in options_of(u):
-                module.weight = mx.array(fake_quantized(w, option, dtype))
-                kls = [_kl(ref, lg) for ref, lg in zip(refs, runner.logits(start))]
-                out[option.key] = float(mx.concatenate(kls).mean())
-            module.weight = original
-            results[u.name] = out
+        owner = by_cost([(n_layers + 1 - _start_layer(u, n_layers)) * len(options_of(u)) for u in todo], group)
+        queues = [[u for u, o in zip(todo, owner) if o == r] for r in range(max(owner) + 1)]
+        done = 0
+        for k in range(max(len(q) for q in queues)):
+            mine = queues[rank(group)][k:k + 1] if rank(group) < len(queues) else []
+            figures = [np.array([_measure_one(runner, modules, refs, u, n_layers, options_of, dtype)
+                                 for u in mine], np.float64)]
+            for r, queue in enumerate(queues):
+                if k < len(queue):
+                    u = queue[k]
+                    values = from_rank(figures if r == rank(group) else None, r, 1, group)[0].reshape(-1)
+                    results[u.name] = dict(zip([o.key for o in options_of(u)], values.tolist()))
+                    done += 1
             if saved:
                 saved()
             if progress:
-                progress(k + 1, len(todo))
+                progress(done, len(todo))
     finally:
         runner.unwrap()
     return results
+
+
+def _measure_one(runner, modules, refs, u: Unit, n_layers: int, options_of, dtype) -> list[float]:
+    """Unit u's mean KL against `refs` for each of its options, stored as it reads back."""
+    import mlx.core as mx
+
+    module = modules[u.module]
+    original = module.weight
+    w = np.array(original.astype(mx.float32))
+    out = []
+    try:
+        for option in options_of(u):
+            module.weight = mx.array(fake_quantized(w, option, dtype))
+            kls = [_kl(ref, lg) for ref, lg in zip(refs, runner.logits(_start_layer(u, n_layers)))]
+            out.append(float(mx.concatenate(kls).mean()))
+    finally:
+        module.weight = original
+    return out
 
 
 # --- proxy -------------------------------------------------------------------------------------
