@@ -67,27 +67,38 @@ def peaks_gb(results: list) -> list[float]:
     return [round(int(err.rstrip().rsplit("\n", 1)[-1].split()[1]) / 1e9, 3) for _, _, err in results]
 
 
+ONE_WINDOW = 512  # tokens: a run on one window is what imatrix costs beyond its windows' work
+# GPTQ's one-window run holds its solves, which are split too; learned rounding's and distillation's
+# work is set by their steps: only imatrix's is all start-up, reading and writing
+SCALES_WITH_WINDOWS = ("imatrix",)
+
+
 def calibration_rows(tmp: Path, tokens: int, learn_steps: int, distill_steps: int) -> list[dict]:
-    commands = {
-        "imatrix": lambda out: ["imatrix", "-m", FIXTURE, "-o", out, "--calib", "mix", "--tokens", tokens],
-        "GPTQ": lambda out: ["convert", "-i", FIXTURE, "-o", out, "-q", "--q-rounding", "gptq", "--calib", "mix",
-                             "--calib-tokens", tokens],
-        "learned rounding": lambda out: ["convert", "-i", FIXTURE, "-o", out, "-q", "--q-rounding", "learned",
-                                         "--q-learn-steps", learn_steps, "--calib", "mix", "--calib-tokens", tokens],
-        "distillation": lambda out: ["convert", "-i", FIXTURE, "-o", out, "-q", "--q-distill", distill_steps,
-                                     "--calib", "mix", "--calib-tokens", tokens],
+    commands = {  # (output, calibration tokens) -> argv
+        "imatrix": lambda out, t: ["imatrix", "-m", FIXTURE, "-o", out, "--calib", "mix", "--tokens", t],
+        "GPTQ": lambda out, t: ["convert", "-i", FIXTURE, "-o", out, "-q", "--q-rounding", "gptq", "--calib", "mix",
+                                "--calib-tokens", t],
+        "learned rounding": lambda out, t: ["convert", "-i", FIXTURE, "-o", out, "-q", "--q-rounding", "learned",
+                                            "--q-learn-steps", learn_steps, "--calib", "mix", "--calib-tokens", t],
+        "distillation": lambda out, t: ["convert", "-i", FIXTURE, "-o", out, "-q", "--q-distill", distill_steps,
+                                        "--calib", "mix", "--calib-tokens", t],
     }
     rows = []
     for command, argv in commands.items():
         files = {}
         for n in (1, 2):
             out = tmp / f"{command.replace(' ', '-')}-{n}{'.gguf' if command == 'imatrix' else ''}"
-            seconds, results = ranks(n, argv(out))
+            seconds, results = ranks(n, argv(out, tokens))
             files[n] = contents(out)
             rows.append({"command": command, "processes": n, "seconds": round(seconds, 2),
                          "peak_rss_gb": peaks_gb(results)})
         rows[-1]["speedup"] = round(rows[-2]["seconds"] / rows[-1]["seconds"], 3)
         rows[-1]["identical"] = files[1] == files[2]
+        if command in SCALES_WITH_WINDOWS:
+            fixed, _ = ranks(1, argv(tmp / f"{command}-short{'.gguf' if command == 'imatrix' else ''}", ONE_WINDOW))
+            whole = rows[-2]["seconds"]
+            rows[-1]["one_window_seconds"] = round(fixed, 2)
+            rows[-1]["bound"] = round(whole / (fixed + (whole - fixed) / 2), 3)
     return rows
 
 
@@ -127,6 +138,17 @@ def markdown(out: dict) -> str:
         lines.append(f"| {what}, fixture, {out['tokens']} tokens | {r['processes']} | {r['seconds']:.2f} | "
                      f"{r.get('speedup', 1.0):.2f}x | {_peaks(r)} | "
                      f"{'yes (byte for byte)' if r.get('identical', True) else 'NO'} |")
+    bounds = [r for r in cal if "bound" in r]
+    if bounds:
+        lines += ["", "What every rank of an imatrix run repeats (start-up, reading the model, writing) shows in a "
+                  "run on one "
+                  f"{ONE_WINDOW}-token window alone: " + ", ".join(f"{r['command']} {r['one_window_seconds']:.2f} s"
+                                                                 for r in bounds)
+                  + ". Were the rest halved exactly, two processes would give at best "
+                  + ", ".join(f"{r['bound']:.2f}x ({r['command']})" for r in bounds)
+                  + f" at {out['tokens']} tokens; the rest of the gap (the ranks' exchanges, two processes on one "
+                  "machine's caches and memory) is not measured apart here. More tokens give the split more "
+                  "weight."]
     lines += ["", "| decode, fixture unsloth-3 | processes | shard | prefill tok/s | decode tok/s | decode speed-up | "
               "peak RSS per process (GB) |", "|---|---|---|---|---|---|---|"]
     for r in dec:

@@ -81,13 +81,14 @@ class ConvertOptions:
     kv_auto: bool = False  # measure a per-layer KV cache allocation on the written model (--kv-bits auto)
 
 
-def build_plan(src: Path, options: ConvertOptions):
+def build_plan(src: Path, options: ConvertOptions, group=None):
     """(source, plan): every output tensor with its bits, bytes and file. Reads no weight, except
-    that an auto recipe without a sensitivity file estimates one first (a calibration pass)."""
+    that an auto recipe without a sensitivity file estimates one first (a calibration pass; under a
+    group, every rank calls: its windows split over the ranks)."""
     source, arch_plan = arch_plan_of(src, options.config_dir, options.keep_vision, options.keep_mtp)
     recipe = options.recipe
     if recipe is not None and recipe.auto:
-        recipe = _auto_recipe(src, arch_plan, options)
+        recipe = _auto_recipe(src, arch_plan, options, group)
     plan = make_plan(arch_plan, recipe, options.dtype, options.max_shard_bytes)
     if options.allow_nonfinite and recipe is not None:
         bad = nonfinite_tensors(source, plan)
@@ -100,7 +101,7 @@ def build_plan(src: Path, options: ConvertOptions):
     return source, plan
 
 
-def _auto_recipe(src: Path, arch_plan, options: ConvertOptions):
+def _auto_recipe(src: Path, arch_plan, options: ConvertOptions, group=None):
     from mixquant.calib.sensitivity import compute_sensitivity
     from mixquant.quant.auto import auto_recipe
     from mixquant.quant.sensitivity import PROXY, Sensitivity
@@ -112,7 +113,7 @@ def _auto_recipe(src: Path, arch_plan, options: ConvertOptions):
         where = options.sensitivity
     else:
         sens = compute_sensitivity(Path(src), PROXY, options.calib, dtype=options.dtype,
-                                   config_dir=options.config_dir)
+                                   config_dir=options.config_dir, group=group)
         where = f"{src} (proxy sensitivity on {options.calib})"
     recipe, _ = auto_recipe(make_plan(arch_plan, None, options.dtype), sens, options.target, options.recipe.rules,
                             options.recipe.group_size, where)
@@ -177,9 +178,9 @@ def convert(src: Path, out: Path, options: ConvertOptions, group=None) -> Plan:
     if group is not None:
         barrier(group)  # every rank has checked the output before rank 0 starts to write it
         if options.rounding == NEAREST and options.distill_steps == 0 and not is_main(group):
-            return build_plan(src, options)[1]
+            return build_plan(src, options, group)[1]
         options = replace(options, progress=options.progress if is_main(group) else False)
-    source, plan = build_plan(src, options)
+    source, plan = build_plan(src, options, group)
     if getattr(source, "root", None) is not None:
         check_tokenizer_files(source.root)
     for warning in plan.warnings:

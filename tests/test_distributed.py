@@ -256,18 +256,18 @@ def test_ranks_pairwise_sums_are_one_process_bit_for_bit(n, size):
         assert np.cumsum(values, axis=0, dtype=np.float32)[-1].tobytes() != alone.total().tobytes()
 
 
-ROUNDINGS = {"gptq": ["--q-rounding", "gptq"], "learned": ["--q-rounding", "learned", "--q-learn-steps", 4],
-             "distill": ["--q-distill", 8]}
+ROUNDINGS = {"gptq": ["-q", "--q-rounding", "gptq"], "learned": ["-q", "--q-rounding", "learned", "--q-learn-steps", 4],
+             "distill": ["-q", "--q-distill", 8], "auto": ["--target-bpw", 3.6, "--q-rounding", "nearest"]}
 
 
 @pytest.mark.parametrize("source,rounding", [("fixture", "gptq"), ("fixture", "learned"), ("moe-src", "gptq"),
-                                             ("fixture", "distill")])
+                                             ("fixture", "distill"), ("fixture", "auto")])
 def test_rounding_of_two_processes_is_byte_identical(source, rounding, tmp_path, fixture_dir, models):
     """GPTQ (the fixture and a tiny Qwen3.5-MoE, a layer at a time; the MoE with per-expert Hessians),
-    learned rounding and distillation (two held-out checks, each rank checking its half): two ranks
-    write one process's folder, byte for byte."""
+    learned rounding, distillation (two held-out checks, each rank checking its half) and auto's
+    allocation by the proxy (its windows split): two ranks write one process's folder, byte for byte."""
     src = fixture_dir if source == "fixture" else models[source]
-    flags = ["-q", *ROUNDINGS[rounding], "--calib", "mix", "--calib-tokens", 4096]
+    flags = [*ROUNDINGS[rounding], "--calib", "mix", "--calib-tokens", 4096]
     one = CLI + [str(a) for a in ["convert", "-i", src, "-o", tmp_path / "one", *flags]]
     subprocess.run(one, check=True, capture_output=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     (c0, out0, err0), (c1, out1, err1) = run_local_cli(["convert", "-i", src, "-o", tmp_path / "two", *flags])

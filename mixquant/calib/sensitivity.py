@@ -43,7 +43,7 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
     import mlx.core as mx
 
     from mixquant.calib.data import calibration_set
-    from mixquant.distributed import rank0_windows
+    from mixquant.distributed import is_main, rank0_windows
     from mixquant.loading import load, memory_bytes
     from mixquant.quant.plan import make_plan
     from mixquant.sources import arch_plan_of
@@ -55,9 +55,13 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
     units = units_of(make_plan(arch, None, dtype))
     loaded = load(Path(src), dtype="float32", dequantize=True, config_dir=config_dir)
     spec = SELF if calib == AUTO else calib  # by default, priced on the model's own text (module docstring)
-    windows = calibration_set(spec, loaded.model, loaded.tokenizer, n_windows * ctx, ctx,
-                              embedding_rows(loaded.config, src), source=Path(src), config_dir=config_dir)
-    windows = rank0_windows(windows[spread(len(windows), n_windows)], group, str(src), "--windows")
+    if is_main(group):
+        windows = calibration_set(spec, loaded.model, loaded.tokenizer, n_windows * ctx, ctx,
+                                  embedding_rows(loaded.config, src), source=Path(src), config_dir=config_dir)
+        windows = windows[spread(len(windows), n_windows)]
+    else:
+        windows = np.zeros((0, ctx), np.int32)
+    windows = rank0_windows(windows, group, str(src), "--windows")
     after_gptq = mode == PROXY and rounding != "nearest"
     if after_gptq and hessian_bytes(units) > HESSIAN_SHARE * memory_bytes():
         raise MixquantError(f"--rounding {rounding}: the linears' input Hessians would take "
