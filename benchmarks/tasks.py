@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from benchmarks.report import replace_section  # noqa: E402
+from mixquant.eval.metrics import percent_difference, percent_interval  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "tasks.json"
 SERVERS = ROOT / "benchmarks" / "results" / "tasks_servers.json"
@@ -186,16 +187,8 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def _cell(score: dict) -> str:
-    return f"{_pct(score['mean'])} ({_pct(score['low'])}-{_pct(score['high'])})"
-
-
-def _diff(d: dict) -> str:
-    return f"{_pct(d['diff'])} ({_pct(d['low'])} to {_pct(d['high'])}), p {d['p']:.2f}"
+def _difference(d: dict) -> str:
+    return f"{percent_difference(d)}, p {d['p']:.2f}"
 
 
 def write_doc(out: dict, served: dict | None) -> None:
@@ -220,10 +213,11 @@ def write_doc(out: dict, served: dict | None) -> None:
     lines.append("|---|---:|---:|" + "---|---|" * len(suites))
     ref = out["reference"]
     lines.append(f"| reference | - | {ref['tasks_s']:.0f} | " + " | ".join(
-        f"{_cell(ref['suites'][s]['score'])} | -" for s in suites) + " |")
+        f"{percent_interval(ref['suites'][s]['score'])} | -" for s in suites) + " |")
     for m in out["models"]:
         lines.append(f"| {m['model']} | {m['convert_s']:.0f} | {m['tasks_s']:.0f} | " + " | ".join(
-            f"{_cell(m['suites'][s]['score'])} | {_diff(m['suites'][s]['difference'])}" for s in suites) + " |")
+            f"{percent_interval(m['suites'][s]['score'])} | {_difference(m['suites'][s]['difference'])}"
+            for s in suites) + " |")
     if served:
         lines += ["", f"`python benchmarks/tasks.py --part servers{flag(served['limit'])}"
                   f"{' --parallel ' + str(served['parallel']) if served['parallel'] > 1 else ''}` ({served['machine']}, "
@@ -233,8 +227,8 @@ def write_doc(out: dict, served: dict | None) -> None:
                   "| suite | mixquant serve % | mlx_lm.server % | difference |", "|---|---|---|---|"]
         for s in served["suites"]:
             e = served["suites"][s]
-            lines.append(f"| {s} | {_cell(e['mixquant']['score'])} | {_cell(e['mlx_lm']['score'])} | "
-                         f"{_diff(e['difference'])} |")
+            lines.append(f"| {s} | {percent_interval(e['mixquant']['score'])} | "
+                         f"{percent_interval(e['mlx_lm']['score'])} | {_difference(e['difference'])} |")
     lines += ["<!-- tasks:end -->"]
     replace_section(DOC, "tasks", "\n".join(lines))
 

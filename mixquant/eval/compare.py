@@ -21,6 +21,7 @@ from pathlib import Path
 from mixquant.errors import MixquantError
 from mixquant.io.atomic import atomic_write
 from mixquant.eval.kld import Reference, evaluate
+from mixquant.eval.metrics import percent_difference, percent_interval
 from mixquant.quant.recipe import AUTO
 
 MLX_LM_UNIFORM_BITS = (2, 3, 4, 5, 6, 8)
@@ -179,18 +180,14 @@ def markdown_table(result: dict) -> str:
                   "same items, with its paired interval and p-value.", "",
                   "| model | " + " | ".join(f"{s} % | {s} difference" for s in suites) + " |",
                   "|---|" + "---|---|" * len(suites),
-                  "| reference | " + " | ".join(f"{_interval(first[s]['reference'])} | -" for s in suites) + " |"]
+                  "| reference | " + " | ".join(f"{percent_interval(first[s]['reference'])} | -"
+                                               for s in suites) + " |"]
         for e in scored:
             t = e["tasks"]
             lines.append(f"| {e['name']} | " + " | ".join(
-                f"{_interval(t[s]['score'])} | {100 * t[s]['difference']['diff']:.1f} "
-                f"({100 * t[s]['difference']['low']:.1f} to {100 * t[s]['difference']['high']:.1f}), "
+                f"{percent_interval(t[s]['score'])} | {percent_difference(t[s]['difference'])}, "
                 f"p {t[s]['difference']['p']:.3f}" for s in suites) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _interval(score: dict) -> str:
-    return f"{100 * score['mean']:.1f} ({100 * score['low']:.1f}-{100 * score['high']:.1f})"
 
 
 FAMILY_STYLE = {

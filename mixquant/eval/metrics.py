@@ -79,3 +79,13 @@ def summarize(per_token: dict[str, np.ndarray]) -> dict:
 
 def concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def percent_interval(score: dict) -> str:
+    """A score {"mean", "low", "high"} (fractions) as "mean (low-high)" in %."""
+    return f"{100 * score['mean']:.1f} ({100 * score['low']:.1f}-{100 * score['high']:.1f})"
+
+
+def percent_difference(d: dict) -> str:
+    """A paired difference {"diff", "low", "high"} (fractions) as "diff (low to high)" in %."""
+    return f"{100 * d['diff']:.1f} ({100 * d['low']:.1f} to {100 * d['high']:.1f})"

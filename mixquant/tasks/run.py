@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from mixquant.errors import MixquantError
+from mixquant.eval.metrics import percent_difference, percent_interval
 from mixquant.tasks import bfcl, humaneval, stats, tools
 
 SUITES = ("tools", "bfcl", "humaneval")
@@ -199,20 +200,15 @@ def run(candidate, reference=None, suites=SUITES, limit: int | None = None, prog
     return report
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
 def markdown(report: dict) -> str:
     lines = ["| suite | items | candidate % (95% CI) | reference % (95% CI) | difference (95% CI) | p |",
              "|---|---:|---|---|---|---:|"]
     for suite, e in report["suites"].items():
         c = e["candidate"]["score"]
-        row = f"| {suite} | {e['items']} | {_pct(c['mean'])} ({_pct(c['low'])}-{_pct(c['high'])}) |"
+        row = f"| {suite} | {e['items']} | {percent_interval(c)} |"
         if "reference" in e:
             r, d = e["reference"]["score"], e["difference"]
-            row += (f" {_pct(r['mean'])} ({_pct(r['low'])}-{_pct(r['high'])}) | {_pct(d['diff']):>5} "
-                    f"({_pct(d['low'])} to {_pct(d['high'])}) | {d['p']:.3f} ({d['test']}) |")
+            row += f" {percent_interval(r)} | {percent_difference(d)} | {d['p']:.3f} ({d['test']}) |"
         else:
             row += " - | - | - |"
         lines.append(row)
