@@ -308,7 +308,9 @@ def write_doc(out: dict) -> None:
                   f"(a [1024, 1024] matrix); GPTQ as two layer forwards plus its Hessians and solve; learned rounding as its measured "
                   f"{pr['learned_over_forward'] or 0:.0f}x the forward. Memory, not projected here, is the other "
                   "limit: at 397B-A17B one layer's expert Hessians are 512 x 4096^2 float32 each for gate and up "
-                  "(34 GB apiece), not chunked yet.", "",
+                  "(34 GB apiece): GPTQ then runs the layer once per chunk of experts whose Hessians fit a "
+                  "quarter of memory (mixquant.calib.rounding.expert_chunks), a layer forward more per chunk, "
+                  "and not projected here either.", "",
                   "| model | forward | GPTQ | learned rounding | published anchor (GPU) |", "|---|---:|---:|---:|---|"]
         anchors = {"Qwen3.5-9B": "AutoRound: a 7-8B model in 10-13 min on one A100; llm-compressor GPTQ of "
                                  "Llama-3-8B 745 s on one GPU",

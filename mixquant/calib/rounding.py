@@ -32,6 +32,8 @@ from mixquant.distributed import all_sum
 
 log = logging.getLogger(__name__)
 
+HESSIAN_SHARE = 0.25  # of this machine's memory: the most a layer's expert Hessians take while summed
+
 
 def _hooks():
     import mlx.core as mx
@@ -47,16 +49,17 @@ def _hooks():
         (its batches come in that order), added in Pairwise order within each segment and over the
         ranks, then over the segments. Linears that read the same input in one run (q/k/v,
         gate/up) share its product: `grams` holds the products of the run in progress, cleared
-        between runs."""
+        between runs. `experts` (a SwitchLinear's): the experts whose sums it keeps (all: None)."""
 
         grams: dict = {}
 
-        def __init__(self, inner, n_mat: int, n_in: int, segments: list[range]):
+        def __init__(self, inner, n_mat: int, n_in: int, segments: list[range], experts: range | None = None):
             super().__init__(inner)
-            self._shape = (n_mat, n_in, n_in)
+            self._experts = experts
+            self._shape = (n_mat if experts is None else len(experts), n_in, n_in)
             self._adders = [(Pairwise(b.start, b.stop), len(b)) for b in segments]
             self._added = 0
-            self._count = np.zeros(n_mat)
+            self._count = np.zeros(self._shape[0])
 
         def partial(self) -> list:
             return [v for adder, _ in self._adders for v in adder.partial()]
@@ -79,9 +82,9 @@ def _hooks():
             self._added += 1
 
         def __call__(self, x, *args, **kwargs):
-            key = (id(x), id(args[0]) if args else None)
+            key = (id(x), id(args[0]) if args else None, self._experts)
             if key not in Hessian.grams:
-                Hessian.grams[key] = (x, args, *_gram(x, args[0] if args else None, self._shape[0]))
+                Hessian.grams[key] = (x, args, *_gram(x, args[0] if args else None, self._shape[0], self._experts))
             _, _, gram, per = Hessian.grams[key]
             self._add(gram)
             self._count += per
@@ -90,9 +93,9 @@ def _hooks():
     return Hessian
 
 
-def _gram(x, indices, n_mat: int):
+def _gram(x, indices, n_mat: int, experts: range | None = None):
     """(sum of x x^T over the rows of x [n_mat, n, n], rows per matrix): per expert for a SwitchLinear's
-    `indices`."""
+    `indices`, of the `experts` only where given (n_mat of them)."""
     import mlx.core as mx
 
     xs = x.astype(mx.float32)
@@ -102,18 +105,21 @@ def _gram(x, indices, n_mat: int):
     while xs.ndim > indices.ndim + 1 and xs.shape[-2] == 1:
         xs = xs[..., 0, :]
     rows = mx.broadcast_to(xs, (*indices.shape, xs.shape[-1])).reshape(-1, xs.shape[-1])
-    experts = np.array(indices).reshape(-1)
-    return _routed_gram(rows, experts, n_mat), np.bincount(experts, minlength=n_mat)
+    routed = np.array(indices).reshape(-1)
+    width = max(int(np.bincount(routed).max()), 1)  # all experts': a chunk's products are those of the whole
+    if experts is not None:
+        kept = np.nonzero((routed >= experts.start) & (routed < experts.stop))[0]
+        rows, routed = rows[mx.array(kept)], routed[kept] - experts.start
+    return _routed_gram(rows, routed, n_mat, width), np.bincount(routed, minlength=n_mat)
 
 
-def _routed_gram(rows, experts: np.ndarray, n_experts: int):
+def _routed_gram(rows, experts: np.ndarray, n_experts: int, width: int):
     """sum of x x^T over the rows routed to each expert [n_experts, n, n]: the rows gathered per expert
-    into [n_experts, most rows, n] (padded with a zero row), one batched matmul."""
+    into [n_experts, width (at least the most rows), n] (padded with a zero row), one batched matmul."""
     import mlx.core as mx
 
     order = np.argsort(experts, kind="stable")
     per = np.bincount(experts, minlength=n_experts)
-    width = max(int(per.max()), 1)
     slots = np.full((n_experts, width), len(experts))  # the padding row
     starts = np.concatenate([[0], np.cumsum(per)[:-1]])
     rank = np.arange(len(experts)) - np.repeat(starts, per)
@@ -124,7 +130,7 @@ def _routed_gram(rows, experts: np.ndarray, n_experts: int):
 
 
 def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=None, streamed=None,
-             learn_steps: int = 0, group=None) -> dict:
+             learn_steps: int = 0, group=None, hessian_bytes: int | None = None) -> dict:
     """tensor name -> list (per part) of (packed codes, scales, biases) for every quantized linear
     and expert stack of the text model (not the embedding). With `streamed` (a
     mixquant.calib.streamed.StreamedModel, whose model `model` is), each decoder layer's weights are
@@ -137,12 +143,17 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
     ranks by cost, each rank runs GPTQ on its own and every rank receives every result. Learned
     rounding runs one window at a time: each step's windows are split over the ranks and their
     gradients added in one process's order. Every rank returns the whole result, that of one process
-    (bit for bit, for a group of 2^k ranks at equal BLAS threads)."""
+    (bit for bit, for a group of 2^k ranks at equal BLAS threads).
+
+    hessian_bytes (default: HESSIAN_SHARE of this machine's memory): where a layer's expert stacks'
+    Hessians would take more while they are summed, the layer runs once per chunk of its experts,
+    each run summing that chunk's alone; every expert's Hessian is the one it gets unchunked."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
     from mixquant.calib.runner import BATCH, LayerRunner
     from mixquant.distributed import by_cost, from_rank, rank, tree_block
+    from mixquant.loading import memory_bytes
     from mixquant.quant import learned
     from mixquant.quant.distill import undo_vectors
     from mixquant.quant.gptq import pack_codes
@@ -169,45 +180,49 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
     def where(obj) -> str:  # the runner wraps the layers: paths move, the module objects stay
         return next(p for p, m in model.named_modules() if m is obj)
 
-    def wrap(names):
-        hooks = {m: Hessian(modules[m], entries[m].tensor.n_matrices, entries[m].tensor.in_features, segments)
-                 for m in names}
+    def wrap(names, experts=None):
+        hooks = {m: Hessian(modules[m], entries[m].tensor.n_matrices, entries[m].tensor.in_features, segments,
+                            experts if entries[m].tensor.stacked else None) for m in names}
         model.update_modules(tree_unflatten([(where(modules[m]), h) for m, h in hooks.items()]))
         return hooks
 
     def unwrap(hooks):
         model.update_modules(tree_unflatten([(where(h), h.inner) for h in hooks.values()]))
 
-    def quantize(names, hooks):
-        """GPTQ of `names` from their Hessians summed over the ranks: each rank runs the ones by_cost
-        deals it, then every rank receives every result."""
-        owners = by_cost([_cost(entries[m].tensor) for m in names], group)
-        hessians = {}
+    def quantize(names, hooks, experts=None):
+        """GPTQ of `names` (of a stack, its `experts`) from their Hessians summed over the ranks: each
+        rank runs the ones by_cost deals it, then every rank receives every result: name ->
+        [packed codes, scales, biases, float stand-ins], each [parts, ...]."""
+        owners = by_cost([_cost(entries[m].tensor, experts) for m in names], group)
+        hessians, done = {}, {}
         for m, owner in zip(names, owners):
             sums, counts = hooks[m].sums(group)
             if group is None:  # alone: each Hessian is used as it comes, and dropped
-                keep_parts(m, gptq_of(m, _mean(sums, counts)))
+                done[m] = gptq_of(m, _mean(sums, counts), experts)
             elif owner == rank(group):
                 hessians[m] = _mean(sums, counts)
         if group is None:
-            return
-        done = {m: gptq_of(m, h) for m, h in hessians.items()}
-        for m, owner in zip(names, owners):
-            keep_parts(m, from_rank(done.get(m), owner, 4, group))
+            return done
+        done = {m: gptq_of(m, h, experts) for m, h in hessians.items()}
+        return {m: from_rank(done.get(m), owner, 4, group) for m, owner in zip(names, owners)}
 
     def keep_parts(name, result):
         packed, s, b, deq = result
         keep(name, list(zip(packed, s, b)), list(deq))
 
-    def gptq_of(name, hessians):
-        """[packed codes, scales, biases, float stand-ins] of the stack `name`, each [parts, ...]."""
+    def gptq_of(name, hessians, experts=None):
+        """[packed codes, scales, biases, float stand-ins] of the stack `name` (its `experts`), each
+        [parts, ...]."""
         entry = entries[name]
         t = entry.tensor
         w = np.array(modules[name].weight.astype(mx.float32))
+        first = 0
+        if t.stacked and experts is not None:
+            w, first = w[experts.start : experts.stop], experts.start
         ws, hs, opss = [], [], []
-        for p, wp in enumerate(w if t.stacked else [w]):
+        for p, wp in enumerate(w if t.stacked else [w], first):
             ops = awq_result.for_part(t.name, p) if awq_result else []
-            wp, h = _scaled(ops, wp, hessians[p])
+            wp, h = _scaled(ops, wp, hessians[p - first])
             ws.append(wp)
             hs.append(h)
             opss.append(ops)
@@ -220,14 +235,26 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
         modules[name].weight = mx.array(np.stack(deqs) if entries[name].tensor.stacked else deqs[0])
 
     def gptq_layer(layer, names):
-        """GPTQ for the layer's `names`, every Hessian from the same runs of the unquantized layer."""
-        hooks = wrap(names)
-        for w in range(runner.n_batches):
-            runner.run_to(layer, w)
-            mx.eval([h.partial() for h in hooks.values()])
-            Hessian.grams.clear()
-        unwrap(hooks)
-        quantize(names, hooks)
+        """GPTQ for the layer's `names`, every Hessian from the same runs of the unquantized layer
+        (one set of runs per chunk of experts, see expert_chunks); with chunks, the float stand-ins
+        replace the layer's weights once all are done."""
+        stacks = [entries[m].tensor for m in names if entries[m].tensor.stacked]
+        chunks, results = expert_chunks(stacks, len(steps), budget), {}  # the same on every rank
+        for c, experts in enumerate(chunks):
+            now = [m for m in names if c == 0 or entries[m].tensor.stacked]
+            hooks = wrap(now, experts)
+            for w in range(runner.n_batches):
+                runner.run_to(layer, w)
+                mx.eval([h.partial() for h in hooks.values()])
+                Hessian.grams.clear()
+            unwrap(hooks)
+            for m, result in quantize(now, hooks, experts).items():
+                if len(chunks) == 1:
+                    keep_parts(m, result)
+                else:
+                    results.setdefault(m, []).append(result)
+        for m, parts in results.items():
+            keep_parts(m, [np.concatenate(arrays) for arrays in zip(*parts)])
 
     def learn(layer, names, float_in):
         """Learned rounding of the layer's `names`, trained on the kept states entering it towards the
@@ -275,6 +302,7 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
 
     Learner = learned.learner_class() if learn_steps else None
     float_states = None
+    budget = _least(hessian_bytes if hessian_bytes is not None else int(HESSIAN_SHARE * memory_bytes()), group)
 
     # a streamed model reads its weights for the block that uses them; a loaded model holds them all along
     outer = streamed.outer if streamed is not None else nullcontext
@@ -304,7 +332,8 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
                     runner.logits(n_layers)
                     Hessian.grams.clear()
                     unwrap(hooks)
-                    quantize(heads, hooks)
+                    for m, result in quantize(heads, hooks).items():
+                        keep_parts(m, result)
         if progress:
             progress(n_layers + 1, n_layers + 1)
     finally:
@@ -340,16 +369,40 @@ def _rounded_embedding(model, plan, awq_result, dtype):
         module.weight = original
 
 
+def _least(value: int, group=None) -> int:
+    """The least of every rank's `value`."""
+    if group is None:
+        return value
+    each = np.zeros(group.size(), np.int64)
+    each[group.rank()] = value
+    return int(all_sum(each, group).min())
+
+
+def expert_chunks(stacks: list, n_batches: int, budget: int) -> list:
+    """Ranges of experts small enough that the Hessians of a layer's expert `stacks` (tensors), each
+    held while summed as up to one float32 partial per level of the tree over `n_batches` batches and
+    then in float64, fit in `budget` bytes; [None] where they fit whole (or there are no stacks, or
+    stacks of different sizes)."""
+    if not stacks or len({t.n_matrices for t in stacks}) > 1:
+        return [None]
+    n_exp = stacks[0].n_matrices
+    levels = int(np.ceil(np.log2(max(n_batches, 1)))) + 1
+    per_expert = sum(t.in_features ** 2 for t in stacks) * (4 * levels + 8)
+    size = max(1, min(n_exp, budget // per_expert))
+    return [None] if size >= n_exp else [range(lo, min(lo + size, n_exp)) for lo in range(0, n_exp, size)]
+
+
 def _mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Each matrix's Hessian: its sum of x x^T divided by its rows (zeros where it had none)."""
     return sums / np.maximum(counts, 1.0)[:, None, None]
 
 
-def _cost(t) -> float:
-    """GPTQ's work on a tensor, up to a constant: per matrix, the inverse of its Hessian (n^3) and the
-    column pass over its rows (rows x n^2)."""
+def _cost(t, experts: range | None = None) -> float:
+    """GPTQ's work on a tensor (of a stack, its `experts`), up to a constant: per matrix, the inverse
+    of its Hessian (n^3) and the column pass over its rows (rows x n^2)."""
     n = t.in_features
-    return float(t.n_matrices) * n * n * (n + t.shape[-2])
+    matrices = len(experts) if experts is not None and t.stacked else t.n_matrices
+    return float(matrices) * n * n * (n + t.shape[-2])
 
 
 def _scaled(ops, w, h):

@@ -149,9 +149,10 @@ def _kl(ref_lp, logits):
 def measure(model, windows: np.ndarray, units: list[Unit], dtype, results: dict, options_of=None, saved=None,
             progress=None, group=None) -> dict:
     """Fill `results` (unit name -> {option key: dKL}) for the units it lacks; `saved()` is called
-    after each unit. `model` is the unquantized model in float32. group (mixquant.distributed): the
-    units go to ranks by cost, each measured on every window as one process would; after each round
-    (one unit a rank) every rank gets every rank's figures, so `saved` sees all finished units."""
+    after each unit (under a group, each round). `model` is the unquantized model in float32.
+    group (mixquant.distributed): the units go to ranks by cost, each measured on every window as
+    one process would; after each round (one unit a rank) every rank gets every rank's figures, so
+    `saved` sees all finished units."""
     import mlx.core as mx
 
     from mixquant.calib.runner import LayerRunner

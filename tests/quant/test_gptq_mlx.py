@@ -74,3 +74,61 @@ def test_linears_reading_one_input_share_its_product():
     k(x)
     assert np.allclose(k.sums()[0][0], 2 * rows.T @ rows, atol=1e-4) and k.sums()[1][0] == 20
     assert np.allclose(q.sums()[0][0], rows.T @ rows + (rows + 1).T @ (rows + 1), atol=1e-3) and q._count[0] == 20
+
+
+def test_a_chunk_of_experts_gets_the_sums_the_whole_stack_gives_them():
+    from mixquant.calib.rounding import _gram
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((40, 1, 1, 16)).astype(np.float32)
+    experts = np.stack([rng.choice(8, 2, replace=False) for _ in range(40)])
+    whole, count = _gram(mx.array(x), mx.array(experts), 8)
+    part, part_count = _gram(mx.array(x), mx.array(experts), 3, range(2, 5))
+    assert np.array(part).tobytes() == np.array(whole)[2:5].tobytes()
+    assert part_count.tolist() == count[2:5].tolist()
+
+
+class _Stack:
+    def __init__(self, n_matrices, in_features):
+        self.n_matrices, self.in_features = n_matrices, in_features
+
+
+def test_expert_chunks_keep_a_layers_hessians_within_the_budget():
+    from mixquant.calib.rounding import expert_chunks
+
+    stacks = [_Stack(8, 64), _Stack(8, 64), _Stack(8, 32)]  # gate, up, down
+    per_expert = (2 * 64 ** 2 + 32 ** 2) * (4 * 3 + 8)  # 4 batches: three levels of float32 partials, then float64
+    assert expert_chunks(stacks, 4, 3 * per_expert) == [range(0, 3), range(3, 6), range(6, 8)]
+    assert expert_chunks(stacks, 4, 3 * per_expert - 1) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert expert_chunks(stacks, 4, 8 * per_expert) == [None]
+    assert expert_chunks(stacks, 4, 1) == [range(e, e + 1) for e in range(8)]
+    assert expert_chunks([], 4, 1) == [None] and expert_chunks([_Stack(8, 64), _Stack(4, 64)], 4, 1) == [None]
+
+
+def test_gptq_of_experts_in_chunks_is_that_of_the_whole_stack(tmp_path):
+    """A layer run once per chunk of its experts (here: one expert a chunk) gives every expert the
+    Hessian, and so the codes, scales and biases, it gets from one run of the whole stack."""
+    from conftest import save_tiny_qwen35
+
+    from mixquant.calib.data import calibration_set
+    from mixquant.calib.rounding import run_gptq
+    from mixquant.convert import ConvertOptions, build_plan
+    from mixquant.loading import load
+    from mixquant.quant.encode import mx_dtype
+    from mixquant.quant.recipe import uniform
+    from mixquant.vocab import embedding_rows
+
+    path = save_tiny_qwen35(tmp_path / "moe", moe=True, vocab_size=8192, seed=9, num_experts=8)
+    _, plan = build_plan(path, ConvertOptions(recipe=uniform(3, 32), keep_vision=False, keep_mtp=False))
+    loaded = load(path, dtype="float32", dequantize=True)
+    windows = calibration_set("mix", None, loaded.tokenizer, 2048, 256, embedding_rows(loaded.config, path))
+    dtype = mx_dtype(plan.entries[0].dtype)
+    whole = run_gptq(loaded.model, windows, plan, dtype)
+    loaded = load(path, dtype="float32", dequantize=True)
+    chunked = run_gptq(loaded.model, windows, plan, dtype, hessian_bytes=1)
+    stacks = [n for n in whole if "switch_mlp" in n]
+    assert whole.keys() == chunked.keys() and len(stacks) == 3 * 4 and len(whole[stacks[0]]) == 8  # 4 layers
+    for name, parts in whole.items():
+        for a, b in zip(parts, chunked[name], strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), name
