@@ -297,11 +297,10 @@ def run_rounding(src: Path, plan: Plan, options: ConvertOptions, awq_result, gro
     from mixquant.progress import callback
 
     model, tokenizer, config, streamed = float_model(src, options.config_dir)
+    windows = None
     if is_main(group):
         windows = calibration_set(options.calib, None if streamed else model, tokenizer, options.calib_tokens,
                                   CALIB_CTX, embedding_rows(config, src), source=src, config_dir=options.config_dir)
-    else:
-        windows = np.zeros((0, CALIB_CTX), np.int32)
     windows = rank0_windows(windows, group, str(src), "--calib-tokens")
     steps = learn_steps(options)
     label = "learned rounding" if steps else "GPTQ"
@@ -370,11 +369,10 @@ def run_distill(src: Path, source, plan: Plan, options: ConvertOptions, awq_resu
     from mixquant.quant.distill import distill
 
     loaded = load(src, dtype="float32", dequantize=True, config_dir=options.config_dir)
+    windows = None
     if is_main(group):
         windows = calibration_set(options.calib, loaded.model, loaded.tokenizer, options.calib_tokens, CALIB_CTX,
                                   embedding_rows(loaded.config, src), source=src, config_dir=options.config_dir)
-    else:
-        windows = np.zeros((0, CALIB_CTX), np.int32)
     windows = rank0_windows(windows, group, str(src), "--calib-tokens")
     encodings = {**nearest_encodings(source, plan, awq_result, rounded), **rounded}
     result = distill(loaded.model, windows, plan, encodings, mx_dtype(plan.entries[0].dtype), options.distill_steps,

@@ -119,6 +119,15 @@ def all_sum(values: np.ndarray, group=None) -> np.ndarray:
     return np.array(out)
 
 
+def least(value: int, group=None) -> int:
+    """The least of every rank's integer `value`, on every rank."""
+    if group is None:
+        return value
+    each = np.zeros(group.size(), np.int64)
+    each[group.rank()] = value
+    return int(all_sum(each, group).min())
+
+
 def barrier(group=None) -> None:
     """Return once every rank has come here."""
     all_sum(np.zeros(1), group)
@@ -247,7 +256,8 @@ def from_rank(arrays: list[np.ndarray] | None, owner: int, count: int, group=Non
 
 
 def rank0_windows(windows: np.ndarray, group, where: str, flag: str) -> np.ndarray:
-    """Rank 0's calibration windows on every rank, at least one per rank (else a one-line error)."""
+    """Rank 0's calibration windows on every rank (the others pass None), at least one per rank
+    (else a one-line error)."""
     windows = broadcast(windows, group)
     if group is not None and len(windows) < group.size():
         raise MixquantError(f"{where}: {len(windows)} calibration windows for {group.size()} processes; "

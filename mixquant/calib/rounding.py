@@ -152,7 +152,7 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
     from mlx.utils import tree_unflatten
 
     from mixquant.calib.runner import BATCH, LayerRunner
-    from mixquant.distributed import by_cost, from_rank, rank, tree_block
+    from mixquant.distributed import by_cost, from_rank, least, rank, tree_block
     from mixquant.loading import memory_bytes
     from mixquant.quant import learned
     from mixquant.quant.distill import undo_vectors
@@ -302,7 +302,7 @@ def run_gptq(model, windows: np.ndarray, plan, dtype, awq_result=None, progress=
 
     Learner = learned.learner_class() if learn_steps else None
     float_states = None
-    budget = _least(hessian_bytes if hessian_bytes is not None else int(HESSIAN_SHARE * memory_bytes()), group)
+    budget = least(hessian_bytes if hessian_bytes is not None else int(HESSIAN_SHARE * memory_bytes()), group)
 
     # a streamed model reads its weights for the block that uses them; a loaded model holds them all along
     outer = streamed.outer if streamed is not None else nullcontext
@@ -367,15 +367,6 @@ def _rounded_embedding(model, plan, awq_result, dtype):
         yield
     finally:
         module.weight = original
-
-
-def _least(value: int, group=None) -> int:
-    """The least of every rank's `value`."""
-    if group is None:
-        return value
-    each = np.zeros(group.size(), np.int64)
-    each[group.rank()] = value
-    return int(all_sum(each, group).min())
 
 
 def expert_chunks(stacks: list, n_batches: int, budget: int) -> list:

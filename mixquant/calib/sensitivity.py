@@ -55,12 +55,11 @@ def compute_sensitivity(src: Path, mode: str = PROXY, calib: str = DEFAULT_CALIB
     units = units_of(make_plan(arch, None, dtype))
     loaded = load(Path(src), dtype="float32", dequantize=True, config_dir=config_dir)
     spec = SELF if calib == AUTO else calib  # by default, priced on the model's own text (module docstring)
+    windows = None
     if is_main(group):
         windows = calibration_set(spec, loaded.model, loaded.tokenizer, n_windows * ctx, ctx,
                                   embedding_rows(loaded.config, src), source=Path(src), config_dir=config_dir)
         windows = windows[spread(len(windows), n_windows)]
-    else:
-        windows = np.zeros((0, ctx), np.int32)
     windows = rank0_windows(windows, group, str(src), "--windows")
     after_gptq = mode == PROXY and rounding != "nearest"
     if after_gptq and hessian_bytes(units) > HESSIAN_SHARE * memory_bytes():
