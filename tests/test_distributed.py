@@ -3,6 +3,7 @@ generation, chat and the server under pipeline and tensor sharding, the importan
 proxy sensitivity with their windows split, GPTQ and learned rounding with their batches and
 linears dealt out; a rank that ends stops the others in one line."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -183,14 +184,7 @@ def _served(path, mode=None) -> list[str]:
 @pytest.fixture(scope="module")
 def lone_server(models):
     """A lone server's greedy replies for each model, served once."""
-    replies = {}
-
-    def of(name):
-        if name not in replies:
-            replies[name] = _served(models[name])
-        return replies[name]
-
-    return of
+    return functools.cache(lambda name: _served(models[name]))
 
 
 @pytest.mark.parametrize("mode", ["pipeline", "tensor"])
